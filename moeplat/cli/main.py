@@ -1,0 +1,167 @@
+"""`moeplat` command line. Exit codes: 0 ok, 2 invalid spec or usage, 1 failure at run time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from moeplat.errors import SpecError
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="path to a spec YAML file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value by dotted path, e.g. --set model.moe.top_k=1 (repeatable)",
+    )
+
+
+def _load(args):
+    from moeplat.spec import load_spec
+
+    return load_spec(args.spec, args.overrides)
+
+
+def cmd_validate(args) -> int:
+    loaded = _load(args)
+    print(f"ok: {args.spec} is a valid spec ({loaded.spec.name}, hash {loaded.spec_hash})")
+    return 0
+
+
+def cmd_show(args) -> int:
+    import yaml
+
+    loaded = _load(args)
+    if args.json:
+        print(json.dumps(loaded.resolved, indent=2))
+    else:
+        print(yaml.safe_dump(loaded.resolved, sort_keys=False), end="")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from moeplat.cli.report import format_plan
+    from moeplat.spec.plan import plan
+
+    loaded = _load(args)
+    p = plan(loaded.spec)
+    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(loaded.spec, p))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from moeplat.spec.schema import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from moeplat.cli.report import format_summary
+    from moeplat.train.run import run
+
+    loaded = _load(args)
+    if not args.verbose:
+        _quiet_lightning()
+    result = run(
+        loaded,
+        runs_root=args.runs_dir,
+        resume=args.resume,
+        tracking_uri=args.tracking_uri,
+        progress=not args.no_progress,
+    )
+    print(format_summary(loaded.spec, result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeplat", description="Declarative Mixture-of-Experts experiments."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a spec; exit 0, or 2 with every problem listed")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("show", help="print the fully resolved spec (after extends, ${...} and --set)")
+    _spec_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("plan", help="parameters, active parameters, FLOPs per token, memory estimate")
+    _spec_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of spec files (for editor completion)")
+    p.set_defaults(fn=cmd_schema)
+
+    p = sub.add_parser("run", help="train a spec and log it to MLflow")
+    _spec_args(p)
+    p.add_argument(
+        "--resume", metavar="RUN_DIR|last", help="continue a run from its last checkpoint and MLflow run"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--runs-dir", default="runs", help="where run directories and checkpoints go (default: runs)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_run)
+    return parser
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Our progress bar and summary are the console output; library INFO chatter only with -v."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if verbose:
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", message=r".*treespec.*")  # lightning 2.6 on torch 2.13, harmless
+
+
+def _quiet_lightning() -> None:
+    """Lightning sets its loggers to INFO when imported, so this runs after the import."""
+    import lightning  # noqa: F401
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        print(f"error: {e.format()}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:  # e.g. `moeplat schema | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a run-time failure: say what, keep the traceback for -v
+        logging.getLogger("moeplat").debug("traceback", exc_info=True)
+        print(f"error: {type(e).__name__}: {e} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

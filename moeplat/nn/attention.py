@@ -1,0 +1,84 @@
+"""Causal self-attention with rotary position embedding and grouped-query attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_cos_sin(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [S, hd] for RoPE (Su et al. 2021, RoFormer eq. 15), float32.
+
+    Frequency i is theta^(-2i/hd); each appears twice ([f_0..f_{hd/2-1}, f_0..f_{hd/2-1}]) to
+    match the rotate-half layout used by Llama / HF transformers.
+    """
+    assert head_dim % 2 == 0, f"RoPE needs an even head_dim, got {head_dim}"
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles_SH = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles_Sd = torch.cat([angles_SH, angles_SH], dim=-1)
+    return angles_Sd.cos().float(), angles_Sd.sin().float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+hd/2}) pair by angle pos * f_i, so q.k depends only on pos_q - pos_k."""
+    S = x_BHSd.shape[-2]
+    x = x_BHSd.float()
+    out = x * cos_Sd[:S] + _rotate_half(x) * sin_Sd[:S]
+    return out.to(x_BHSd.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention; n_kv_heads < n_heads gives GQA (Ainslie et al. 2023).
+
+    Parameters: wq [H*hd, D], wk and wv [KV*hd, D], wo [D, H*hd], no biases; hd = D // H.
+    Query head h reads key/value head h // (H // KV), as in Llama's repeat_kv.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        rope_theta: float = 10000.0,
+        dropout: float = 0.0,
+        max_seq_len: int = 2048,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads or n_heads % n_kv_heads:
+            raise ValueError(
+                "need d_model % n_heads == 0 and n_heads % n_kv_heads == 0, "
+                f"got {d_model=}, {n_heads=}, {n_kv_heads=}"
+            )
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.dropout, self.max_seq_len = dropout, max_seq_len
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.out_drop = nn.Dropout(dropout)
+        cos_Sd, sin_Sd = rope_cos_sin(max_seq_len, self.head_dim, rope_theta)
+        # Non-persistent: derived from the config, so not in state_dict and not a parameter.
+        self.register_buffer("rope_cos", cos_Sd, persistent=False)
+        self.register_buffer("rope_sin", sin_Sd, persistent=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        if self.max_seq_len < S:
+            raise ValueError(f"sequence length {S} > max_seq_len {self.max_seq_len}")
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+        if self.n_kv_heads != self.n_heads:
+            groups = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        p = self.dropout if self.training else 0.0
+        o_BHSd = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        o_BSD = o_BHSd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        return self.out_drop(self.wo(o_BSD))

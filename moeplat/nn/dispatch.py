@@ -1,0 +1,140 @@
+"""Token dispatch: send each kept token-slot to its expert and combine the weighted results.
+
+Both dispatchers have one signature and compute the same function:
+
+    y_TD[t] = sum over kept slots (t, k) of topk_weight_TK[t, k] * expert_{topk_idx_TK[t, k]}(x_TD[t])
+
+`dispatch_loop` is the obviously-correct reference and stays forever (house principle 5);
+`dispatch_sorted` is the fast path and is tested against it. Combining is accumulated in at least
+float32 (K contributions per token) and the result is cast back to x's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moeplat.nn.experts import SwiGLUExperts, swiglu
+
+__all__ = ["DISPATCHERS", "SwiGLUExperts", "dispatch_loop", "dispatch_sorted"]
+
+
+def dispatch_loop(
+    experts: SwiGLUExperts,
+    x_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+) -> torch.Tensor:
+    """Reference: one expert at a time, gather its kept (token, slot) pairs, scatter-add back."""
+    acc = _accumulate_dtype(x_TD)
+    y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
+    for e in range(experts.num_experts):
+        token_N, slot_N = torch.where((topk_idx_TK == e) & keep_TK)
+        if token_N.numel() == 0:
+            continue
+        out_ND = experts(x_TD[token_N], e)
+        weight_N1 = topk_weight_TK[token_N, slot_N].to(acc).unsqueeze(-1)
+        y_TD = y_TD.index_add(0, token_N, out_ND.to(acc) * weight_N1)
+    return y_TD.to(x_TD.dtype)
+
+
+def dispatch_sorted(
+    experts: SwiGLUExperts,
+    x_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+) -> torch.Tensor:
+    """Dropless-style fast path (MegaBlocks, Gale et al. 2022, sec. 5 without block sparsity).
+
+    Kept slots are sorted by expert id (stable, so token order is kept within an expert), x is
+    gathered once into contiguous per-expert segments, all experts run as one grouped GEMM (or a
+    loop over segments where grouped GEMM is unavailable), and one index_add combines.
+    """
+    K = topk_idx_TK.shape[1]
+    slot_N = keep_TK.reshape(-1).nonzero().squeeze(-1)  # flat index t*K + k of each kept slot
+    expert_N = topk_idx_TK.reshape(-1)[slot_N]
+    expert_N, order_N = torch.sort(expert_N, stable=True)
+    slot_N = slot_N[order_N]
+    token_N = slot_N // K
+    counts_E = torch.bincount(expert_N, minlength=experts.num_experts)
+
+    out_ND = _segmented_swiglu(experts, x_TD[token_N], counts_E)
+    acc = _accumulate_dtype(x_TD)
+    weight_N1 = topk_weight_TK.reshape(-1)[slot_N].to(acc).unsqueeze(-1)
+    y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
+    y_TD = y_TD.index_add(0, token_N, out_ND.to(acc) * weight_N1)
+    return y_TD.to(x_TD.dtype)
+
+
+def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 inputs (K partial sums per token), float64 stays float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _segmented_swiglu(experts: SwiGLUExperts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x_ND are grouped by expert, counts_E[e] rows for expert e; returns [N, D]."""
+    dtype = _matmul_dtype(x_ND)
+    if _grouped_mm_works(experts, x_ND.device, dtype):
+        # Cast by hand what autocast would cast for a matmul; it may not know the private op.
+        x, w_gate, w_up, w_down = (t.to(dtype) for t in (x_ND, experts.w_gate, experts.w_up, experts.w_down))
+        offs_E = counts_E.cumsum(0).to(torch.int32)  # end offset of each expert's segment
+        g_NF = torch._grouped_mm(x, w_gate, offs=offs_E)
+        u_NF = torch._grouped_mm(x, w_up, offs=offs_E)
+        return torch._grouped_mm(F.silu(g_NF) * u_NF, w_down, offs=offs_E)
+    chunks = x_ND.split(counts_E.tolist())
+    outs = [
+        swiglu(chunk, experts.w_gate[e], experts.w_up[e], experts.w_down[e]) for e, chunk in enumerate(chunks)
+    ]
+    return torch.cat(outs)
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a plain matmul on x would compute in here: autocast's, if it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+# (device, compute dtype, D, F) -> whether torch._grouped_mm works there, probed once.
+_GROUPED_MM_OK: dict[tuple, bool] = {}
+
+
+def _grouped_mm_works(experts: SwiGLUExperts, device: torch.device, dtype: torch.dtype) -> bool:
+    """Probe torch._grouped_mm once per configuration, forward and backward, on tiny inputs.
+
+    It is a private op whose support varies by device, dtype (e.g. no float64 anywhere, only
+    bfloat16 on CUDA), alignment (strides must be multiples of 16 bytes) and torch version, so we
+    try it rather than predict it. Weights of a dtype other than the compute dtype are cast first.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    key = (str(device), dtype, experts.d_model, experts.d_ff)
+    if key not in _GROUPED_MM_OK:
+        _GROUPED_MM_OK[key] = _probe_grouped_mm(experts.d_model, experts.d_ff, device, dtype)
+    return _GROUPED_MM_OK[key]
+
+
+def _probe_grouped_mm(D: int, Fh: int, device: torch.device, dtype: torch.dtype) -> bool:
+    offs = [0, 5, 16]  # an empty group and groups of unaligned length, as real routing produces
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.randn(offs[-1], D, device=device, dtype=dtype, requires_grad=True)
+            w_up = torch.randn(3, D, Fh, device=device, dtype=dtype, requires_grad=True)
+            w_down = torch.randn(3, Fh, D, device=device, dtype=dtype, requires_grad=True)
+            offs_t = torch.tensor(offs, device=device, dtype=torch.int32)
+            y = torch._grouped_mm(F.silu(torch._grouped_mm(x, w_up, offs=offs_t)), w_down, offs=offs_t)
+            ref = torch.cat([F.silu(x[0:5] @ w_up[1]) @ w_down[1], F.silu(x[5:] @ w_up[2]) @ w_down[2]])
+            y.float().square().sum().backward()
+            close = torch.allclose(y.float(), ref.float(), rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+            return close and x.grad is not None and w_down.grad is not None
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+Dispatcher = Callable[[SwiGLUExperts, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+DISPATCHERS: dict[str, Dispatcher] = {"loop": dispatch_loop, "sorted": dispatch_sorted}

@@ -1,0 +1,144 @@
+"""Decoder-only transformer LM whose FFNs are dense or MoE layers (pre-norm, RoPE, RMSNorm, SwiGLU)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeplat.nn.attention import CausalSelfAttention
+from moeplat.nn.experts import DenseFFN, SwiGLUExperts
+from moeplat.nn.moe import MoEOutput
+from moeplat.nn.router import TopKRouter
+
+
+@dataclass(frozen=True)
+class LMOutput:
+    logits_BSV: torch.Tensor
+    loss: torch.Tensor | None  # float32 mean next-token cross-entropy; None without targets
+    aux_loss: torch.Tensor  # float32 sum of the MoE layers' weighted aux losses (0 if none)
+    moe: dict[int, MoEOutput] = field(default_factory=dict)  # layer index -> that layer's output
+
+
+class Block(nn.Module):
+    """Pre-norm residual block (GPT-2 / Llama): x + attn(norm(x)), then + ffn(norm(.)).
+
+    Attention applies its own output dropout, so only the FFN branch is dropped here.
+    """
+
+    def __init__(
+        self, attn: CausalSelfAttention, ffn: nn.Module, d_model: int, norm_eps: float, dropout: float
+    ):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn = attn
+        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEOutput | None]:
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        out = self.ffn(self.ffn_norm(h_BSD))
+        moe = out if isinstance(out, MoEOutput) else None
+        return h_BSD + self.drop(moe.y if moe is not None else out), moe
+
+
+class TransformerLM(nn.Module):
+    """Token embedding -> len(ffns) blocks -> RMSNorm -> LM head (tied to the embedding by default).
+
+    `ffns[i]` is the i-th block's FFN (DenseFFN or MoELayer), built by the caller.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        ffns: list[nn.Module],
+        *,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if not ffns:
+            raise ValueError("ffns must hold at least one FFN (one per layer)")
+        self.n_layers, self.init_std, self.tie_embeddings = len(ffns), init_std, tie_embeddings
+        self.max_seq_len = max_seq_len
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.emb_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(
+                CausalSelfAttention(d_model, n_heads, n_kv_heads, rope_theta, dropout, max_seq_len),
+                ffn,
+                d_model,
+                norm_eps,
+                dropout,
+            )
+            for ffn in ffns
+        )
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one tensor, counted once by .parameters()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) everywhere; residual output projections N(0, init_std / sqrt(2 * n_layers)).
+
+        The scaled residual init is GPT-2's (Radford et al. 2019, sec. 2.3): each block adds two
+        branches (attention's wo, the FFN's w_down) to the residual stream. Every expert's weights
+        are an independent draw (normal_ on the stacked [E, ...] tensor). RMSNorm weights are 1.
+        """
+        std, resid_std = self.init_std, self.init_std / math.sqrt(2 * self.n_layers)
+        for m in self.modules():
+            if isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, TopKRouter):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, SwiGLUExperts):
+                nn.init.normal_(m.w_gate, 0.0, std)
+                nn.init.normal_(m.w_up, 0.0, std)
+                nn.init.normal_(m.w_down, 0.0, resid_std)
+        for m in self.modules():  # second pass: residual projections of dense FFNs and attention
+            if isinstance(m, CausalSelfAttention):
+                nn.init.normal_(m.wo.weight, 0.0, resid_std)
+            elif isinstance(m, DenseFFN):
+                nn.init.normal_(m.w_down.weight, 0.0, resid_std)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counts once); exclude_embedding drops the V*D token table.
+
+        With tied embeddings the table is also the LM head, so excluding it removes the head too.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embedding else n
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> LMOutput:
+        x_BSD = self.emb_drop(self.tok_emb(idx_BS))
+        moe: dict[int, MoEOutput] = {}
+        for i, block in enumerate(self.blocks):
+            x_BSD, moe_out = block(x_BSD)
+            if moe_out is not None:
+                moe[i] = moe_out
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        loss = None
+        if targets_BS is not None:
+            # float32 cross-entropy: the log-softmax over V is where bf16 round-off hurts most.
+            loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+        aux_loss = torch.zeros((), dtype=torch.float32, device=idx_BS.device)
+        for out in moe.values():
+            aux_loss = aux_loss + out.aux_loss
+        return LMOutput(logits_BSV, loss, aux_loss, moe)

@@ -1,0 +1,275 @@
+"""Load a spec: YAML -> `extends` chain -> `--set` overrides -> ${interpolation} -> Pydantic.
+
+Every step keeps track of where each key came from (file and line, or the --set flag) so that a
+validation error points at the exact line the user must edit. All problems found are reported
+together in one SpecError.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ValidationError
+
+from moeplat.errors import SpecError, SpecIssue
+from moeplat.spec.diagnostics import did_you_mean, dotted, fields_at, issues_from_validation, walk
+from moeplat.spec.root import Spec
+
+Path_ = tuple  # a key path: ("model", "moe", "top_k")
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec together with everything needed to reproduce and explain it."""
+
+    spec: Spec
+    resolved: dict  # plain, fully resolved mapping (what was validated)
+    files: list[str]  # the spec file and its bases, child first
+    overrides: list[str] = field(default_factory=list)
+    base_dir: str = "."  # directory of the spec file: relative data paths resolve against it
+
+    @property
+    def spec_hash(self) -> str:
+        blob = json.dumps(self.resolved, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedSpec:
+    path = Path(path)
+    origins: dict[Path_, tuple[str | None, int | None]] = {}
+    data, files = _load_chain(path, origins, stack=())
+    issues = [i for ov in overrides for i in _apply_override(data, ov, origins)]
+    resolved, more = _resolve(data, origins)
+    issues += more
+    if issues:
+        raise SpecError(issues)
+    return LoadedSpec(
+        validate(resolved, origins), resolved, files, list(overrides), str(path.resolve().parent)
+    )
+
+
+def validate(resolved: dict, origins: dict | None = None) -> Spec:
+    """Validate a plain mapping; errors name file:line when `origins` is known."""
+    origins = origins or {}
+    try:
+        return Spec.model_validate_json(json.dumps(resolved, allow_nan=True))
+    except ValidationError as err:
+        raise SpecError(issues_from_validation(Spec, err, lambda p: _origin_of(origins, p))) from None
+
+
+def _origin_of(origins: dict, path: tuple) -> tuple[str | None, int | None]:
+    """The file/line that set `path`, or of its nearest ancestor that exists."""
+    for n in range(len(path), -1, -1):
+        if path[:n] in origins:
+            return origins[path[:n]]
+    return (None, None)
+
+
+# --- YAML with line numbers -------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, origins: dict) -> dict:
+    display = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(SpecIssue("", f"cannot read spec file: {e.strerror}", display)) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(SpecIssue("", f"not UTF-8 text (byte {e.start})", display)) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        cfg = OmegaConf.create(text)  # OmegaConf's YAML rules (e.g. 1e-3 is a float)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise SpecError(
+            SpecIssue("", f"YAML syntax error: {getattr(e, 'problem', e)}", display, line)
+        ) from None
+    except OmegaConfBaseException as e:
+        raise SpecError(SpecIssue("", f"invalid YAML: {e}", display)) from None
+    if node is None:
+        origins[()] = (display, None)  # so "required key is missing" still names the (empty) file
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        raise SpecError(
+            SpecIssue("", "a spec file must be a mapping of sections", display, node.start_mark.line + 1)
+        )
+    _record_lines(node, (), display, origins)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _record_lines(node: yaml.Node, path: tuple, file: str, origins: dict) -> None:
+    origins[path] = (file, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            origins[(*path, key.value)] = (file, key.start_mark.line + 1)
+            _record_lines(value, (*path, key.value), file, origins)
+            origins[(*path, key.value)] = (file, key.start_mark.line + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _record_lines(item, (*path, i), file, origins)
+
+
+# --- extends ----------------------------------------------------------------------------------
+
+
+def _load_chain(
+    path: Path, origins: dict, stack: tuple[Path, ...], via: tuple[str | None, int | None] = (None, None)
+) -> tuple[dict, list[str]]:
+    """`via` is the file and line of the `extends:` that named `path`: errors about it point there."""
+    real = path.resolve()
+    if real in stack:
+        cycle = " -> ".join(str(p) for p in (*stack, real))
+        raise SpecError(SpecIssue("extends", f"extends cycle: {cycle}", *via))
+    if not real.is_file():
+        where = f"extended by {stack[-1]}" if stack else "given on the command line"
+        raise SpecError(SpecIssue("extends" if stack else "", f"spec file not found: {path} ({where})", *via))
+    own: dict = {}
+    data = _read_yaml(path, own)
+    base_ref = data.pop("extends", None)
+    if base_ref is None:
+        origins.update(own)
+        return data, [str(path)]
+    if not isinstance(base_ref, str):
+        file, line = own[("extends",)]
+        raise SpecError(
+            SpecIssue("extends", "must be a relative path to a base spec", file, line, base_ref, True)
+        )
+    base, files = _load_chain(path.parent / base_ref, origins, (*stack, real), own[("extends",)])
+    _drop_replaced(base, data, (), origins)
+    origins.update({k: v for k, v in own.items() if k != ("extends",)})
+    return _merge(base, data), [str(path), *files]
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """Deep merge; lists and scalars are replaced. A mapping whose `kind` changes is replaced
+    whole: the base's options belong to the other variant and would only be unknown keys."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        old = out.get(key)
+        if _same_variant(old, value):
+            out[key] = _merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _same_variant(old, new) -> bool:
+    return (
+        isinstance(old, dict)
+        and isinstance(new, dict)
+        and old.get("kind", new.get("kind")) == new.get("kind", old.get("kind"))
+    )
+
+
+def _drop_replaced(base: dict, child: dict, path: tuple, origins: dict) -> None:
+    """Forget base origins of subtrees the child replaces, so errors point at the child."""
+    for key, value in child.items():
+        old = base.get(key)
+        sub = (*path, key)
+        if _same_variant(old, value):
+            _drop_replaced(old, value, sub, origins)
+        else:
+            for k in [k for k in origins if k[: len(sub)] == sub]:
+                del origins[k]
+
+
+# --- --set overrides --------------------------------------------------------------------------
+
+
+def _apply_override(data: dict, text: str, origins: dict) -> list[SpecIssue]:
+    where = f"--set {text}"
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        return [SpecIssue("", "an override must look like dotted.key=value", where)]
+    parts = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node[part] if _has(node, part) else None
+        if child is None:
+            allowed = fields_at(Spec, parts[:depth])
+            if isinstance(part, str) and allowed and part not in allowed:
+                hint = did_you_mean(part, allowed)
+                return [SpecIssue(dotted(parts[: depth + 1]), "unknown key", where, hint=hint)]
+            child = {}
+            node[part] = child  # type: ignore[index]
+        if not isinstance(child, dict | list):
+            return [SpecIssue(dotted(parts[: depth + 1]), "is a value, not a section", where)]
+        node = child
+    value = _typed_value(parts, raw)
+    last = parts[-1]
+    if isinstance(node, list) and (not isinstance(last, int) or last >= len(node)):
+        return [SpecIssue(dotted(parts), f"list index out of range (length {len(node)})", where)]
+    node[last] = value  # type: ignore[index]
+    for k in [k for k in origins if k[: len(parts)] == parts]:
+        del origins[k]
+    origins[parts] = (where, None)
+    return []
+
+
+def _has(node, part) -> bool:
+    if isinstance(node, list):
+        return isinstance(part, int) and part < len(node)
+    return part in node
+
+
+def _typed_value(parts: tuple, raw: str):
+    """Parse with YAML rules, except where the schema wants a string (so `name=123` stays '123');
+    `null` still unsets an optional string (`tracking.uri=null`)."""
+    _, tp = walk(Spec, parts)
+    try:
+        value = OmegaConf.to_container(OmegaConf.create(f"v: {raw}"))["v"]
+    except (yaml.YAMLError, OmegaConfBaseException):
+        return raw
+    if tp is str and not (value is None and _nullable(parts)):
+        return raw
+    return value
+
+
+def _nullable(parts: tuple) -> bool:
+    _, parent = walk(Spec, parts[:-1])
+    fields = parent.model_fields if isinstance(parent, type) and issubclass(parent, BaseModel) else {}
+    field = fields.get(parts[-1])
+    return field is not None and type(None) in typing.get_args(field.annotation)
+
+
+# --- interpolation ----------------------------------------------------------------------------
+
+
+def _resolve(data: dict, origins: dict) -> tuple[dict, list[SpecIssue]]:
+    try:
+        cfg = OmegaConf.create(data)
+    except OmegaConfBaseException as e:
+        return data, [SpecIssue("", f"invalid spec structure: {e}")]
+    try:
+        return OmegaConf.to_container(cfg, resolve=True), []
+    except OmegaConfBaseException:
+        pass
+    issues = []
+    for path in _leaf_paths(data):
+        try:
+            OmegaConf.select(cfg, dotted(path), throw_on_missing=True)
+        except OmegaConfBaseException as e:
+            file, line = _origin_of(origins, path)
+            msg = str(e).splitlines()[0]
+            issues.append(SpecIssue(dotted(path), f"bad interpolation: {msg}", file, line))
+    return data, issues or [SpecIssue("", "interpolation failed")]
+
+
+def _leaf_paths(node, path: tuple = ()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaf_paths(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaf_paths(v, (*path, i))
+    else:
+        yield path

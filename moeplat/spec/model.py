@@ -1,0 +1,221 @@
+"""The `model` section: a decoder-only transformer whose FFN layers may be MoE layers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, PositiveInt, model_validator
+
+from moeplat.spec.base import Strict, check
+
+# --- which layers are MoE -------------------------------------------------------------------
+
+
+class AllLayers(Strict):
+    """Every layer's FFN is an MoE layer (Mixtral, OLMoE)."""
+
+    kind: Literal["all"]
+
+
+class EveryNth(Strict):
+    """Layers offset, offset+n, offset+2n, ... are MoE (GShard/Switch use every 2nd layer)."""
+
+    kind: Literal["every"]
+    n: PositiveInt = 2
+    offset: Annotated[int, Field(ge=0)] = 1
+
+
+class FirstDense(Strict):
+    """The first k layers are dense, the rest MoE (DeepSeek-V2/V3 keep early layers dense)."""
+
+    kind: Literal["first_dense"]
+    k: Annotated[int, Field(ge=0)] = 1
+
+
+class LayerList(Strict):
+    """An explicit list of 0-based layer indices."""
+
+    kind: Literal["list"]
+    layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+LayerSelection = Annotated[AllLayers | EveryNth | FirstDense | LayerList, Field(discriminator="kind")]
+
+
+def moe_layer_indices(selection: LayerSelection, n_layers: int) -> list[int]:
+    """0-based indices of the layers whose FFN is an MoE layer."""
+    if isinstance(selection, AllLayers):
+        return list(range(n_layers))
+    if isinstance(selection, EveryNth):
+        return list(range(selection.offset, n_layers, selection.n))
+    if isinstance(selection, FirstDense):
+        return list(range(selection.k, n_layers))
+    return sorted(set(selection.layers))
+
+
+# --- router, experts, capacity, losses, dispatch ---------------------------------------------
+
+
+class TopKRouter(Strict):
+    """Softmax over experts, then the top-k (Shazeer et al. 2017 without noise; Mixtral, OLMoE).
+
+    `normalize: true` renormalises the k chosen weights to sum to 1 (Mixtral); `false` keeps the raw
+    softmax probabilities (Switch, Qwen1.5-MoE).
+    """
+
+    kind: Literal["topk"]
+    normalize: bool = True
+
+
+Router = Annotated[TopKRouter, Field(discriminator="kind")]
+
+
+class SwiGLUExperts(Strict):
+    """Each expert is a SwiGLU MLP (Shazeer 2020) with hidden size d_ff."""
+
+    kind: Literal["swiglu"]
+    d_ff: PositiveInt
+
+
+Experts = Annotated[SwiGLUExperts, Field(discriminator="kind")]
+
+
+class SharedExperts(Strict):
+    """Experts every token goes through, added to the routed output (DeepSeekMoE, Qwen2-MoE).
+
+    `count` shared experts of width `d_ff` (default: the routed experts' d_ff) are fused into one
+    SwiGLU MLP of hidden size count * d_ff, which computes the same function.
+    """
+
+    count: Annotated[int, Field(ge=0)] = 0
+    d_ff: PositiveInt | None = None
+
+
+class Dropless(Strict):
+    """Every routed token-slot is computed (MegaBlocks-style dropless MoE)."""
+
+    kind: Literal["dropless"]
+
+
+class CapacityFactor(Strict):
+    """Fixed expert capacity C = ceil(factor * tokens * top_k / num_experts) (GShard, Switch).
+
+    Slots beyond capacity are dropped (first choices are placed before second choices, then by
+    token position); a dropped token-slot contributes nothing and the token passes through the
+    residual connection. Separate factors for training and evaluation (Switch uses a larger eval factor).
+    """
+
+    kind: Literal["factor"]
+    train: Annotated[float, Field(gt=0)] = 1.25
+    eval: Annotated[float, Field(gt=0)] = 2.0
+
+
+Capacity = Annotated[Dropless | CapacityFactor, Field(discriminator="kind")]
+
+
+class LossCoef(Strict):
+    coef: Annotated[float, Field(ge=0)]
+
+
+class Losses(Strict):
+    """Auxiliary router losses, each with its coefficient; omit one (or null) to switch it off.
+
+    load_balancing: Switch Transformer eq. 4, E * sum_i f_i * P_i (1.0 at perfect balance).
+    z_loss: ST-MoE eq. 5, mean over tokens of logsumexp(logits)^2.
+    """
+
+    load_balancing: LossCoef | None = None
+    z_loss: LossCoef | None = None
+
+
+class LoopDispatch(Strict):
+    """Reference dispatch: one expert at a time. Slow and obviously correct."""
+
+    kind: Literal["loop"]
+
+
+class SortedDispatch(Strict):
+    """Sort token-slots by expert, one gather, contiguous per-expert matmuls, one scatter-add."""
+
+    kind: Literal["sorted"]
+
+
+Dispatch = Annotated[LoopDispatch | SortedDispatch, Field(discriminator="kind")]
+
+
+class MoESpec(Strict):
+    num_experts: Annotated[int, Field(ge=2)]
+    top_k: PositiveInt
+    layers: LayerSelection = AllLayers(kind="all")
+    router: Router = TopKRouter(kind="topk")
+    experts: Experts
+    shared_experts: SharedExperts = SharedExperts()
+    capacity: Capacity = Dropless(kind="dropless")
+    losses: Losses = Losses()
+    dispatch: Dispatch = SortedDispatch(kind="sorted")
+
+    @model_validator(mode="after")
+    def _cross(self) -> MoESpec:
+        problems = []
+        if self.top_k > self.num_experts:
+            problems.append(("top_k", f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"))
+        return check(problems) or self
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+class DenseFFN(Strict):
+    """The FFN of non-MoE layers (and of the whole model when `moe` is null)."""
+
+    kind: Literal["swiglu"]
+    d_ff: PositiveInt
+
+
+class ModelSpec(Strict):
+    vocab_size: Annotated[int, Field(ge=2)] = 256
+    d_model: PositiveInt
+    n_layers: PositiveInt
+    n_heads: PositiveInt
+    n_kv_heads: PositiveInt | None = Field(None, description="Grouped-query attention; null = n_heads.")
+    max_seq_len: PositiveInt
+    rope_theta: Annotated[float, Field(gt=0)] = 10000.0
+    norm_eps: Annotated[float, Field(gt=0)] = 1e-5
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    tie_embeddings: bool = True
+    init_std: Annotated[float, Field(gt=0)] = 0.02
+    dense_ffn: DenseFFN | None = None
+    moe: MoESpec | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return moe_layer_indices(self.moe.layers, self.n_layers) if self.moe else []
+
+    @model_validator(mode="after")
+    def _cross(self) -> ModelSpec:
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(
+                ("n_heads", f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            )
+        elif (self.d_model // self.n_heads) % 2:
+            problems.append(("n_heads", "head dim d_model/n_heads must be even for rotary embeddings"))
+        if self.n_heads % self.kv_heads:
+            problems.append(
+                ("n_kv_heads", f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+            )
+        if self.moe is not None:
+            bad = [i for i in self.moe_layers if i >= self.n_layers]
+            if bad:
+                problems.append(
+                    ("moe.layers", f"layer indices {bad} do not exist (n_layers={self.n_layers})")
+                )
+            elif not self.moe_layers:
+                problems.append(("moe.layers", "selects no layer; set model.moe: null for a dense model"))
+        if len(self.moe_layers) < self.n_layers and self.dense_ffn is None:
+            problems.append(("dense_ffn", "some layers are dense: set dense_ffn (kind: swiglu, d_ff: ...)"))
+        return check(problems) or self

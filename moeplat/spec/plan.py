@@ -1,0 +1,144 @@
+"""Count before you build: parameters, FLOPs and memory from the spec alone (no torch).
+
+tests/compile/test_counting.py checks every count here against the built torch module
+(parameter numel, and matmul FLOPs measured by torch's FlopCounterMode).
+
+FLOPs convention: 2 FLOPs per multiply-accumulate of every matmul in the forward pass, per token,
+at sequence length data.seq_len. Attention scores count the full S x S product (QK^T and AV),
+as the dense SDPA kernel computes it; the causal half is not subtracted. Embedding lookup, norms,
+softmax and activations are not counted. Training = 3 x forward (backward = 2 x forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moeplat.spec.root import Spec
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    index: int
+    kind: str  # "moe" | "dense"
+    params: int
+    active_params: int
+    flops_per_token: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    total_params: int
+    active_params: int  # used per token: all non-expert params + top_k routed experts per MoE layer
+    embedding_params: int
+    expert_params: int  # routed experts only
+    flops_per_token_fwd: int
+    flops_per_token_train: int
+    tokens_per_step: int
+    flops_per_step_train: int
+    memory_bytes: dict  # estimate, see memory_estimate()
+    layers: list[LayerCount]
+    moe_layers: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _attention(spec: Spec) -> tuple[int, int]:
+    m = spec.model
+    hd = m.d_model // m.n_heads
+    q_o = 2 * m.d_model * m.n_heads * hd
+    kv = 2 * m.d_model * m.kv_heads * hd
+    s = spec.data.seq_len
+    score_flops = 2 * 2 * s * m.n_heads * hd  # QK^T and AV, full S x S
+    return q_o + kv, 2 * (q_o + kv) + score_flops
+
+
+def _ffn(spec: Spec, is_moe: bool) -> tuple[int, int, int, int]:
+    """(params, active params, forward FLOPs per token, routed-expert params) of one layer's FFN."""
+    m, d = spec.model, spec.model.d_model
+    if not is_moe:
+        p = 3 * d * m.dense_ffn.d_ff
+        return p, p, 2 * p, 0
+    moe = m.moe
+    expert = 3 * d * moe.experts.d_ff
+    shared = 3 * d * moe.shared_experts.count * (moe.shared_experts.d_ff or moe.experts.d_ff)
+    router = moe.num_experts * d
+    total = router + moe.num_experts * expert + shared
+    active = router + moe.top_k * expert + shared
+    # Dropless: every token runs top_k experts; with a capacity factor this is the upper bound.
+    return total, active, 2 * active, moe.num_experts * expert
+
+
+def plan(spec: Spec) -> Plan:
+    m = spec.model
+    attn_p, attn_f = _attention(spec)
+    moe_idx = set(m.moe_layers)
+    layers, expert_params = [], 0
+    for i in range(m.n_layers):
+        p, a, f, e = _ffn(spec, i in moe_idx)
+        norms = 2 * m.d_model
+        layers.append(
+            LayerCount(
+                i, "moe" if i in moe_idx else "dense", attn_p + p + norms, attn_p + a + norms, attn_f + f
+            )
+        )
+        expert_params += e
+    emb = m.vocab_size * m.d_model
+    head = 0 if m.tie_embeddings else emb
+    other = emb + head + m.d_model  # embeddings, untied head, final norm
+    total = other + sum(layer.params for layer in layers)
+    active = other + sum(layer.active_params for layer in layers)
+    fwd = sum(layer.flops_per_token for layer in layers) + 2 * m.d_model * m.vocab_size
+    tokens = spec.train.batch_size * spec.train.grad_accum * spec.data.seq_len * spec.parallel.devices
+    return Plan(
+        total_params=total,
+        active_params=active,
+        embedding_params=emb,
+        expert_params=expert_params,
+        flops_per_token_fwd=fwd,
+        flops_per_token_train=3 * fwd,
+        tokens_per_step=tokens,
+        flops_per_step_train=3 * fwd * tokens,
+        memory_bytes=memory_estimate(spec, total),
+        layers=layers,
+        moe_layers=sorted(moe_idx),
+    )
+
+
+def memory_estimate(spec: Spec, total_params: int) -> dict:
+    """Training memory per device, in bytes. An estimate for planning, not a measurement.
+
+    weights, grads: 4 bytes/param (fp32 master weights, also under mixed precision);
+    optimizer: AdamW keeps two fp32 moments (8 bytes/param);
+    activations: stored for backward per micro-batch. Per layer and token we count the residual
+    stream inputs of attention and FFN, q/k/v/attention output, the FFN hidden activations of the
+    active experts (3 x top_k x d_ff for SwiGLU: gate, up, product) and the S x S attention
+    probabilities per head; plus logits and their softmax (2 x vocab) at the end.
+    """
+    m, t = spec.model, spec.train
+    act_bytes = 2 if t.precision != "32-true" else 4
+    s, b = spec.data.seq_len, t.batch_size
+    hd = m.d_model // m.n_heads
+    per_token = 0
+    for i in range(m.n_layers):
+        if i in set(m.moe_layers):
+            ffn_hidden = m.moe.top_k * m.moe.experts.d_ff + m.moe.shared_experts.count * (
+                m.moe.shared_experts.d_ff or m.moe.experts.d_ff
+            )
+            ffn_hidden = (
+                3 * ffn_hidden + m.moe.num_experts + m.d_model * m.moe.top_k
+            )  # + router, dispatched copies
+        else:
+            ffn_hidden = 3 * m.dense_ffn.d_ff
+        attn = 4 * m.d_model + (m.n_heads + 2 * m.kv_heads) * hd + m.n_heads * s
+        per_token += attn + ffn_hidden
+    per_token += 2 * m.vocab_size
+    activations = per_token * s * b * act_bytes
+    mem = {
+        "weights": 4 * total_params,
+        "grads": 4 * total_params,
+        "optimizer": 8 * total_params,
+        "activations": activations,
+    }
+    mem["total"] = sum(mem.values())
+    return mem

@@ -1,0 +1,110 @@
+"""Create or continue one MLflow run per `moeplat run`, and log the spec into it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import yaml
+
+DEFAULT_TRACKING_URI = (
+    "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` in the same directory finds it
+)
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+
+
+def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None) -> str:
+    """--tracking-uri, then the spec's tracking.uri, then $MLFLOW_TRACKING_URI, then the local store."""
+    return cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(tree: object, prefix: str = "") -> dict[str, str]:
+    """Every leaf under its dotted path; lists are leaves (as JSON), None is 'null'."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    value = json.dumps(tree) if isinstance(tree, list | type(None)) else str(tree)
+    return {prefix: value}
+
+
+def git_state(path: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else False
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"git.commit": commit or "unknown", "git.dirty": str(dirty).lower()}
+
+
+class TrackedRun:
+    """A handle on one MLflow run. Construct on rank 0 only."""
+
+    def __init__(
+        self, tracking_uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None
+    ):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
+    def log_params(self, params: dict[str, object]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: dict[str, object]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
+        """(key, value, step, timestamp_ms) rows, sent in batches of MLflow's limit."""
+        from mlflow.entities import Metric
+
+        rows = [Metric(k, float(v), ts, step) for k, v, step, ts in metrics]
+        for i in range(0, len(rows), 1000):
+            self.client.log_batch(self.run_id, metrics=rows[i : i + 1000])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def metric_history(self, key: str) -> list:
+        return self.client.get_metric_history(self.run_id, key)
+
+
+def log_spec(run: TrackedRun, resolved: dict, files: list[str], overrides: list[str], tags: dict) -> None:
+    """Params = every resolved spec leaf; artifacts = original files, resolved spec, overrides."""
+    run.log_params(flatten(resolved))
+    run.set_tags({**tags, **git_state(Path(__file__).resolve().parent), "host": platform.node()})
+    for i, f in enumerate(files):
+        run.log_artifact(f, "spec/original" if i == 0 else "spec/bases")
+    run.log_text(yaml.safe_dump(resolved, sort_keys=False), "spec/resolved.yaml")
+    run.log_text("\n".join(overrides) + ("\n" if overrides else ""), "spec/overrides.txt")

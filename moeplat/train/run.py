@@ -1,0 +1,209 @@
+"""`moeplat run`: one spec -> one Lightning fit -> one MLflow run, resumable from its run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from moeplat.errors import SpecError, SpecIssue
+from moeplat.spec import LoadedSpec
+from moeplat.spec.plan import plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    run_id: str | None
+    tracking_uri: str | None
+    steps: int
+    val_loss: float | None
+    unigram_baseline: float
+    tokens_per_s: float | None
+    wall_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def run_name(loaded: LoadedSpec) -> str:
+    spec = loaded.spec
+    moe = spec.model.moe
+    overrides = "".join(f" {o}" for o in loaded.overrides)
+    return spec.tracking.run_name.format(
+        name=spec.name,
+        overrides=overrides,
+        router=moe.router.kind if moe else "dense",
+        top_k=moe.top_k if moe else 0,
+        num_experts=moe.num_experts if moe else 0,
+    )
+
+
+def run_tags(loaded: LoadedSpec) -> dict[str, object]:
+    spec, moe = loaded.spec, loaded.spec.model.moe
+    return {
+        "moeplat.spec_name": spec.name,
+        "moeplat.spec_hash": loaded.spec_hash,
+        "moeplat.router": moe.router.kind if moe else "dense",
+        "moeplat.experts": f"{moe.num_experts}x{moe.experts.kind}" if moe else "dense",
+        "moeplat.top_k": moe.top_k if moe else 0,
+        "moeplat.dispatch": moe.dispatch.kind if moe else "none",
+    }
+
+
+def _resume_dir(resume: str, runs_root: Path, name: str) -> Path:
+    if resume == "last":
+        candidates = sorted((runs_root / name).glob("*/run.json"))
+        if not candidates:
+            raise SpecError(
+                SpecIssue("", f"--resume last: no earlier run of '{name}' under {runs_root / name}")
+            )
+        return candidates[-1].parent
+    path = Path(resume)
+    if not (path / "run.json").is_file():
+        raise SpecError(
+            SpecIssue(
+                "", f"--resume {resume}: not a run directory (no run.json); pass a path under {runs_root}"
+            )
+        )
+    return path
+
+
+def run(
+    loaded: LoadedSpec,
+    *,
+    runs_root: str | Path = "runs",
+    resume: str | None = None,
+    tracking_uri: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    import lightning as L
+
+    from moeplat.compile.data import build_data
+    from moeplat.compile.model import build_model
+    from moeplat.compile.optim import build_optimizer, build_scheduler
+    from moeplat.track.logger import BatchedMLflowLogger
+    from moeplat.track.mlflow_run import TrackedRun, log_spec, resolve_tracking_uri
+    from moeplat.train.callbacks import Throughput
+    from moeplat.train.system import LMSystem
+
+    t_start = time.perf_counter()
+    spec = loaded.spec
+    runs_root = Path(runs_root)
+    state: dict = {}
+    if resume:
+        run_dir = _resume_dir(resume, runs_root, spec.name)
+        state = json.loads((run_dir / "run.json").read_text())
+        if state.get("spec_hash") != loaded.spec_hash:
+            log.warning(
+                "resuming with a spec that differs from the original run (hash %s vs %s)",
+                loaded.spec_hash,
+                state.get("spec_hash"),
+            )
+    else:
+        run_dir = runs_root / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    L.seed_everything(spec.train.seed, workers=True, verbose=False)
+    datamodule, corpus = build_data(spec, loaded.base_dir)
+    model = build_model(spec)
+    counts = plan(spec)
+
+    tracked = None
+    if spec.tracking.enabled:
+        uri = state.get("tracking_uri") or resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+        tracked = TrackedRun(uri, spec.tracking.experiment, run_name(loaded), run_id=state.get("run_id"))
+        if not state:
+            log_spec(tracked, loaded.resolved, loaded.files, loaded.overrides, run_tags(loaded))
+            tracked.log_params(
+                {
+                    "plan.total_params": counts.total_params,
+                    "plan.active_params": counts.active_params,
+                    "plan.flops_per_token_train": counts.flops_per_token_train,
+                    **corpus.as_params(),
+                }
+            )
+    state = {
+        "run_id": tracked.run_id if tracked else None,
+        "tracking_uri": tracked.tracking_uri if tracked else None,
+        "spec_hash": loaded.spec_hash,
+        "spec_files": loaded.files,
+        "overrides": loaded.overrides,
+    }
+    (run_dir / "run.json").write_text(json.dumps(state, indent=2))
+
+    train = spec.train
+    system = LMSystem(
+        model,
+        lambda m: (opt := build_optimizer(train, m), build_scheduler(train, opt)),
+        log_every=train.log_every,
+    )
+    throughput = Throughput(counts.tokens_per_step, every=train.log_every)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        every_n_train_steps=train.checkpoint_every or train.val_every,
+        save_last=True,
+        save_top_k=0 if train.checkpoint_every else 1,
+        monitor=None if train.checkpoint_every else "val/loss",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        accelerator=spec.parallel.accelerator,
+        devices=spec.parallel.devices,
+        precision=train.precision,
+        max_steps=train.max_steps,
+        accumulate_grad_batches=train.grad_accum,
+        gradient_clip_val=train.grad_clip,
+        val_check_interval=train.val_every * train.grad_accum,
+        check_val_every_n_epoch=None,
+        limit_val_batches=train.val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=train.log_every,
+        logger=BatchedMLflowLogger(tracked) if tracked else False,
+        callbacks=[
+            throughput,
+            ckpt,
+            *([L.pytorch.callbacks.TQDMProgressBar(refresh_rate=5)] if progress else []),
+        ],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+    )
+    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+    status = "FAILED"
+    try:
+        trainer.fit(
+            system, datamodule=datamodule, ckpt_path=str(last_ckpt) if resume and last_ckpt.exists() else None
+        )
+        if system.last_val.get("step") != trainer.global_step:
+            trainer.validate(system, datamodule=datamodule, verbose=False)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracked:
+            trainer.logger.flush()
+            _log_summary(tracked, corpus, trainer.global_step, time.perf_counter() - t_start)
+            tracked.finish(status)
+    return RunResult(
+        run_dir=str(run_dir),
+        run_id=tracked.run_id if tracked else None,
+        tracking_uri=tracked.tracking_uri if tracked else None,
+        steps=trainer.global_step,
+        val_loss=system.last_val.get("val/loss"),
+        unigram_baseline=corpus.unigram_baseline,
+        tokens_per_s=throughput.tokens_per_s,
+        wall_s=time.perf_counter() - t_start,
+    )
+
+
+def _log_summary(tracked, corpus, step: int, wall_s: float) -> None:
+    """Run-level figures; val/loss itself was logged by the last validation."""
+    rows = [("data/unigram_baseline", corpus.unigram_baseline), ("perf/wall_s", wall_s)]
+    now = int(time.time() * 1000)
+    tracked.log_metrics([(k, v, step, now) for k, v in rows])

@@ -1,0 +1,82 @@
+"""The LightningModule: language-model loss plus router losses, and MoE telemetry.
+
+Metric names group in the MLflow UI: train/*, val/*, perf/*, moe/layerNN/*.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+
+class LMSystem(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        configure: Callable[[nn.Module], tuple[torch.optim.Optimizer, object]],
+        *,
+        log_every: int = 10,
+    ):
+        super().__init__()
+        self.model = model
+        self._configure = configure
+        self.log_every = log_every
+        self.last_val: dict[str, float] = {}
+        self._val_sum = 0.0
+        self._val_n = 0
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None):
+        return self.model(idx_BS, targets_BS)
+
+    def training_step(self, batch, batch_idx):
+        x_BS, y_BS = batch
+        out = self.model(x_BS, y_BS)
+        loss = out.loss + out.aux_loss
+        self.log("train/loss", out.loss.detach(), prog_bar=True)
+        self.log("train/aux_loss", out.aux_loss.detach())
+        if self.global_step % self.log_every == 0:
+            self._log_moe(out.moe)
+        return loss
+
+    def _log_moe(self, moe: dict) -> None:
+        """Per-layer router telemetry: load per expert, dropped fraction, unweighted losses."""
+        metrics: dict[str, float] = {}
+        for layer, o in moe.items():
+            p = f"moe/layer{layer:02d}"
+            load = o.load_E.float()
+            for e, frac in enumerate(load.tolist()):
+                metrics[f"{p}/load/e{e:02d}"] = frac
+            # MaxVio (Wang et al. 2024, aux-loss-free balancing): max load over mean load, minus 1.
+            metrics[f"{p}/maxvio"] = float(load.max() / load.mean() - 1)
+            metrics[f"{p}/dropped_frac"] = float(o.dropped_frac)
+            for name, value in o.losses.items():
+                metrics[f"{p}/{name}"] = float(value)
+        if metrics:
+            self.log_dict(metrics)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_n = 0.0, 0
+
+    def validation_step(self, batch, batch_idx):
+        x_BS, y_BS = batch
+        out = self.model(x_BS, y_BS)
+        n = y_BS.numel()
+        self._val_sum += float(out.loss) * n
+        self._val_n += n
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_n:
+            return
+        loss = self._val_sum / self._val_n  # token-weighted mean over all validation batches
+        self.last_val = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "step": self.global_step}
+        if not self.trainer.sanity_checking:
+            self.log("val/loss", loss, prog_bar=True)
+            self.log("val/ppl", self.last_val["val/ppl"])
+
+    def configure_optimizers(self):
+        optimizer, scheduler = self._configure(self.model)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,137 @@
+"""The sorted (fast) dispatcher must equal the loop reference, forward and backward."""
+
+import pytest
+import torch
+
+import moeplat.nn.dispatch as dispatch_mod
+from moeplat.nn import DISPATCHERS, SwiGLUExperts, capacity_keep_mask, dispatch_loop, dispatch_sorted
+from moeplat.nn.dispatch import _GROUPED_MM_OK, _grouped_mm_works
+
+
+def _routing(T, E, K, seed, unused=1):
+    """Random distinct top-k choices that never pick the last `unused` experts, random weights."""
+    g = torch.Generator().manual_seed(seed)
+    scores_TE = torch.rand(T, E, generator=g)
+    scores_TE[:, E - unused :] = -1.0  # these experts receive zero tokens
+    topk_idx_TK = scores_TE.argsort(dim=-1, descending=True)[:, :K]
+    topk_weight_TK = torch.rand(T, K, generator=g, dtype=torch.float64)
+    return topk_idx_TK, topk_weight_TK
+
+
+def _run(fn, experts, x_TD, idx, w, keep):
+    experts.zero_grad(set_to_none=True)
+    x = x_TD.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    y = fn(experts, x, idx, w, keep)
+    # A non-uniform upstream gradient, so every path of the backward is exercised.
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in experts.named_parameters()}
+    return y.detach(), x.grad, w.grad, grads
+
+
+@pytest.mark.parametrize("E", [4, 5, 8])
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("capacity", [None, 2])
+def test_sorted_equals_loop_float64(E, K, capacity):
+    torch.manual_seed(E * 10 + K)
+    T, D, F = 24, 8, 12
+    experts = SwiGLUExperts(E, D, F).double()
+    x_TD = torch.randn(T, D, dtype=torch.float64)
+    idx, w = _routing(T, E, K, seed=E + K)
+    if capacity is None:
+        keep = torch.ones(T, K, dtype=torch.bool)
+    else:
+        keep = capacity_keep_mask(idx, E, capacity)
+        assert (~keep).any(), "the test must really drop slots"
+    assert not (idx == E - 1).any()
+
+    y_ref, gx_ref, gw_ref, gp_ref = _run(dispatch_loop, experts, x_TD, idx, w, keep)
+    y, gx, gw, gp = _run(dispatch_sorted, experts, x_TD, idx, w, keep)
+
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-12, atol=1e-12)
+    for name in gp_ref:
+        torch.testing.assert_close(gp[name], gp_ref[name], rtol=1e-12, atol=1e-12)
+        assert gp[name][E - 1].abs().max() == 0  # the unused expert gets no gradient
+    # Dropped slots carry no gradient to their combine weight; a token with every slot dropped
+    # gets exactly zero output (it passes through the residual only).
+    assert (gw[~keep] == 0).all()
+    assert (y[~keep.any(dim=1)] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", "split"])
+def test_sorted_equals_loop_float32_both_paths(path, monkeypatch):
+    """float32 is where torch._grouped_mm may be taken; both segment paths must agree with the loop."""
+    if path == "split":
+        monkeypatch.setattr(dispatch_mod, "_grouped_mm_works", lambda *a: False)
+    elif not _grouped_mm_works(SwiGLUExperts(6, 16, 32), torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm is unavailable for float32 on this device/torch")
+    torch.manual_seed(0)
+    E, K, T, D, F = 6, 2, 40, 16, 32
+    experts = SwiGLUExperts(E, D, F)
+    x_TD = torch.randn(T, D)
+    idx, w = _routing(T, E, K, seed=1, unused=2)
+    w = w.float()
+    keep = capacity_keep_mask(idx, E, capacity=10)
+    assert (~keep).any()
+    y_ref, gx_ref, gw_ref, gp_ref = _run(dispatch_loop, experts, x_TD, idx, w, keep)
+    y, gx, gw, gp = _run(dispatch_sorted, experts, x_TD, idx, w, keep)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(gx, gx_ref, **tol)
+    torch.testing.assert_close(gw, gw_ref, **tol)
+    for name in gp_ref:
+        torch.testing.assert_close(gp[name], gp_ref[name], **tol)
+
+
+def test_grouped_mm_probe_rejects_float64_and_is_cached():
+    experts = SwiGLUExperts(2, 8, 8).double()
+    assert _grouped_mm_works(experts, torch.device("cpu"), torch.float64) is False
+    assert _GROUPED_MM_OK[("cpu", torch.float64, 8, 8)] is False
+
+
+def test_sorted_equals_loop_under_bf16_autocast():
+    """Mixed precision: float32 weights and inputs, matmuls in bfloat16 on both paths."""
+    torch.manual_seed(4)
+    E, K, T, D, F = 4, 2, 32, 16, 32
+    experts = SwiGLUExperts(E, D, F)
+    x_TD = torch.randn(T, D)
+    idx, w = _routing(T, E, K, seed=5, unused=1)
+    keep = torch.ones(T, K, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, gx_ref, _, gp_ref = _run(dispatch_loop, experts, x_TD, idx, w.float(), keep)
+        y, gx, _, gp = _run(dispatch_sorted, experts, x_TD, idx, w.float(), keep)
+    assert y.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(gx, gx_ref, **tol)
+    for name in gp_ref:
+        torch.testing.assert_close(gp[name], gp_ref[name], **tol)
+
+
+def test_output_dtype_follows_input():
+    experts = SwiGLUExperts(4, 16, 16).to(torch.bfloat16)
+    x = torch.randn(10, 16, dtype=torch.bfloat16)
+    idx, w = _routing(10, 4, 2, seed=3, unused=0)
+    keep = torch.ones(10, 2, dtype=torch.bool)
+    for fn in DISPATCHERS.values():
+        assert fn(experts, x, idx, w.float(), keep).dtype == torch.bfloat16
+
+
+def test_dispatch_matches_hand_written_mixture():
+    """Against the defining formula, independent of either implementation's indexing."""
+    torch.manual_seed(1)
+    E, T, D, F, K = 3, 5, 4, 6, 2
+    experts = SwiGLUExperts(E, D, F).double()
+    x = torch.randn(T, D, dtype=torch.float64)
+    idx, w = _routing(T, E, K, seed=2, unused=0)
+    keep = torch.tensor([[True, False], [True, True], [False, True], [True, True], [False, False]])
+    expected = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            if keep[t, k]:
+                expected[t] += w[t, k] * experts(x[t : t + 1], int(idx[t, k]))[0]
+    for fn in DISPATCHERS.values():
+        torch.testing.assert_close(fn(experts, x, idx, w, keep).detach(), expected, rtol=1e-12, atol=1e-12)
