@@ -85,6 +85,7 @@ def run(
     from moeplat.compile.data import build_data
     from moeplat.compile.model import build_model
     from moeplat.compile.optim import build_optimizer, build_scheduler
+    from moeplat.compile.trainer import checkpoint_callback, trainer_kwargs
     from moeplat.track.logger import BatchedMLflowLogger
     from moeplat.track.mlflow_run import TrackedRun, log_spec, resolve_tracking_uri
     from moeplat.train.callbacks import Throughput
@@ -142,35 +143,12 @@ def run(
         log_every=train.log_every,
     )
     throughput = Throughput(counts.tokens_per_step, every=train.log_every)
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        every_n_train_steps=train.checkpoint_every or train.val_every,
-        save_last=True,
-        save_top_k=0 if train.checkpoint_every else 1,
-        monitor=None if train.checkpoint_every else "val/loss",
-        filename="step{step:06d}",
-        auto_insert_metric_name=False,
-    )
+    progress_bar = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=5)] if progress else []
     trainer = L.Trainer(
-        accelerator=spec.parallel.accelerator,
-        devices=spec.parallel.devices,
-        precision=train.precision,
-        max_steps=train.max_steps,
-        accumulate_grad_batches=train.grad_accum,
-        gradient_clip_val=train.grad_clip,
-        val_check_interval=train.val_every * train.grad_accum,
-        check_val_every_n_epoch=None,
-        limit_val_batches=train.val_batches,
-        num_sanity_val_steps=0,
-        log_every_n_steps=train.log_every,
+        **trainer_kwargs(spec),
         logger=BatchedMLflowLogger(tracked) if tracked else False,
-        callbacks=[
-            throughput,
-            ckpt,
-            *([L.pytorch.callbacks.TQDMProgressBar(refresh_rate=5)] if progress else []),
-        ],
+        callbacks=[throughput, checkpoint_callback(spec, run_dir / "checkpoints"), *progress_bar],
         enable_progress_bar=progress,
-        enable_model_summary=False,
         default_root_dir=run_dir,
     )
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
