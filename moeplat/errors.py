@@ -23,10 +23,10 @@ class SpecIssue:
     hint: str | None = None  # e.g. "did you mean 'top_k'?"
 
     def format(self) -> str:
-        where = self.file or "<spec>"
-        if self.line is not None:
+        where = self.file or ""
+        if self.file and self.line is not None:
             where = f"{where}:{self.line}"
-        text = f"{where}: {self.path or '<root>'}: {self.message}"
+        text = ": ".join(part for part in (where, self.path, self.message) if part)
         if self.has_value:
             text += f" (got {_short_repr(self.value)})"
         if self.hint:

@@ -35,7 +35,7 @@ def format_plan(spec, p) -> str:
         f"active params   {_n(p.active_params)} per token ({p.active_params / p.total_params:.1%} of total)",
         f"expert params   {_n(p.expert_params)} routed; embedding {_n(p.embedding_params)}",
         f"FLOPs/token     {_n(p.flops_per_token_fwd)} forward, {_n(p.flops_per_token_train)} train (fwd+bwd)",
-        f"tokens/step     {p.tokens_per_step:,} -> {_n(p.flops_per_step_train)}FLOP per optimizer step",
+        f"tokens/step     {p.tokens_per_step:,} -> {_n(p.flops_per_step_train)} FLOP per optimizer step",
         "memory (est.)   " + ", ".join(f"{k} {_bytes(v)}" for k, v in p.memory_bytes.items()),
     ]
     return "\n".join(lines)

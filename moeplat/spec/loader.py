@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ class LoadedSpec:
     resolved: dict  # plain, fully resolved mapping (what was validated)
     files: list[str]  # the spec file and its bases, child first
     overrides: list[str] = field(default_factory=list)
-    base_dir: str = "."  # directory of the spec file: relative data paths resolve against it
+    base_dir: str = "."  # relative data paths resolve against the directory of the file that set them
 
     @property
     def spec_hash(self) -> str:
@@ -51,9 +52,17 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     issues += more
     if issues:
         raise SpecError(issues)
-    return LoadedSpec(
-        validate(resolved, origins), resolved, files, list(overrides), str(path.resolve().parent)
-    )
+    spec = validate(resolved, origins)
+    return LoadedSpec(spec, resolved, files, list(overrides), _data_base_dir(origins, path))
+
+
+def _data_base_dir(origins: dict, path: Path) -> str:
+    """Directory against which data.source.paths resolve: that of the file that set them
+    (a base spec in another folder keeps its own relative paths), the working directory for --set."""
+    file, _ = _origin_of(origins, ("data", "source", "paths"))
+    if file and file.startswith("--set"):
+        return str(Path.cwd())
+    return str(Path(file).resolve().parent if file else path.resolve().parent)
 
 
 def validate(resolved: dict, origins: dict | None = None) -> Spec:
@@ -143,7 +152,8 @@ def _load_chain(
         raise SpecError(
             SpecIssue("extends", "must be a relative path to a base spec", file, line, base_ref, True)
         )
-    base, files = _load_chain(path.parent / base_ref, origins, (*stack, real), own[("extends",)])
+    base_path = Path(os.path.normpath(path.parent / base_ref))
+    base, files = _load_chain(base_path, origins, (*stack, real), own[("extends",)])
     _drop_replaced(base, data, (), origins)
     origins.update({k: v for k, v in own.items() if k != ("extends",)})
     return _merge(base, data), [str(path), *files]

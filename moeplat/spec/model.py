@@ -203,7 +203,10 @@ class ModelSpec(Strict):
                 ("n_heads", f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
             )
         elif (self.d_model // self.n_heads) % 2:
-            problems.append(("n_heads", "head dim d_model/n_heads must be even for rotary embeddings"))
+            head_dim = self.d_model // self.n_heads
+            problems.append(
+                ("n_heads", f"head dim d_model/n_heads = {head_dim} must be even for rotary embeddings")
+            )
         if self.n_heads % self.kv_heads:
             problems.append(
                 ("n_kv_heads", f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")

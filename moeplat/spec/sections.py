@@ -144,7 +144,14 @@ class ParallelSpec(Strict):
     """How the run is laid out on hardware. v1 trains on one device (CPU or one GPU)."""
 
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: Annotated[
-        int, Field(ge=1, le=1, description="v1: one device; multi-device strategies come later.")
-    ] = 1
+    devices: Annotated[int, Field(ge=1, description="Devices per node; v1 trains on one.")] = 1
     strategy: Strategy = SingleDevice(kind="single")
+
+    @model_validator(mode="after")
+    def _cross(self) -> ParallelSpec:
+        problems = []
+        if self.devices > 1:
+            problems.append(
+                ("devices", f"devices={self.devices}: v1 trains on one device (strategy 'single'); set 1")
+            )
+        return check(problems) or self

@@ -1,0 +1,121 @@
+"""Counts from the spec alone, checked against hand-derived numbers for the quickstart specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moeplat.cli.report import format_plan
+from moeplat.spec import load_spec
+from moeplat.spec.plan import plan
+
+SPECS = Path(__file__).resolve().parents[2] / "specs"
+QUICKSTART = SPECS / "quickstart.yaml"
+DENSE = SPECS / "quickstart-dense.yaml"
+
+# quickstart.yaml: vocab 256, d_model 128, 4 layers, 4 heads (head dim 32), 2 kv heads, tied embeddings,
+# every layer MoE: 8 SwiGLU experts of d_ff 256, top_k 2, no shared experts; seq_len 128, batch 16.
+V, D, L, H, KV, HD, E, K, F, S, B = 256, 128, 4, 4, 2, 32, 8, 2, 256, 128, 16
+
+ATTN = 2 * D * H * HD + 2 * D * KV * HD  # Wq, Wo: d x h*hd;  Wk, Wv: d x kv*hd;  no biases  = 49,152
+EXPERT = 3 * D * F  # SwiGLU: gate, up (d x f) and down (f x d)  = 98,304
+ROUTER = D * E  # one logit per expert  = 1,024
+NORMS = 2 * D  # RMSNorm weights before attention and before the FFN  = 256
+OTHER = V * D + D  # tied embedding/head + final norm  = 32,896
+
+TOTAL = OTHER + L * (ATTN + ROUTER + E * EXPERT + NORMS)
+ACTIVE = OTHER + L * (ATTN + ROUTER + K * EXPERT + NORMS)
+
+# forward FLOPs per token: 2 per multiply-accumulate; attention scores QK^T and AV over the full S x S
+ATTN_FLOPS = 2 * ATTN + 2 * 2 * S * H * HD
+FWD = L * (ATTN_FLOPS + 2 * (ROUTER + K * EXPERT)) + 2 * D * V  # + the output head
+
+
+def _plan(spec_file: Path = QUICKSTART, *overrides: str):
+    return plan(load_spec(spec_file, list(overrides)).spec)
+
+
+def test_the_hand_derivation_itself():
+    assert (ATTN, EXPERT, ROUTER, OTHER) == (49_152, 98_304, 1_024, 32_896)
+    assert (TOTAL, ACTIVE) == (3_380_352, 1_021_056)
+
+
+def test_quickstart_counts():
+    p = _plan()
+    assert p.total_params == TOTAL
+    assert p.active_params == ACTIVE
+    assert p.embedding_params == V * D
+    assert p.expert_params == L * E * EXPERT
+    assert p.moe_layers == [0, 1, 2, 3]
+    assert [layer.kind for layer in p.layers] == ["moe"] * L
+    assert p.flops_per_token_fwd == FWD
+    assert p.flops_per_token_train == 3 * FWD
+    assert p.tokens_per_step == B * S
+    assert p.flops_per_step_train == 3 * FWD * B * S
+
+
+def test_memory_estimate_follows_the_parameter_count():
+    mem = _plan().memory_bytes
+    assert (mem["weights"], mem["grads"], mem["optimizer"]) == (4 * TOTAL, 4 * TOTAL, 8 * TOTAL)
+    assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+    assert mem["activations"] > 0
+
+
+def test_dense_counterpart_has_the_same_active_ffn_within_the_router():
+    moe, dense = _plan(QUICKSTART), _plan(DENSE)
+    assert dense.moe_layers == [] and dense.expert_params == 0
+    assert dense.total_params == dense.active_params
+    # dense d_ff 512 = top_k * expert d_ff: per layer the MoE model has only its router on top
+    for m, d in zip(moe.layers, dense.layers, strict=True):
+        assert (d.kind, m.kind) == ("dense", "moe")
+        assert m.active_params - d.active_params == ROUTER
+        assert m.flops_per_token - d.flops_per_token == 2 * ROUTER
+    assert moe.active_params - dense.active_params == L * ROUTER
+    assert (moe.active_params - dense.active_params) / moe.active_params < 0.005
+
+
+def test_mixed_layers_are_the_mean_of_all_moe_and_all_dense():
+    mixed = _plan(
+        QUICKSTART,
+        "model.moe.layers={kind: every, n: 2, offset: 1}",
+        "model.dense_ffn={kind: swiglu, d_ff: 512}",
+    )
+    moe, dense = _plan(QUICKSTART), _plan(DENSE)
+    assert [layer.kind for layer in mixed.layers] == ["dense", "moe", "dense", "moe"]
+    assert mixed.moe_layers == [1, 3]
+    assert 2 * mixed.total_params == moe.total_params + dense.total_params
+    assert 2 * mixed.active_params == moe.active_params + dense.active_params
+    assert mixed.expert_params == 2 * E * EXPERT
+
+
+@pytest.mark.parametrize(
+    ("override", "d_total", "d_active"),
+    [
+        ("model.moe.top_k=1", 0, -L * EXPERT),
+        ("model.moe.num_experts=16", L * 8 * (EXPERT + D), L * 8 * D),  # 8 more experts and router rows
+        ("model.moe.shared_experts={count: 1}", L * EXPERT, L * EXPERT),
+        ("model.moe.shared_experts={count: 2, d_ff: 64}", L * 3 * D * 128, L * 3 * D * 128),
+        ("model.tie_embeddings=false", V * D, V * D),
+        ("model.n_kv_heads=4", L * 2 * D * 2 * HD, L * 2 * D * 2 * HD),  # 2 more kv heads in Wk, Wv
+    ],
+)
+def test_count_changes_with_one_knob(override, d_total, d_active):
+    p = _plan(QUICKSTART, override)
+    assert (p.total_params - TOTAL, p.active_params - ACTIVE) == (d_total, d_active)
+
+
+def test_format_plan_mentions_total_and_active_params():
+    loaded = load_spec(QUICKSTART)
+    text = format_plan(loaded.spec, plan(loaded.spec))
+    assert f"total params    3.38M ({TOTAL:,})" in text
+    assert "active params   1.02M per token (30.2% of total)" in text
+    assert "8 x swiglu(d_ff=256), top_k=2" in text
+    assert "MoE: [0, 1, 2, 3]" in text
+
+
+def test_format_plan_of_a_dense_model():
+    loaded = load_spec(DENSE)
+    text = format_plan(loaded.spec, plan(loaded.spec))
+    assert "MoE: none" in text and "experts " not in text
+    assert "(100.0% of total)" in text
