@@ -95,15 +95,8 @@ def _read_yaml(path: Path, origins: dict) -> dict:
         raise SpecError(SpecIssue("", f"not UTF-8 text (byte {e.start})", display)) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        cfg = OmegaConf.create(text)  # OmegaConf's YAML rules (e.g. 1e-3 is a float)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise SpecError(
-            SpecIssue("", f"YAML syntax error: {getattr(e, 'problem', e)}", display, line)
-        ) from None
-    except OmegaConfBaseException as e:
-        raise SpecError(SpecIssue("", f"invalid YAML: {e}", display)) from None
+        raise SpecError(_yaml_issue(e, display)) from None
     if node is None:
         origins[()] = (display, None)  # so "required key is missing" still names the (empty) file
         return {}
@@ -112,7 +105,27 @@ def _read_yaml(path: Path, origins: dict) -> dict:
             SpecIssue("", "a spec file must be a mapping of sections", display, node.start_mark.line + 1)
         )
     _record_lines(node, (), display, origins)
+    try:
+        cfg = OmegaConf.create(text)  # OmegaConf's YAML rules (e.g. 1e-3 is a float)
+    except OmegaConfBaseException as e:  # e.g. a malformed ${...}
+        where = (
+            tuple(str(getattr(e, "full_key", "") or "").split(".")) if getattr(e, "full_key", None) else ()
+        )
+        file, line = _origin_of(origins, where)
+        msg = str(e).splitlines()[0]
+        raise SpecError(SpecIssue(dotted(where), f"invalid value: {msg}", file, line)) from None
     return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _yaml_issue(e: yaml.YAMLError, display: str) -> SpecIssue:
+    """Syntax errors name the line where the parser gave up and, for an unclosed bracket or
+    quote, the line where it was opened (usually the one to fix)."""
+    mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    hint = None
+    if context is not None and mark is not None and context.line != mark.line:
+        hint = f"{getattr(e, 'context', 'it')} at line {context.line + 1}"
+    line = mark.line + 1 if mark else None
+    return SpecIssue("", f"YAML syntax error: {getattr(e, 'problem', e)}", display, line, hint=hint)
 
 
 def _record_lines(node: yaml.Node, path: tuple, file: str, origins: dict) -> None:
