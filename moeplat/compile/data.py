@@ -9,6 +9,7 @@ import numpy as np
 
 from moeplat.data import (
     ByteTokenizer,
+    Document,
     LMDataModule,
     corpus_fingerprint,
     python_stdlib_documents,
@@ -16,6 +17,7 @@ from moeplat.data import (
     text_file_documents,
     unigram_cross_entropy,
 )
+from moeplat.data.corpus import CapTooSmall
 from moeplat.errors import SpecError, SpecIssue
 from moeplat.spec.root import Spec
 from moeplat.spec.sections import DataSpec, PythonStdlibSource
@@ -35,14 +37,16 @@ class CorpusInfo:
         return {f"data.corpus.{k}": v for k, v in self.__dict__.items()}
 
 
-def load_documents(data: DataSpec, base_dir: str):
+def load_documents(data: DataSpec, base_dir: str) -> list[Document]:
     src = data.source
-    if isinstance(src, PythonStdlibSource):
-        return python_stdlib_documents(include_tests=src.include_tests, max_bytes=src.max_bytes)
     try:
+        if isinstance(src, PythonStdlibSource):
+            return python_stdlib_documents(include_tests=src.include_tests, max_bytes=src.max_bytes)
         return text_file_documents(
             list(src.paths), patterns=list(src.patterns), base_dir=base_dir, max_bytes=src.max_bytes
         )
+    except CapTooSmall as e:
+        raise SpecError(SpecIssue("data.source.max_bytes", str(e))) from None
     except (FileNotFoundError, ValueError) as e:
         raise SpecError(SpecIssue("data.source.paths", str(e))) from None
 
@@ -51,6 +55,7 @@ def build_data(spec: Spec, base_dir: str = ".") -> tuple[LMDataModule, CorpusInf
     d = spec.data
     docs = load_documents(d, base_dir)
     train_docs, val_docs = split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed)
+    assert d.tokenizer.kind == "byte", d.tokenizer  # the only tokenizer of spec v1
     tok = ByteTokenizer()
     train_ids, val_ids = tok.encode_documents(train_docs), tok.encode_documents(val_docs)
     block = d.seq_len + 1

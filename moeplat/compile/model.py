@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from moeplat.nn import DenseFFN, MoELayer, TransformerLM
@@ -29,6 +30,13 @@ def build_moe_layer(moe: MoESpec, d_model: int) -> MoELayer:
 
 
 def build_model(spec: Spec) -> TransformerLM:
+    """The initial weights are a function of the spec alone (train.seed), whatever ran before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.train.seed)
+        return _build_model(spec)
+
+
+def _build_model(spec: Spec) -> TransformerLM:
     m = spec.model
     moe_idx = set(m.moe_layers)
     ffns: list[nn.Module] = [

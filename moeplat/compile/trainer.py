@@ -11,7 +11,9 @@ from moeplat.spec.root import Spec
 
 def trainer_kwargs(spec: Spec) -> dict:
     t, par = spec.train, spec.parallel
+    assert par.strategy.kind == "single", par.strategy  # the only strategy of spec v1
     return {
+        "strategy": "auto",  # one device: Lightning's single-device strategy
         "accelerator": par.accelerator,
         "devices": par.devices,
         "precision": t.precision,

@@ -29,6 +29,10 @@ _STDLIB_ALWAYS_SKIPPED = frozenset({"site-packages", "__pycache__"})
 _by_name = operator.attrgetter("name")
 
 
+class CapTooSmall(ValueError):
+    """max_bytes is smaller than the first document it would keep."""
+
+
 @dataclass(frozen=True)
 class Document:
     """One file of a corpus: `name` is a stable relative path, `data` its raw bytes."""
@@ -193,7 +197,7 @@ def _cap_bytes(docs: list[Document], max_bytes: int | None) -> list[Document]:
         total += len(doc.data)
     if not kept:
         first = min(docs, key=lambda d: _cap_key(d.name))
-        raise ValueError(
+        raise CapTooSmall(
             f"max_bytes={max_bytes} keeps no documents: the first one drawn, {first.name!r}, "
             f"has {len(first.data)} bytes; raise max_bytes"
         )

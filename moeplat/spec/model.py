@@ -221,4 +221,8 @@ class ModelSpec(Strict):
                 problems.append(("moe.layers", "selects no layer; set model.moe: null for a dense model"))
         if len(self.moe_layers) < self.n_layers and self.dense_ffn is None:
             problems.append(("dense_ffn", "some layers are dense: set dense_ffn (kind: swiglu, d_ff: ...)"))
+        if len(self.moe_layers) == self.n_layers and self.dense_ffn is not None:
+            problems.append(
+                ("dense_ffn", "every layer is MoE, so dense_ffn is unused: remove it or set it to null")
+            )
         return check(problems) or self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt, model_validator
@@ -120,6 +121,9 @@ class TrainSpec(Strict):
 # --- tracking and parallel -------------------------------------------------------------------
 
 
+RUN_NAME_FIELDS = ("name", "overrides", "router", "top_k", "num_experts")
+
+
 class TrackingSpec(Strict):
     """Where the run is logged. Tracking URI precedence: --tracking-uri, this `uri`,
     $MLFLOW_TRACKING_URI, then the embedded local store `sqlite:///mlflow.db` in the working directory."""
@@ -131,6 +135,18 @@ class TrackingSpec(Strict):
         description="Template; fields: {name} {overrides} {router} {top_k} {num_experts}.",
     )
     uri: str | None = None
+
+    @model_validator(mode="after")
+    def _cross(self) -> TrackingSpec:
+        problems = []
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.run_name) if f is not None}
+        except ValueError as e:
+            fields, problems = set(), [("run_name", f"not a valid template: {e}")]
+        unknown = sorted(fields - set(RUN_NAME_FIELDS))
+        if unknown:
+            problems.append(("run_name", f"unknown template field(s) {unknown}; use {list(RUN_NAME_FIELDS)}"))
+        return check(problems) or self
 
 
 class SingleDevice(Strict):

@@ -108,6 +108,7 @@ CORPUS: dict[str, list[Want]] = {
     "self_extends.yaml": [Want("extends", 2, "extends cycle")],
     "missing_base.yaml": [Want("extends", 1, "spec file not found")],
     "extends_not_a_path.yaml": [Want("extends", 1, "must be a relative path to a base spec")],
+    "cross_unused_dense_ffn.yaml": [Want("model.dense_ffn", 4, "every layer is MoE, so dense_ffn is unused")],
     "malformed_interpolation.yaml": [Want("data.seq_len", 4, "invalid value: no viable alternative")],
     "yaml_syntax.yaml": [Want("", 6, "YAML syntax error", hint="while parsing a flow sequence at line 5")],
     "empty.yaml": [Want(key, None, "required key is missing") for key in ("name", "model", "data", "train")],
