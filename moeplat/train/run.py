@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +26,6 @@ class RunResult:
     unigram_baseline: float
     tokens_per_s: float | None
     wall_s: float
-    extra: dict = field(default_factory=dict)
 
 
 def run_name(loaded: LoadedSpec) -> str:
@@ -72,6 +71,56 @@ def _resume_dir(resume: str, runs_root: Path, name: str) -> Path:
     return path
 
 
+def _open_run_dir(loaded: LoadedSpec, runs_root: Path, resume: str | None) -> tuple[Path, dict]:
+    """A fresh timestamped run directory, or the one being resumed with its saved state."""
+    if not resume:
+        run_dir = runs_root / loaded.spec.name / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        run_dir.mkdir(parents=True)
+        return run_dir, {}
+    run_dir = _resume_dir(resume, runs_root, loaded.spec.name)
+    state = json.loads((run_dir / "run.json").read_text())
+    if state.get("spec_hash") != loaded.spec_hash:
+        log.warning(
+            "resuming with a spec that differs from the original run (hash %s vs %s)",
+            loaded.spec_hash,
+            state.get("spec_hash"),
+        )
+    return run_dir, state
+
+
+def _start_tracking(loaded: LoadedSpec, state: dict, cli_uri: str | None, counts, corpus):
+    """One MLflow run per run directory: created on the first start, continued on --resume."""
+    from moeplat.track.mlflow_run import TrackedRun, log_spec, resolve_tracking_uri
+
+    spec = loaded.spec
+    if not spec.tracking.enabled:
+        return None
+    uri = state.get("tracking_uri") or resolve_tracking_uri(cli_uri, spec.tracking.uri)
+    tracked = TrackedRun(uri, spec.tracking.experiment, run_name(loaded), run_id=state.get("run_id"))
+    if not state.get("run_id"):
+        log_spec(tracked, loaded.resolved, loaded.files, loaded.overrides, run_tags(loaded))
+        tracked.log_params(
+            {
+                "plan.total_params": counts.total_params,
+                "plan.active_params": counts.active_params,
+                "plan.flops_per_token_train": counts.flops_per_token_train,
+                **corpus.as_params(),
+            }
+        )
+    return tracked
+
+
+def _save_state(run_dir: Path, loaded: LoadedSpec, tracked) -> None:
+    state = {
+        "run_id": tracked.run_id if tracked else None,
+        "tracking_uri": tracked.tracking_uri if tracked else None,
+        "spec_hash": loaded.spec_hash,
+        "spec_files": loaded.files,
+        "overrides": loaded.overrides,
+    }
+    (run_dir / "run.json").write_text(json.dumps(state, indent=2))
+
+
 def run(
     loaded: LoadedSpec,
     *,
@@ -85,77 +134,30 @@ def run(
     from moeplat.compile.data import build_data
     from moeplat.compile.model import build_model
     from moeplat.compile.optim import build_optimizer, build_scheduler
-    from moeplat.compile.trainer import checkpoint_callback, trainer_kwargs
-    from moeplat.track.logger import BatchedMLflowLogger
-    from moeplat.track.mlflow_run import TrackedRun, log_spec, resolve_tracking_uri
     from moeplat.train.callbacks import Throughput
     from moeplat.train.system import LMSystem
 
     t_start = time.perf_counter()
-    spec = loaded.spec
-    runs_root = Path(runs_root)
-    state: dict = {}
-    if resume:
-        run_dir = _resume_dir(resume, runs_root, spec.name)
-        state = json.loads((run_dir / "run.json").read_text())
-        if state.get("spec_hash") != loaded.spec_hash:
-            log.warning(
-                "resuming with a spec that differs from the original run (hash %s vs %s)",
-                loaded.spec_hash,
-                state.get("spec_hash"),
-            )
-    else:
-        run_dir = runs_root / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    L.seed_everything(spec.train.seed, workers=True, verbose=False)
+    spec, train = loaded.spec, loaded.spec.train
+    run_dir, state = _open_run_dir(loaded, Path(runs_root), resume)
+    L.seed_everything(train.seed, workers=True, verbose=False)
     datamodule, corpus = build_data(spec, loaded.base_dir)
-    model = build_model(spec)
     counts = plan(spec)
+    tracked = _start_tracking(loaded, state, tracking_uri, counts, corpus)
+    _save_state(run_dir, loaded, tracked)
 
-    tracked = None
-    if spec.tracking.enabled:
-        uri = state.get("tracking_uri") or resolve_tracking_uri(tracking_uri, spec.tracking.uri)
-        tracked = TrackedRun(uri, spec.tracking.experiment, run_name(loaded), run_id=state.get("run_id"))
-        if not state:
-            log_spec(tracked, loaded.resolved, loaded.files, loaded.overrides, run_tags(loaded))
-            tracked.log_params(
-                {
-                    "plan.total_params": counts.total_params,
-                    "plan.active_params": counts.active_params,
-                    "plan.flops_per_token_train": counts.flops_per_token_train,
-                    **corpus.as_params(),
-                }
-            )
-    state = {
-        "run_id": tracked.run_id if tracked else None,
-        "tracking_uri": tracked.tracking_uri if tracked else None,
-        "spec_hash": loaded.spec_hash,
-        "spec_files": loaded.files,
-        "overrides": loaded.overrides,
-    }
-    (run_dir / "run.json").write_text(json.dumps(state, indent=2))
-
-    train = spec.train
     system = LMSystem(
-        model,
+        build_model(spec),
         lambda m: (opt := build_optimizer(train, m), build_scheduler(train, opt)),
         log_every=train.log_every,
     )
     throughput = Throughput(counts.tokens_per_step, every=train.log_every)
-    progress_bar = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=5)] if progress else []
-    trainer = L.Trainer(
-        **trainer_kwargs(spec),
-        logger=BatchedMLflowLogger(tracked) if tracked else False,
-        callbacks=[throughput, checkpoint_callback(spec, run_dir / "checkpoints"), *progress_bar],
-        enable_progress_bar=progress,
-        default_root_dir=run_dir,
-    )
+    trainer = _trainer(loaded, run_dir, tracked, [throughput], progress)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     status = "FAILED"
     try:
         trainer.fit(
-            system, datamodule=datamodule, ckpt_path=str(last_ckpt) if resume and last_ckpt.exists() else None
+            system, datamodule=datamodule, ckpt_path=last_ckpt if resume and last_ckpt.exists() else None
         )
         if system.last_val.get("step") != trainer.global_step:
             trainer.validate(system, datamodule=datamodule, verbose=False)
@@ -163,7 +165,7 @@ def run(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    finally:
+    finally:  # whatever happened, what was measured reaches MLflow and the run is closed
         if tracked:
             trainer.logger.flush()
             _log_summary(tracked, corpus, trainer.global_step, time.perf_counter() - t_start)
@@ -177,6 +179,22 @@ def run(
         unigram_baseline=corpus.unigram_baseline,
         tokens_per_s=throughput.tokens_per_s,
         wall_s=time.perf_counter() - t_start,
+    )
+
+
+def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progress: bool):
+    import lightning as L
+
+    from moeplat.compile.trainer import checkpoint_callback, trainer_kwargs
+    from moeplat.track.logger import BatchedMLflowLogger
+
+    progress_bar = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=5)] if progress else []
+    return L.Trainer(
+        **trainer_kwargs(loaded.spec),
+        logger=BatchedMLflowLogger(tracked) if tracked else False,
+        callbacks=[*callbacks, checkpoint_callback(loaded.spec, run_dir / "checkpoints"), *progress_bar],
+        enable_progress_bar=progress,
+        default_root_dir=run_dir,
     )
 
 
