@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moeplat.data.dataset import PackedSequences
+from moeplat.data.resumable import ResumableLoader
 
 
 class LMDataModule(L.LightningDataModule):
@@ -59,24 +60,19 @@ class LMDataModule(L.LightningDataModule):
         return self.val_set.num_tokens
 
     def train_dataloader(self) -> DataLoader:
-        # A fresh generator per call: every fit with the same seed sees the same batch order, and
-        # each epoch still gets a new permutation drawn from this generator's stream.
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(
-            self.train_set, self.batch_size, shuffle=True, drop_last=True, generator=generator
+        # Every fit with the same seed sees the same batch order; each epoch gets a new
+        # permutation; a resumed fit continues where the checkpoint left off (resumable.py).
+        return ResumableLoader(
+            self.train_set, batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:
         # Fixed order and every block kept, so validation loss is comparable between runs.
-        return self._loader(self.val_set, self.val_batch_size, shuffle=False, drop_last=False, generator=None)
-
-    def _loader(self, dataset, batch_size, *, shuffle, drop_last, generator) -> DataLoader:
         return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=drop_last,
+            self.val_set,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            generator=torch.Generator().manual_seed(self.seed),  # keep the global RNG untouched
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -77,6 +77,24 @@ class LMSystem(L.LightningModule):
             self.log("val/loss", loss, prog_bar=True)
             self.log("val/ppl", self.last_val["val/ppl"])
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Dropout and any stochastic routing draw from these: a resumed run continues the streams.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Restored here, after Lightning's own setup has drawn any random numbers it needs.
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self._rng_to_restore = None
+
     def configure_optimizers(self):
         optimizer, scheduler = self._configure(self.model)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,20 @@ def test_mlflow_tracking_uri_env_is_respected(workdir, tiny_spec_path, monkeypat
     result = run(loaded, progress=False)
     assert result.tracking_uri == f"sqlite:///{store}"
     assert store.exists() and not (workdir / "mlflow.db").exists()
+
+
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(workdir, tiny_spec_path):
+    """Model, optimizer, schedule, data position and RNG all come back: the resumed run ends with
+    exactly the validation loss of the run that was never interrupted."""
+    loaded = load_spec(
+        tiny_spec_path, ["train.checkpoint_every=6", "tracking.enabled=false", "model.dropout=0.1"]
+    )
+    straight = run(loaded, runs_root="a", progress=False)
+
+    interrupted = Path("b") / "tiny" / "interrupted"
+    shutil.copytree(straight.run_dir, interrupted)
+    shutil.copy(interrupted / "checkpoints" / "step000006.ckpt", interrupted / "checkpoints" / "last.ckpt")
+    resumed = run(loaded, runs_root="b", resume=str(interrupted), progress=False)
+
+    assert resumed.steps == straight.steps == 12
+    assert resumed.val_loss == straight.val_loss
