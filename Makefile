@@ -4,17 +4,22 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup system-deps demo test test-fast lint format clean
 
 $(BIN)/moeplat: pyproject.toml requirements/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first (pinned), so that resolving the project does not pull CUDA wheels.
 	$(BIN)/pip install --quiet -r requirements/cpu.txt
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,dashboard]'
 	touch $@
 
 setup: $(BIN)/moeplat
+
+# System packages beyond the venv: the PostgreSQL server the sweep tests start (tests/postgres.py).
+# Installs with apt-get when missing (as root); .ci/run calls it. Not a dependency of `test`.
+system-deps:
+	scripts/system-deps.sh
 
 # Train the quick-start spec on the built-in corpus and log it to the local MLflow store (./mlflow.db).
 demo: setup

@@ -23,6 +23,7 @@ ALLOWED = {
     "track": {"errors", "spec", "track"},
     "parallel": {"errors", "spec", "nn", "compile", "parallel"},
     "train": {"errors", "spec", "nn", "data", "compile", "parallel", "track", "train"},
+    "sweep": {"errors", "spec", "train", "track", "sweep"},
     "cli": {
         "errors",
         "spec",

@@ -69,8 +69,6 @@ def cmd_run(args) -> int:
     from moeplat.train.run import run
 
     loaded = _load(args)
-    if not args.verbose:
-        _quiet_lightning()
     result = run(
         loaded,
         runs_root=args.runs_dir,
@@ -120,7 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_run)
+
+    from moeplat.cli.sweep import add_commands
+
+    add_commands(sub)
     return parser
+
+
+TRAINING_COMMANDS = {"run", "sweep", "sweep-worker"}
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries(args.verbose)
+    if args.command in TRAINING_COMMANDS and not args.verbose:
+        _quiet_lightning()
     try:
         return args.fn(args)
     except SpecError as e:

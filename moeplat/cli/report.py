@@ -54,7 +54,7 @@ def format_summary(spec, r) -> str:
     lines.append(f"  run dir    {r.run_dir}   (resume: --resume {r.run_dir})")
     if r.run_id:
         lines.append(f"  MLflow run {r.run_id} at {r.tracking_uri}")
-        if r.tracking_uri.startswith("sqlite:///") and not r.tracking_uri.startswith("sqlite:////"):
+        if r.tracking_uri.startswith("sqlite:///"):
             lines.append(
                 f"  view it:   mlflow ui --backend-store-uri {r.tracking_uri}   then open http://127.0.0.1:5000"
             )

@@ -57,14 +57,25 @@ def walk(root: type[BaseModel], loc: tuple) -> tuple[tuple, object]:
     tp: object = root
     for part in loc:
         tp = _strip(tp)
-        if isinstance(tp, tuple):  # a discriminated union: this part is the tag
-            tp = _union_member(tp, part) if isinstance(part, str) else None
-            if tp is not None:
+        if isinstance(tp, tuple):  # a discriminated union
+            member = _union_member(tp, part) if isinstance(part, str) else None
+            if member is not None:  # Pydantic locations name the variant by its tag
+                tp = member
                 continue
-            tp = None
+            # user paths (--set, sweeps) name a field of one of the variants directly
+            tp = next(
+                (
+                    m
+                    for m in tp
+                    if isinstance(m, type) and issubclass(m, BaseModel) and part in m.model_fields
+                ),
+                None,
+            )
         if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
             field = tp.model_fields.get(part)
             tp = None if field is None else _field_type(field)
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
         elif typing.get_origin(tp) in (list, tuple) and isinstance(part, int):
             args = typing.get_args(tp)
             tp = (

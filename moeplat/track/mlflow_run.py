@@ -17,8 +17,19 @@ MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 
 
 def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None) -> str:
-    """--tracking-uri, then the spec's tracking.uri, then $MLFLOW_TRACKING_URI, then the local store."""
-    return cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """--tracking-uri, then the spec's tracking.uri, then $MLFLOW_TRACKING_URI, then the local store.
+
+    A relative SQLite path is made absolute here: MLflow caches one store per URI string, so a
+    relative URI would keep pointing at the first directory it was used from in a long process."""
+    uri = cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return absolute_sqlite(uri)
+
+
+def absolute_sqlite(uri: str) -> str:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        return prefix + os.path.abspath(uri.removeprefix(prefix))
+    return uri
 
 
 def flatten(tree: object, prefix: str = "") -> dict[str, str]:
@@ -108,3 +119,12 @@ def log_spec(run: TrackedRun, resolved: dict, files: list[str], overrides: list[
         run.log_artifact(f, "spec/original" if i == 0 else "spec/bases")
     run.log_text(yaml.safe_dump(resolved, sort_keys=False), "spec/resolved.yaml")
     run.log_text("\n".join(overrides) + ("\n" if overrides else ""), "spec/overrides.txt")
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, object]) -> None:
+    """Tag an existing run without reopening it (e.g. a sweep trial's final state)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import torch
 
 
 class Throughput(L.Callback):
@@ -39,3 +40,19 @@ class Throughput(L.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         pl_module.log_dict({"perf/tokens_per_s": self.tokens_per_s, "train/lr": lr})
         self._restart(trainer)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run cannot recover from that."""
+
+
+class FiniteLoss(L.Callback):
+    """Stop at the first non-finite training loss with a clear reason, instead of training on NaN."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"training loss is {float(loss)} at step {trainer.global_step}: lower train.optimizer.lr, "
+                "set train.grad_clip, or check the data"
+            )

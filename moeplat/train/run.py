@@ -88,8 +88,9 @@ def _open_run_dir(loaded: LoadedSpec, runs_root: Path, resume: str | None) -> tu
     return run_dir, state
 
 
-def _start_tracking(loaded: LoadedSpec, state: dict, cli_uri: str | None, counts, corpus):
-    """One MLflow run per run directory: created on the first start, continued on --resume."""
+def _start_tracking(loaded: LoadedSpec, state: dict, cli_uri: str | None, counts, corpus, tags: dict):
+    """One MLflow run per run directory: created on the first start, continued on --resume.
+    `tags` may carry mlflow.parentRunId: a sweep trial is a child of its sweep's run."""
     from moeplat.track.mlflow_run import TrackedRun, log_spec, resolve_tracking_uri
 
     spec = loaded.spec
@@ -98,7 +99,7 @@ def _start_tracking(loaded: LoadedSpec, state: dict, cli_uri: str | None, counts
     uri = state.get("tracking_uri") or resolve_tracking_uri(cli_uri, spec.tracking.uri)
     tracked = TrackedRun(uri, spec.tracking.experiment, run_name(loaded), run_id=state.get("run_id"))
     if not state.get("run_id"):
-        log_spec(tracked, loaded.resolved, loaded.files, loaded.overrides, run_tags(loaded))
+        log_spec(tracked, loaded.resolved, loaded.files, loaded.overrides, {**run_tags(loaded), **tags})
         tracked.log_params(
             {
                 "plan.total_params": counts.total_params,
@@ -128,13 +129,17 @@ def run(
     resume: str | None = None,
     tracking_uri: str | None = None,
     progress: bool = True,
+    callbacks: tuple = (),
+    tags: dict | None = None,
 ) -> RunResult:
+    """Train `loaded` and track it. `callbacks` are extra Lightning callbacks (a sweep's pruner);
+    `tags` are extra MLflow tags for a new run."""
     import lightning as L
 
     from moeplat.compile.data import build_data
     from moeplat.compile.model import build_model
     from moeplat.compile.optim import build_optimizer, build_scheduler
-    from moeplat.train.callbacks import Throughput
+    from moeplat.train.callbacks import FiniteLoss, Throughput
     from moeplat.train.system import LMSystem
 
     t_start = time.perf_counter()
@@ -143,7 +148,7 @@ def run(
     L.seed_everything(train.seed, workers=True, verbose=False)
     datamodule, corpus = build_data(spec, loaded.base_dir)
     counts = plan(spec)
-    tracked = _start_tracking(loaded, state, tracking_uri, counts, corpus)
+    tracked = _start_tracking(loaded, state, tracking_uri, counts, corpus, tags or {})
     _save_state(run_dir, loaded, tracked)
 
     system = LMSystem(
@@ -152,7 +157,8 @@ def run(
         log_every=train.log_every,
     )
     throughput = Throughput(counts.tokens_per_step, every=train.log_every)
-    trainer = _trainer(loaded, run_dir, tracked, [throughput], progress)
+    guard = FiniteLoss()
+    trainer = _trainer(loaded, run_dir, tracked, [throughput, guard, *callbacks], progress)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     status = "FAILED"
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from moeplat.track.logger import BatchedMLflowLogger
@@ -25,11 +27,13 @@ def test_flatten_gives_every_leaf_its_dotted_path():
 
 def test_tracking_uri_precedence(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri(None, None) == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert resolve_tracking_uri(None, None) == "sqlite:///env.db"
-    assert resolve_tracking_uri(None, "sqlite:///spec.db") == "sqlite:///spec.db"
-    assert resolve_tracking_uri("sqlite:///cli.db", "sqlite:///spec.db") == "sqlite:///cli.db"
+    assert DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    here = os.path.abspath(".")
+    assert resolve_tracking_uri(None, None) == f"sqlite:///{here}/mlflow.db"  # relative paths made absolute
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////data/env.db")
+    assert resolve_tracking_uri(None, None) == "sqlite:////data/env.db"
+    assert resolve_tracking_uri(None, "http://mlflow:5000") == "http://mlflow:5000"
+    assert resolve_tracking_uri("sqlite:////cli.db", "http://mlflow:5000") == "sqlite:////cli.db"
 
 
 @pytest.fixture

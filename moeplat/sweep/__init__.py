@@ -1,0 +1,1 @@
+"""Sweeps: the only package that imports optuna."""

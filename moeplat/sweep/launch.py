@@ -1,0 +1,93 @@
+"""`moeplat sweep`: create or resume the study and its MLflow parent run, then run N workers."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+
+from moeplat.spec.sweep import LoadedSweep
+from moeplat.sweep.report import summarize_to_mlflow
+from moeplat.sweep.study import PARENT_RUN_ATTR, open_study
+from moeplat.sweep.worker import requeue_interrupted, work
+
+log = logging.getLogger(__name__)
+
+
+def _parent_run(loaded: LoadedSweep, study, tracking_uri: str | None):
+    from moeplat.track.mlflow_run import TrackedRun, flatten, resolve_tracking_uri
+
+    spec = loaded.base.spec
+    if not spec.tracking.enabled:
+        return None
+    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    parent = TrackedRun(uri, spec.tracking.experiment, f"sweep {loaded.sweep.name}", run_id=run_id)
+    if run_id is None:
+        study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+        parent.set_tags({"optuna.study": loaded.sweep.name, "moeplat.kind": "sweep"})
+        parent.log_params(flatten({"sweep": loaded.sweep.model_dump(mode="json")}))
+        parent.log_artifact(loaded.path, "sweep")
+    return parent
+
+
+def run_sweep(
+    loaded: LoadedSweep,
+    storage: str,
+    *,
+    workers: int = 1,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    runs_root: str = "runs",
+) -> object:
+    study = open_study(loaded, storage, create=True, resume=resume)
+    if resume and (n := requeue_interrupted(study)):
+        log.warning("re-queued %d interrupted trial(s)", n)
+    parent = _parent_run(loaded, study, tracking_uri)
+    status = "FAILED"
+    try:
+        if workers == 1:
+            work(loaded, storage, tracking_uri=tracking_uri, runs_root=runs_root)
+        else:
+            _run_processes(loaded, storage, workers, tracking_uri, runs_root)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if parent is not None:
+            summarize_to_mlflow(study, parent)
+            parent.finish(status)
+    return study
+
+
+def _run_processes(loaded: LoadedSweep, storage: str, workers: int, tracking_uri, runs_root: str) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeplat.cli.main",
+        "sweep-worker",
+        loaded.path,
+        "--storage",
+        storage,
+        "--runs-dir",
+        runs_root,
+    ]
+    if tracking_uri:
+        cmd += ["--tracking-uri", tracking_uri]
+    procs = [subprocess.Popen(cmd) for _ in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; give them time to close their trials
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    failed = [c for c in codes if c != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {workers} sweep workers exited with errors {failed}")

@@ -1,0 +1,149 @@
+"""Sweep spec -> Optuna study on a shared storage; one trial = one `moeplat run` (an MLflow child run)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from moeplat.errors import SpecError, SpecIssue
+from moeplat.spec.sweep import LoadedSweep, SweepSpec
+
+log = logging.getLogger(__name__)
+# Heartbeats, retries and the matplotlib plots are marked experimental by Optuna; we rely on them knowingly.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def storage_url(sweep: SweepSpec, cli_storage: str | None) -> str:
+    from moeplat.track.mlflow_run import absolute_sqlite
+
+    # absolute, so worker processes and later commands find the same file whatever their cwd
+    return absolute_sqlite(
+        cli_storage or sweep.storage or os.environ.get("MOEPLAT_SWEEP_STORAGE") or DEFAULT_STORAGE
+    )
+
+
+def make_storage(url: str, sweep: SweepSpec) -> RDBStorage:
+    """RDB storage (SQLite embedded, PostgreSQL for teams) with heartbeats: a trial whose worker
+    died stops beating, is marked FAIL after the grace period, and is retried up to max_retries."""
+    t = sweep.trials
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return RDBStorage(
+        url,
+        engine_kwargs=engine,
+        heartbeat_interval=t.heartbeat_s,
+        grace_period=3 * t.heartbeat_s,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=t.max_retries),
+    )
+
+
+def make_sampler(sweep: SweepSpec) -> optuna.samplers.BaseSampler:
+    s, seed = sweep.sampler, sweep.seed
+    if s.kind == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=s.multivariate, n_startup_trials=s.n_startup_trials
+        )
+    if s.kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.kind == "grid":
+        from moeplat.sweep.space import grid_space
+
+        return optuna.samplers.GridSampler(grid_space(sweep), seed=seed)
+    if s.kind == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if s.kind == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type=s.qmc_type, seed=seed)
+    if s.kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=seed)
+    try:
+        return optuna.samplers.GPSampler(seed=seed)
+    except ImportError as e:  # GP needs scipy and torch
+        raise SpecError(SpecIssue("sampler.kind", f"the gp sampler is not available here: {e}")) from None
+
+
+def make_pruner(sweep: SweepSpec) -> optuna.pruners.BasePruner:
+    p = sweep.pruner
+    if p.kind == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
+    if p.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
+    if p.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def open_study(loaded: LoadedSweep, url: str, *, create: bool, resume: bool = False) -> optuna.Study:
+    sweep = loaded.sweep
+    kwargs = dict(
+        study_name=sweep.name,
+        storage=make_storage(url, sweep),
+        sampler=make_sampler(sweep),
+        pruner=make_pruner(sweep),
+    )
+    if not create:
+        try:
+            return optuna.load_study(**kwargs)
+        except KeyError:
+            raise SpecError(
+                SpecIssue("", f"no study '{sweep.name}' in {url}; start it with `moeplat sweep`")
+            ) from None
+    directions = [o.direction for o in sweep.objectives]
+    try:
+        study = optuna.create_study(directions=directions, load_if_exists=resume, **kwargs)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise SpecError(
+            SpecIssue(
+                "name",
+                f"a study '{sweep.name}' already exists in {url}: add --resume to continue it, "
+                "or rename the sweep",
+            )
+        ) from None
+    study.set_user_attr("sweep_file", os.path.abspath(loaded.path))
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Finished configurations: a trial that was retried (worker died) or re-queued (interrupted)
+    is counted once, through its last attempt."""
+    trials = study.get_trials(deepcopy=False)
+    superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    superseded |= {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    return sum(
+        1
+        for t in trials
+        if t.state in FINISHED and t.number not in superseded and not t.user_attrs.get("interrupted")
+    )
+
+
+def remaining(study: optuna.Study, n_trials: int) -> int:
+    return max(0, n_trials - finished_count(study))
+
+
+def objective_values(sweep: SweepSpec, result, counts) -> list[float]:
+    values = []
+    for o in sweep.objectives:
+        if o.metric == "val/loss":
+            v = result.val_loss
+        elif o.metric == "val/ppl":
+            v = math.exp(min(result.val_loss, 50.0)) if result.val_loss is not None else None
+        elif o.metric == "perf/tokens_per_s":
+            v = result.tokens_per_s
+        else:
+            v = getattr(counts, o.metric.removeprefix("plan."))
+        if v is None or not math.isfinite(v):
+            raise RuntimeError(f"objective {o.metric} is {v}: the trial produced no usable value")
+        values.append(float(v))
+    return values

@@ -1,0 +1,113 @@
+"""Run trials of a study until it has its n_trials: the loop every worker process runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import optuna
+
+from moeplat.errors import SpecError
+from moeplat.spec import load_spec
+from moeplat.spec.plan import plan
+from moeplat.spec.sweep import LoadedSweep, MaxActiveParams
+from moeplat.sweep.pruning import PruneOnValidation
+from moeplat.sweep.space import suggest
+from moeplat.sweep.study import PARENT_RUN_ATTR, objective_values, open_study, remaining
+
+log = logging.getLogger(__name__)
+State = optuna.trial.TrialState
+
+
+def _rejection(loaded_run, sweep) -> str | None:
+    """A reason to skip a sampled configuration before training, from its plan alone."""
+    counts = plan(loaded_run.spec)
+    for c in sweep.constraints:
+        have = counts.active_params if isinstance(c, MaxActiveParams) else counts.total_params
+        if have > c.value:
+            return f"{c.kind}: {have:,} > {c.value:,}"
+    return None
+
+
+def make_objective(
+    loaded: LoadedSweep, *, tracking_uri: str | None, runs_root: str, parent_run_id: str | None
+):
+    from moeplat.track.mlflow_run import set_tags
+    from moeplat.train.run import run
+
+    sweep = loaded.sweep
+    prunable = len(sweep.objectives) == 1 and sweep.pruner.kind != "none"
+
+    def objective(trial: optuna.Trial):
+        overrides = suggest(trial, loaded)
+        trial.set_user_attr("overrides", overrides)
+        try:
+            loaded_run = load_spec(loaded.base_path, overrides)
+        except SpecError as e:  # the run spec's own checks (e.g. top_k <= num_experts) reject it
+            return _reject(trial, "invalid configuration: " + "; ".join(i.format() for i in e.issues))
+        reason = _rejection(loaded_run, sweep)
+        if reason:
+            return _reject(trial, reason)
+        pruner = PruneOnValidation(trial if prunable else None)
+        tags = {"optuna.study": sweep.name, "optuna.trial": trial.number}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        try:
+            result = run(
+                loaded_run,
+                runs_root=runs_root,
+                tracking_uri=tracking_uri,
+                progress=False,
+                callbacks=(pruner,),
+                tags=tags,
+            )
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)  # not finished: --resume runs it again
+            raise
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            raise
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        state = {"optuna.state": "PRUNED" if pruner.pruned_step is not None else "COMPLETE"}
+        if pruner.pruned_step is not None:
+            state["optuna.pruned_step"] = pruner.pruned_step
+        if result.run_id:
+            set_tags(result.tracking_uri, result.run_id, state)
+        if pruner.pruned_step is not None:
+            raise optuna.TrialPruned(f"pruned at step {pruner.pruned_step}")
+        return objective_values(sweep, result, plan(loaded_run.spec))
+
+    return objective
+
+
+def _reject(trial: optuna.Trial, reason: str):
+    trial.set_user_attr("rejected", reason)
+    log.warning("trial %d rejected before training: %s", trial.number, reason)
+    raise optuna.TrialPruned(reason)
+
+
+def requeue_interrupted(study: optuna.Study) -> int:
+    """Trials stopped by Ctrl-C or a killed sweep are not finished: queue their parameters again."""
+    done = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(State.FAIL,)):
+        if t.user_attrs.get("interrupted") and t.number not in done:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+            n += 1
+    return n
+
+
+def work(
+    loaded: LoadedSweep, storage: str, *, tracking_uri: str | None = None, runs_root: str = "runs"
+) -> None:
+    """Run trials until the study has n_trials finished ones (several workers may share it)."""
+    study = open_study(loaded, storage, create=False)
+    objective = make_objective(
+        loaded,
+        tracking_uri=tracking_uri,
+        runs_root=f"{runs_root}/sweeps/{loaded.sweep.name}",
+        parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
+    )
+    deadline = time.monotonic() + (loaded.sweep.trials.timeout_s or float("inf"))
+    while remaining(study, loaded.sweep.trials.n_trials) > 0 and time.monotonic() < deadline:
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
