@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def _storage_arg(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,8 @@ def cmd_sweep_worker(args) -> int:
     from moeplat.sweep.worker import work
 
     loaded, url, _ = _open(args)
-    work(loaded, url, tracking_uri=args.tracking_uri, runs_root=args.runs_dir)
+    worker = args.worker_index if args.worker_index is not None else os.getpid()
+    work(loaded, url, tracking_uri=args.tracking_uri, runs_root=args.runs_dir, worker=worker)
     return 0
 
 
@@ -84,6 +86,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("sweep-worker", help="join a running sweep (this or another machine, shared storage)")
     p.add_argument("sweep", help="sweep spec YAML (the same file the sweep was started with)")
+    p.add_argument(
+        "--worker-index", type=int, help="seeds this worker's sampler (default: from the process id)"
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument("--runs-dir", default="runs")
     _storage_arg(p)

@@ -76,7 +76,7 @@ def _run_processes(loaded: LoadedSweep, storage: str, workers: int, tracking_uri
     ]
     if tracking_uri:
         cmd += ["--tracking-uri", tracking_uri]
-    procs = [subprocess.Popen(cmd) for _ in range(workers)]
+    procs = [subprocess.Popen([*cmd, "--worker-index", str(i)]) for i in range(workers)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:  # Ctrl-C reaches the workers too; give them time to close their trials

@@ -44,8 +44,10 @@ def make_storage(url: str, sweep: SweepSpec) -> RDBStorage:
     )
 
 
-def make_sampler(sweep: SweepSpec) -> optuna.samplers.BaseSampler:
-    s, seed = sweep.sampler, sweep.seed
+def make_sampler(sweep: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """Each worker gets its own seed (sweep.seed for worker 0): workers with one seed would
+    propose the very same configurations in parallel."""
+    s, seed = sweep.sampler, sweep.seed + 7919 * worker
     if s.kind == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=s.multivariate, n_startup_trials=s.n_startup_trials
@@ -85,12 +87,14 @@ def make_pruner(sweep: SweepSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(loaded: LoadedSweep, url: str, *, create: bool, resume: bool = False) -> optuna.Study:
+def open_study(
+    loaded: LoadedSweep, url: str, *, create: bool, resume: bool = False, worker: int = 0
+) -> optuna.Study:
     sweep = loaded.sweep
     kwargs = dict(
         study_name=sweep.name,
         storage=make_storage(url, sweep),
-        sampler=make_sampler(sweep),
+        sampler=make_sampler(sweep, worker),
         pruner=make_pruner(sweep),
     )
     if not create:

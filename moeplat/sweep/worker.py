@@ -98,10 +98,16 @@ def requeue_interrupted(study: optuna.Study) -> int:
 
 
 def work(
-    loaded: LoadedSweep, storage: str, *, tracking_uri: str | None = None, runs_root: str = "runs"
+    loaded: LoadedSweep,
+    storage: str,
+    *,
+    tracking_uri: str | None = None,
+    runs_root: str = "runs",
+    worker: int = 0,
 ) -> None:
-    """Run trials until the study has n_trials finished ones (several workers may share it)."""
-    study = open_study(loaded, storage, create=False)
+    """Run trials until the study has n_trials finished ones (several workers may share it);
+    `worker` picks this worker's sampler seed."""
+    study = open_study(loaded, storage, create=False, worker=worker)
     objective = make_objective(
         loaded,
         tracking_uri=tracking_uri,
