@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -62,6 +63,17 @@ def run_sweep(
     return study
 
 
+def worker_env(workers: int) -> dict[str, str]:
+    """Share the cores: N workers each running torch with all cores' threads oversubscribe the
+    machine, and OpenMP's spinning threads then slow every trial by an order of magnitude
+    (seen: 8 s per quick-start step with 2 workers on 2 cores instead of 0.15 s)."""
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
+    return env
+
+
 def _run_processes(loaded: LoadedSweep, storage: str, workers: int, tracking_uri, runs_root: str) -> None:
     cmd = [
         sys.executable,
@@ -76,7 +88,9 @@ def _run_processes(loaded: LoadedSweep, storage: str, workers: int, tracking_uri
     ]
     if tracking_uri:
         cmd += ["--tracking-uri", tracking_uri]
-    procs = [subprocess.Popen([*cmd, "--worker-index", str(i)]) for i in range(workers)]
+    procs = [
+        subprocess.Popen([*cmd, "--worker-index", str(i)], env=worker_env(workers)) for i in range(workers)
+    ]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:  # Ctrl-C reaches the workers too; give them time to close their trials

@@ -49,7 +49,13 @@ def make_objective(
         if reason:
             return _reject(trial, reason)
         pruner = PruneOnValidation(trial if prunable else None)
-        tags = {"optuna.study": sweep.name, "optuna.trial": trial.number}
+        sampled = overrides[len(loaded.fixed_overrides()) :]
+        tags = {
+            "optuna.study": sweep.name,
+            "optuna.trial": trial.number,
+            # MLflow takes this tag as the run name: the trial and what was sampled, not the fixed overrides
+            "mlflow.runName": f"{sweep.name} #{trial.number} " + " ".join(map(_short, sampled)),
+        }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         try:
@@ -78,6 +84,12 @@ def make_objective(
         return objective_values(sweep, result, plan(loaded_run.spec))
 
     return objective
+
+
+def _short(override: str) -> str:
+    """model.moe.top_k=2 -> top_k=2 (for run names)."""
+    key, _, value = override.partition("=")
+    return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
 def _reject(trial: optuna.Trial, reason: str):

@@ -71,6 +71,9 @@ def test_sweep_runs_trials_as_mlflow_children_and_resume_repeats_nothing(workdir
     parent = parents[0]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == [0, 1, 2, 3]
+    for c in children:  # named by trial and what was sampled, not by the fixed overrides
+        assert c.info.run_name.startswith(f"tiny-sweep #{c.data.tags['optuna.trial']} top_k=")
+        assert "coef=" in c.info.run_name and "max_steps" not in c.info.run_name
     for c in children:  # trial parameters under the same dotted names as plain runs
         t = trials[int(c.data.tags["optuna.trial"])]
         assert c.data.params["model.moe.top_k"] == str(t.params["model.moe.top_k"])
