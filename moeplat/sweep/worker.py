@@ -126,6 +126,15 @@ def work(
         runs_root=f"{runs_root}/sweeps/{loaded.sweep.name}",
         parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
     )
-    deadline = time.monotonic() + (loaded.sweep.trials.timeout_s or float("inf"))
-    while remaining(study, loaded.sweep.trials.n_trials) > 0 and time.monotonic() < deadline:
+    trials = loaded.sweep.trials
+    deadline = time.monotonic() + (trials.timeout_s or float("inf"))
+    while time.monotonic() < deadline:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed (and re-queued) now
+        left = remaining(study, trials.n_trials)
+        running = len(study.get_trials(deepcopy=False, states=(State.RUNNING,)))
+        if left <= 0:
+            break
+        if left <= running:  # the last trials are running elsewhere; stay, in case one needs a retry
+            time.sleep(trials.heartbeat_s)
+            continue
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
