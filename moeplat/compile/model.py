@@ -5,12 +5,48 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeplat import nn as mnn
 from moeplat.nn import DenseFFN, MoELayer, TransformerLM
+from moeplat.spec import routers as rs
 from moeplat.spec.model import CapacityFactor, MoESpec
 from moeplat.spec.root import Spec
 
 
-def build_moe_layer(moe: MoESpec, d_model: int) -> MoELayer:
+def build_router(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> mnn.Router:
+    """The nn router of `moe.router` (one branch per kind; the spec has checked every combination)."""
+    r, E, K = moe.router, moe.num_experts, moe.top_k
+    if isinstance(r, rs.HashRouter):
+        if vocab_size is None:
+            raise ValueError("hash routing needs the vocabulary size")
+        return mnn.HashRouter(E, vocab_size, seed=r.seed)
+    if isinstance(r, rs.RandomRouter):
+        return mnn.RandomRouter(E, K)
+    opts = {"jitter_eps": r.jitter_eps, "logit_softcap": r.logit_softcap, "dropout": r.dropout}
+    if isinstance(r, rs.TopKRouter):
+        return mnn.TopKRouter(d_model, E, K, normalize=r.normalize, **opts)
+    if isinstance(r, rs.SwitchRouter):
+        return mnn.SwitchRouter(d_model, E, **opts)
+    if isinstance(r, rs.NoisyTopKRouter):
+        return mnn.NoisyTopKRouter(d_model, E, K, **opts)
+    if isinstance(r, rs.GShardRouter):
+        return mnn.GShardRouter(d_model, E, **opts)
+    if isinstance(r, rs.SigmoidBiasRouter):
+        groups = {"n_groups": r.n_groups, "topk_groups": r.topk_groups}
+        return mnn.SigmoidBiasRouter(d_model, E, K, gamma=r.gamma, **groups, **opts)
+    if isinstance(r, rs.GroupLimitedRouter):
+        groups = {"n_groups": r.n_groups, "topk_groups": r.topk_groups, "group_score": r.group_score}
+        return mnn.GroupLimitedRouter(d_model, E, K, normalize=r.normalize, **groups, **opts)
+    if isinstance(r, rs.SinkhornRouter):
+        return mnn.SinkhornRouter(d_model, E, K, iterations=r.iterations, normalize=r.normalize, **opts)
+    if isinstance(r, rs.ExpertChoiceRouter):
+        return mnn.ExpertChoiceRouter(d_model, E, K, capacity_factor=r.capacity_factor, **opts)
+    assert isinstance(r, rs.ReinforceRouter), r
+    return mnn.ReinforceRouter(
+        d_model, E, K, normalize=r.normalize, coef=r.coef, baseline_decay=r.baseline_decay, **opts
+    )
+
+
+def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> MoELayer:
     cap = moe.capacity
     factors = (cap.train, cap.eval) if isinstance(cap, CapacityFactor) else (None, None)
     return MoELayer(
@@ -18,15 +54,22 @@ def build_moe_layer(moe: MoESpec, d_model: int) -> MoELayer:
         moe.num_experts,
         moe.top_k,
         moe.experts.d_ff,
-        normalize_topk=moe.router.normalize,
+        router=build_router(moe, d_model, vocab_size),
         n_shared_experts=moe.shared_experts.count,
         shared_d_ff=moe.shared_experts.d_ff or moe.experts.d_ff,
         capacity_factor_train=factors[0],
         capacity_factor_eval=factors[1],
-        balance_coef=moe.losses.load_balancing.coef if moe.losses.load_balancing else 0.0,
-        z_loss_coef=moe.losses.z_loss.coef if moe.losses.z_loss else 0.0,
+        balance_coef=_coef(moe.losses.load_balancing),
+        z_loss_coef=_coef(moe.losses.z_loss),
+        importance_coef=_coef(moe.losses.importance),
+        load_coef=_coef(moe.losses.load),
+        sequence_balance_coef=_coef(moe.losses.sequence_balance),
         dispatch=moe.dispatch.kind,
     )
+
+
+def _coef(loss) -> float:
+    return loss.coef if loss is not None else 0.0
 
 
 def build_model(spec: Spec) -> TransformerLM:
@@ -40,7 +83,9 @@ def _build_model(spec: Spec) -> TransformerLM:
     m = spec.model
     moe_idx = set(m.moe_layers)
     ffns: list[nn.Module] = [
-        build_moe_layer(m.moe, m.d_model) if i in moe_idx else DenseFFN(m.d_model, m.dense_ffn.d_ff)
+        build_moe_layer(m.moe, m.d_model, m.vocab_size)
+        if i in moe_idx
+        else DenseFFN(m.d_model, m.dense_ffn.d_ff)
         for i in range(m.n_layers)
     ]
     return TransformerLM(

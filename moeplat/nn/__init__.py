@@ -11,6 +11,7 @@ Shape-suffix legend (the one legend for the whole package)::
     C  expert capacity              F  ffn hidden size
     H  attention (query) heads      V  vocabulary size
     N  kept token-slots (<= T * K), in the order a dispatcher processes them
+    G  expert groups (group-limited routing), M = E / G experts per group
 
 e.g. ``x_TD`` is a [T, D] activation, ``topk_idx_TK`` a [T, K] index tensor.
 """
@@ -22,18 +23,45 @@ from moeplat.nn.experts import DenseFFN, SwiGLUExperts
 from moeplat.nn.losses import expert_load, load_balancing_loss, router_z_loss
 from moeplat.nn.model import Block, LMOutput, TransformerLM
 from moeplat.nn.moe import MoELayer, MoEOutput
-from moeplat.nn.router import RouterOutput, TopKRouter
+from moeplat.nn.routers import (
+    ExpertChoiceRouter,
+    GroupLimitedRouter,
+    GShardRouter,
+    HashRouter,
+    NoisyTopKRouter,
+    RandomRouter,
+    ReinforceRouter,
+    Router,
+    RouterOutput,
+    SigmoidBiasRouter,
+    SinkhornRouter,
+    SwitchRouter,
+    TopKRouter,
+)
+from moeplat.nn.stats import RoutingStats, moe_metrics, routing_stats
 
 __all__ = [
     "DISPATCHERS",
     "Block",
     "CausalSelfAttention",
     "DenseFFN",
+    "ExpertChoiceRouter",
+    "GShardRouter",
+    "GroupLimitedRouter",
+    "HashRouter",
     "LMOutput",
     "MoELayer",
     "MoEOutput",
+    "NoisyTopKRouter",
+    "RandomRouter",
+    "ReinforceRouter",
+    "Router",
     "RouterOutput",
+    "RoutingStats",
+    "SigmoidBiasRouter",
+    "SinkhornRouter",
     "SwiGLUExperts",
+    "SwitchRouter",
     "TopKRouter",
     "TransformerLM",
     "apply_rope",
@@ -43,6 +71,8 @@ __all__ = [
     "expert_capacity",
     "expert_load",
     "load_balancing_loss",
+    "moe_metrics",
     "rope_cos_sin",
     "router_z_loss",
+    "routing_stats",
 ]

@@ -5,24 +5,34 @@ from __future__ import annotations
 import torch
 
 
-def expert_load(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Fraction of the T*K token-slots routed to each expert, shape [E], sums to 1. Not differentiable."""
-    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts)
-    return counts_E.float() / topk_idx_TK.numel()
+def expert_load(
+    topk_idx_TK: torch.Tensor, num_experts: int, valid_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fraction of the routed token-slots going to each expert, shape [E], sums to 1. Not differentiable.
+
+    Routed slots are all T*K slots, or those marked in `valid_TK` (routers that assign a varying
+    number of experts per token); 0 everywhere if none is routed.
+    """
+    idx_N = topk_idx_TK.reshape(-1) if valid_TK is None else topk_idx_TK[valid_TK]
+    counts_E = torch.bincount(idx_N, minlength=num_experts)
+    return counts_E.float() / max(1, idx_N.numel())
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(
+    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, valid_TK: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer auxiliary loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
         loss = E * sum_i f_i * P_i
         f_i  = (token-slots routed to expert i) / (T * K)     -- counts, carries no gradient
+                                                               (of the valid slots, if given)
         P_i  = (1/T) * sum_t probs_TE[t, i]                  -- differentiable
 
     Dividing f by T*K (as Megatron-LM's switch_load_balancing_loss does) makes the loss exactly
     1.0 at perfect balance (f_i = P_i = 1/E) for every K. Hand check: E=2, T=2, K=1, tokens to
     experts [0, 0], probs [[.75, .25], [.25, .75]] -> f=[1, 0], P=[.5, .5] -> 2 * (1*.5) = 1.0.
     """
-    f_E = expert_load(topk_idx_TK, num_experts)
+    f_E = expert_load(topk_idx_TK, num_experts, valid_TK)
     P_E = probs_TE.float().mean(dim=0)
     return num_experts * (f_E * P_E).sum()
 
@@ -34,3 +44,56 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     with logits [0, 0] -> logsumexp = ln 2 -> loss = (ln 2)^2 ~= 0.4805.
     """
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def cv_squared(v_E: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, population variance / mean^2 (Shazeer et al. 2017, as in
+    tensor2tensor's cv_squared). Hand check: [3, 1] -> variance 1, mean 2 -> 0.25."""
+    v_E = v_E.float()
+    mean = v_E.mean()
+    return ((v_E - mean).square().mean()) / (mean.square() + 1e-10)
+
+
+def importance_loss(
+    topk_weight_TK: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    num_experts: int,
+    valid_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Shazeer et al. 2017, eq. 6-7: CV(Importance)^2, Importance_i = sum over tokens of the gate
+    value G(x)_i (the combine weight; 0 where expert i is not chosen). 0 when every expert gets the
+    same total gate. Differentiable through the gates."""
+    w_TK = topk_weight_TK.float() if valid_TK is None else topk_weight_TK.float() * valid_TK
+    importance_E = torch.zeros(num_experts, dtype=torch.float32, device=w_TK.device)
+    importance_E = importance_E.index_add(0, topk_idx_TK.reshape(-1), w_TK.reshape(-1))
+    return cv_squared(importance_E)
+
+
+def load_loss(load_prob_TE: torch.Tensor) -> torch.Tensor:
+    """Shazeer et al. 2017, App. A eq. 10-11: CV(Load)^2 with the smooth load estimate
+    Load_i = sum over tokens of P(x, i) (eq. 8-9, from NoisyTopKRouter). Differentiable."""
+    return cv_squared(load_prob_TE.float().sum(dim=0))
+
+
+def sequence_balance_loss(
+    probs_BSE: torch.Tensor,
+    topk_idx_BSK: torch.Tensor,
+    num_experts: int,
+    valid_BSK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DeepSeek-V3 complementary sequence-wise balance loss (eq. 17-20), without its alpha:
+
+        L = mean over sequences of sum_i f_i * P_i
+        f_i = E / (K * S) * (tokens of the sequence choosing expert i)      -- no gradient
+        P_i = (1/S) * sum_t s'_{i,t}, s' = the normalised affinities (probs) -- differentiable
+
+    1.0 for a sequence whose own routing is balanced. Hand check: S=2, E=2, K=1, both tokens to
+    expert 0, probs [[.75, .25], [.25, .75]] -> f = [2, 0], P = [.5, .5] -> 1.0.
+    """
+    _, S, K = topk_idx_BSK.shape
+    one_BSKE = torch.nn.functional.one_hot(topk_idx_BSK, num_experts).float()
+    if valid_BSK is not None:
+        one_BSKE = one_BSKE * valid_BSK.unsqueeze(-1)
+    f_BE = one_BSKE.sum(dim=(1, 2)) * num_experts / (K * S)
+    P_BE = probs_BSE.float().mean(dim=1)
+    return (f_BE * P_BE).sum(dim=-1).mean()

@@ -11,8 +11,8 @@ from torch import nn
 
 from moeplat.nn.attention import CausalSelfAttention
 from moeplat.nn.experts import DenseFFN, SwiGLUExperts
-from moeplat.nn.moe import MoEOutput
-from moeplat.nn.router import TopKRouter
+from moeplat.nn.moe import MoELayer, MoEOutput
+from moeplat.nn.routers import Router
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,15 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEOutput | None]:
+    def forward(
+        self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEOutput | None]:
+        """token_ids_BS (optional) is passed on to an MoE FFN, whose router may route by token id."""
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
-        out = self.ffn(self.ffn_norm(h_BSD))
+        if isinstance(self.ffn, MoELayer):
+            out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS)
+        else:
+            out = self.ffn(self.ffn_norm(h_BSD))
         moe = out if isinstance(out, MoEOutput) else None
         return h_BSD + self.drop(moe.y if moe is not None else out), moe
 
@@ -106,8 +112,8 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, TopKRouter):
-                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, Router):
+                m.init_weights(std)  # N(0, std) for learned scores; each router documents the rest
             elif isinstance(m, SwiGLUExperts):
                 nn.init.normal_(m.w_gate, 0.0, std)
                 nn.init.normal_(m.w_up, 0.0, std)
@@ -130,7 +136,7 @@ class TransformerLM(nn.Module):
         x_BSD = self.emb_drop(self.tok_emb(idx_BS))
         moe: dict[int, MoEOutput] = {}
         for i, block in enumerate(self.blocks):
-            x_BSD, moe_out = block(x_BSD)
+            x_BSD, moe_out = block(x_BSD, token_ids_BS=idx_BS)
             if moe_out is not None:
                 moe[i] = moe_out
         logits_BSV = self.lm_head(self.norm(x_BSD))
@@ -138,7 +144,28 @@ class TransformerLM(nn.Module):
         if targets_BS is not None:
             # float32 cross-entropy: the log-softmax over V is where bf16 round-off hurts most.
             loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+            if any(out.policy_logprob_T is not None for out in moe.values()):
+                moe = self._reward_policies(moe, logits_BSV, targets_BS)
         aux_loss = torch.zeros((), dtype=torch.float32, device=idx_BS.device)
         for out in moe.values():
             aux_loss = aux_loss + out.aux_loss
         return LMOutput(logits_BSV, loss, aux_loss, moe)
+
+    def _reward_policies(
+        self, moe: dict[int, MoEOutput], logits_BSV: torch.Tensor, targets_BS: torch.Tensor
+    ) -> dict[int, MoEOutput]:
+        """Policy routers (ReinforceRouter) get each token's own cross-entropy as negative reward."""
+        with torch.no_grad():
+            token_loss_T = F.cross_entropy(
+                logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="none"
+            )
+        return {i: self.blocks[i].ffn.add_policy_loss(out, token_loss_T) for i, out in moe.items()}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, load_by_layer: dict[int, torch.Tensor]) -> None:
+        """The explicit after-step hook: call it once after every optimizer step with, per MoE layer
+        index, that layer's routed load over the step (sum of MoEOutput.load_E of its micro-batches).
+        Routers with online state update it here (the aux-loss-free bias); nothing else changes.
+        Lightning training calls it from LMSystem.optimizer_step."""
+        for i, load_E in load_by_layer.items():
+            self.blocks[i].ffn.after_optimizer_step(load_E)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -10,8 +10,15 @@ from torch import nn
 from moeplat.nn.capacity import capacity_keep_mask, expert_capacity
 from moeplat.nn.dispatch import DISPATCHERS
 from moeplat.nn.experts import DenseFFN, SwiGLUExperts
-from moeplat.nn.losses import expert_load, load_balancing_loss, router_z_loss
-from moeplat.nn.router import TopKRouter
+from moeplat.nn.losses import (
+    importance_loss,
+    load_balancing_loss,
+    load_loss,
+    router_z_loss,
+    sequence_balance_loss,
+)
+from moeplat.nn.routers import ReinforceRouter, Router, RouterOutput, TopKRouter
+from moeplat.nn.stats import RoutingStats, routing_stats
 
 
 @dataclass(frozen=True)
@@ -19,19 +26,37 @@ class MoEOutput:
     """What one MoE layer computed and how it routed (house principle 6: return, don't hide)."""
 
     y: torch.Tensor  # same shape and dtype as the input
-    aux_loss: torch.Tensor  # float32 scalar: balance_coef * lb + z_loss_coef * z (add it to the LM loss)
-    losses: dict[str, torch.Tensor]  # unweighted, detached: "load_balancing", "z_loss"
-    load_E: torch.Tensor  # detached fraction of slots routed to each expert, before capacity drops
-    dropped_frac: torch.Tensor  # detached scalar: dropped slots / (T * K); 0 when dropless
-    tokens_per_expert_E: torch.Tensor  # detached count of slots each expert actually computed
+    aux_loss: (
+        torch.Tensor
+    )  # float32 scalar: the weighted sum of the switched-on losses (add it to the LM loss)
+    losses: dict[str, torch.Tensor]  # unweighted, detached: "load_balancing", "importance",
+    #   "sequence_balance"; "z_loss" (routers with logits); "load" (noisy_topk in training);
+    #   "reinforce" (policy routers, once rewarded)
+    stats: RoutingStats  # detached routing statistics (moeplat.nn.stats)
+    policy_logprob_T: torch.Tensor | None = None  # policy routers in training: awaits the reward
+
+    @property
+    def load_E(self) -> torch.Tensor:
+        return self.stats.load_E
+
+    @property
+    def dropped_frac(self) -> torch.Tensor:
+        return self.stats.dropped_frac
+
+    @property
+    def tokens_per_expert_E(self) -> torch.Tensor:
+        return self.stats.tokens_per_expert_E
 
 
 class MoELayer(nn.Module):
-    """A sparse SwiGLU FFN: each token goes to its top-k of E routed experts (+ optional shared experts).
+    """A sparse SwiGLU FFN: each token goes to the experts its router picks (+ optional shared experts).
 
-    Shared experts (DeepSeekMoE, Dai et al. 2024) see every token; `n_shared_experts` of them with
-    hidden size `shared_d_ff` are fused into one DenseFFN of hidden size n_shared * shared_d_ff,
-    which computes exactly the sum of the separate experts. A capacity factor of None is dropless.
+    `router` is any moeplat.nn.routers.Router; by default a TopKRouter(d_model, E, top_k,
+    normalize_topk). Shared experts (DeepSeekMoE, Dai et al. 2024) see every token; `n_shared_experts`
+    of them with hidden size `shared_d_ff` are fused into one DenseFFN of hidden size
+    n_shared * shared_d_ff, which computes exactly the sum of the separate experts. A capacity
+    factor of None is dropless. Each loss coefficient weights one loss of moeplat.nn.losses in the
+    aux loss (0 = off; the unweighted value is reported either way).
     """
 
     def __init__(
@@ -41,6 +66,7 @@ class MoELayer(nn.Module):
         top_k: int,
         d_ff: int,
         *,
+        router: Router | None = None,
         normalize_topk: bool = True,
         n_shared_experts: int = 0,
         shared_d_ff: int | None = None,
@@ -48,6 +74,9 @@ class MoELayer(nn.Module):
         capacity_factor_eval: float | None = None,
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
+        importance_coef: float = 0.0,
+        load_coef: float = 0.0,
+        sequence_balance_coef: float = 0.0,
         dispatch: str = "sorted",
     ) -> None:
         super().__init__()
@@ -59,56 +88,108 @@ class MoELayer(nn.Module):
         ):
             if cf is not None and cf <= 0:
                 raise ValueError(f"{name} must be > 0 or None (dropless), got {cf}")
-        if n_shared_experts < 0 or balance_coef < 0 or z_loss_coef < 0:
-            raise ValueError("n_shared_experts, balance_coef and z_loss_coef must be >= 0")
+        self.loss_coefs = {
+            "load_balancing": balance_coef,
+            "z_loss": z_loss_coef,
+            "importance": importance_coef,
+            "load": load_coef,
+            "sequence_balance": sequence_balance_coef,
+        }
+        if n_shared_experts < 0 or min(self.loss_coefs.values()) < 0:
+            raise ValueError("n_shared_experts and the loss coefficients must be >= 0")
+        if router is None:
+            router = TopKRouter(d_model, num_experts, top_k, normalize=normalize_topk)
+        if router.num_experts != num_experts:
+            raise ValueError(f"router has {router.num_experts} experts, the layer {num_experts}")
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor_train, self.capacity_factor_eval = capacity_factor_train, capacity_factor_eval
         self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
         self.dispatch = dispatch
-        self.router = TopKRouter(d_model, num_experts, top_k, normalize=normalize_topk)
+        self.router = router
         self.experts = SwiGLUExperts(num_experts, d_model, d_ff)
         self.shared = (
             DenseFFN(d_model, n_shared_experts * (shared_d_ff or d_ff)) if n_shared_experts > 0 else None
         )
 
-    def keep_mask(self, topk_idx_TK: torch.Tensor) -> torch.Tensor:
-        """bool [T, K]: which slots are computed, by the capacity factor of the current mode."""
+    def keep_mask(self, topk_idx_TK: torch.Tensor, valid_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """bool [T, K]: which routed slots are computed, by the capacity factor of the current mode."""
         cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
         if cf is None:
-            return torch.ones_like(topk_idx_TK, dtype=torch.bool)
+            return torch.ones_like(topk_idx_TK, dtype=torch.bool) if valid_TK is None else valid_TK
         T, K = topk_idx_TK.shape
         capacity = expert_capacity(T, self.num_experts, K, cf)
-        return capacity_keep_mask(topk_idx_TK, self.num_experts, capacity)
+        return capacity_keep_mask(topk_idx_TK, self.num_experts, capacity, valid_TK)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
+        """x: [..., D]; token_ids: the token ids of x's positions, [...] (needed by hash routing)."""
         x_TD = x.reshape(-1, x.shape[-1])
-        route = self.router(x_TD)
-        keep_TK = self.keep_mask(route.topk_idx_TK)
+        route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        keep_TK = self.keep_mask(route.topk_idx_TK, route.valid_TK)
         y_TD = DISPATCHERS[self.dispatch](
             self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK
         )
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
+        S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
+        aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S))
+        stats = routing_stats(
+            route.probs_TE, route.topk_idx_TK, keep_TK, self.num_experts, route.valid_TK, route.bias_E
+        )
+        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T)
 
-        lb = load_balancing_loss(route.probs_TE, route.topk_idx_TK, self.num_experts)
-        z = router_z_loss(route.logits_TE)
-        if self.balance_coef == 0 and self.z_loss_coef == 0:
-            aux_loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        else:
-            aux_loss = self.balance_coef * lb + self.z_loss_coef * z
-        kept_idx = route.topk_idx_TK[keep_TK]
-        return MoEOutput(
-            y=y_TD.reshape(x.shape),
-            aux_loss=aux_loss,
-            losses={"load_balancing": lb.detach(), "z_loss": z.detach()},
-            load_E=expert_load(route.topk_idx_TK, self.num_experts),
-            dropped_frac=(~keep_TK).float().mean(),
-            tokens_per_expert_E=torch.bincount(kept_idx, minlength=self.num_experts),
+    def _losses(
+        self, route: RouterOutput, batch_seq: tuple[int, int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(aux loss = sum of coef * loss over the switched-on losses, unweighted detached losses)."""
+        E, (B, S) = self.num_experts, batch_seq
+        idx_TK, valid_TK = route.topk_idx_TK, route.valid_TK
+        values = {
+            "load_balancing": load_balancing_loss(route.probs_TE, idx_TK, E, valid_TK),
+            "importance": importance_loss(route.topk_weight_TK, idx_TK, E, valid_TK),
+            "sequence_balance": sequence_balance_loss(
+                route.probs_TE.reshape(B, S, E),
+                idx_TK.reshape(B, S, -1),
+                E,
+                None if valid_TK is None else valid_TK.reshape(B, S, -1),
+            ),
+        }
+        if route.logits_TE is not None:
+            values["z_loss"] = router_z_loss(route.logits_TE)
+        if route.load_prob_TE is not None:
+            values["load"] = load_loss(route.load_prob_TE)
+        aux_loss = torch.zeros((), dtype=torch.float32, device=route.probs_TE.device)
+        for name, value in values.items():
+            if self.loss_coefs[name]:
+                aux_loss = aux_loss + self.loss_coefs[name] * value
+        return aux_loss, {name: value.detach() for name, value in values.items()}
+
+    def add_policy_loss(self, out: MoEOutput, token_loss_T: torch.Tensor) -> MoEOutput:
+        """Reward a policy router with the per-token task loss (reward = -loss); see ReinforceRouter.
+
+        Returns `out` with coef * L_pg added to its aux loss and L_pg logged as losses["reinforce"];
+        `out` itself when the router is not a policy or nothing was sampled (evaluation).
+        """
+        if out.policy_logprob_T is None or not isinstance(self.router, ReinforceRouter):
+            return out
+        pg = self.router.policy_loss(out.policy_logprob_T, -token_loss_T.detach())
+        return replace(
+            out,
+            aux_loss=out.aux_loss + self.router.coef * pg,
+            losses={**out.losses, "reinforce": pg.detach()},
+            policy_logprob_T=None,
         )
 
+    @torch.no_grad()
+    def after_optimizer_step(self, load_E: torch.Tensor) -> None:
+        """Call once after each optimizer step with this layer's routed load over that step
+        (the sum of MoEOutput.load_E over its micro-batches). Only stateful routers act on it
+        (SigmoidBiasRouter's aux-loss-free bias update); for the others it does nothing."""
+        self.router.after_optimizer_step(load_E)
+
     def extra_repr(self) -> str:
+        coefs = ", ".join(f"{name}={coef}" for name, coef in self.loss_coefs.items() if coef)
         return (
             f"capacity_factor_train={self.capacity_factor_train}, "
-            f"capacity_factor_eval={self.capacity_factor_eval}, balance_coef={self.balance_coef}, "
-            f"z_loss_coef={self.z_loss_coef}, dispatch={self.dispatch!r}"
+            f"capacity_factor_eval={self.capacity_factor_eval}, loss_coefs=({coefs}), "
+            f"dispatch={self.dispatch!r}"
         )

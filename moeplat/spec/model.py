@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PositiveInt, model_validator
 
 from moeplat.spec.base import Strict, check
+from moeplat.spec.routers import Router, TopKRouter, router_problems
 
 # --- which layers are MoE -------------------------------------------------------------------
 
@@ -54,20 +55,6 @@ def moe_layer_indices(selection: LayerSelection, n_layers: int) -> list[int]:
 
 
 # --- router, experts, capacity, losses, dispatch ---------------------------------------------
-
-
-class TopKRouter(Strict):
-    """Softmax over experts, then the top-k (Shazeer et al. 2017 without noise; Mixtral, OLMoE).
-
-    `normalize: true` renormalises the k chosen weights to sum to 1 (Mixtral); `false` keeps the raw
-    softmax probabilities (Switch, Qwen1.5-MoE).
-    """
-
-    kind: Literal["topk"]
-    normalize: bool = True
-
-
-Router = Annotated[TopKRouter, Field(discriminator="kind")]
 
 
 class SwiGLUExperts(Strict):
@@ -118,14 +105,20 @@ class LossCoef(Strict):
 
 
 class Losses(Strict):
-    """Auxiliary router losses, each with its coefficient; omit one (or null) to switch it off.
+    """Auxiliary router losses, combinable, each with its coefficient; omit one (or null) to switch it off.
 
     load_balancing: Switch Transformer eq. 4, E * sum_i f_i * P_i (1.0 at perfect balance).
     z_loss: ST-MoE eq. 5, mean over tokens of logsumexp(logits)^2.
+    importance: Shazeer et al. 2017 eq. 6-7, CV^2 of each expert's summed gate values.
+    load: Shazeer et al. 2017 eq. 8-11, CV^2 of the smooth load estimate (router kind noisy_topk).
+    sequence_balance: DeepSeek-V3 eq. 17-20, the Switch-style loss per sequence, averaged.
     """
 
     load_balancing: LossCoef | None = None
     z_loss: LossCoef | None = None
+    importance: LossCoef | None = None
+    load: LossCoef | None = None
+    sequence_balance: LossCoef | None = None
 
 
 class LoopDispatch(Strict):
@@ -159,6 +152,12 @@ class MoESpec(Strict):
         problems = []
         if self.top_k > self.num_experts:
             problems.append(("top_k", f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"))
+        else:
+            dropless = isinstance(self.capacity, Dropless)
+            has_losses = any(v is not None for v in self.losses.model_dump().values())
+            problems += router_problems(self.router, self.num_experts, self.top_k, dropless, has_losses)
+        if self.losses.load is not None and self.router.kind != "noisy_topk":
+            problems.append(("losses.load", "the load loss needs the noise of router kind 'noisy_topk'"))
         return check(problems) or self
 
 

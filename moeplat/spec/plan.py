@@ -7,6 +7,7 @@ FLOPs convention: 2 FLOPs per multiply-accumulate of every matmul in the forward
 at sequence length data.seq_len. Attention scores count the full S x S product (QK^T and AV),
 as the dense SDPA kernel computes it; the causal half is not subtracted. Embedding lookup, norms,
 softmax and activations are not counted. Training = 3 x forward (backward = 2 x forward).
+The forward counted is the training-mode one: noisy_topk's noise projection (training only) is in.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from moeplat.spec.root import Spec
+from moeplat.spec.routers import router_params
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def _ffn(spec: Spec, is_moe: bool) -> tuple[int, int, int, int]:
     moe = m.moe
     expert = 3 * d * moe.experts.d_ff
     shared = 3 * d * moe.shared_experts.count * (moe.shared_experts.d_ff or moe.experts.d_ff)
-    router = moe.num_experts * d
+    router = router_params(moe.router, moe.num_experts, d)  # noisy_topk: + noise weights; hash/random: 0
     total = router + moe.num_experts * expert + shared
     active = router + moe.top_k * expert + shared
     # Dropless: every token runs top_k experts; with a capacity factor this is the upper bound.

@@ -1,6 +1,7 @@
 """The LightningModule: language-model loss plus router losses, and MoE telemetry.
 
-Metric names group in the MLflow UI: train/*, val/*, perf/*, moe/layerNN/*.
+Metric names group in the MLflow UI: train/*, val/*, perf/*, moe/layerNN/*, moe/all/* (see
+moeplat.nn.stats.moe_metrics for the MoE names).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import nn
+
+from moeplat.nn.stats import moe_metrics
 
 
 class LMSystem(L.LightningModule):
@@ -28,6 +31,7 @@ class LMSystem(L.LightningModule):
         self.last_val: dict[str, float] = {}
         self._val_sum = 0.0
         self._val_n = 0
+        self._step_load: dict[int, torch.Tensor] = {}  # layer -> routed load summed over this step
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None):
         return self.model(idx_BS, targets_BS)
@@ -38,23 +42,25 @@ class LMSystem(L.LightningModule):
         loss = out.loss + out.aux_loss
         self.log("train/loss", out.loss.detach(), prog_bar=True)
         self.log("train/aux_loss", out.aux_loss.detach())
+        for layer, o in out.moe.items():
+            prev = self._step_load.get(layer)
+            self._step_load[layer] = o.load_E if prev is None else prev + o.load_E
         if self.global_step % self.log_every == 0:
             self._log_moe(out.moe)
         return loss
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """After-step hook: once the optimizer has stepped, routers with online state (the
+        aux-loss-free bias of sigmoid_bias routing) update from the load routed during the step
+        (all its micro-batches), via TransformerLM.after_optimizer_step."""
+        super().optimizer_step(*args, **kwargs)
+        if self._step_load and hasattr(self.model, "after_optimizer_step"):
+            self.model.after_optimizer_step(self._step_load)
+        self._step_load = {}
+
     def _log_moe(self, moe: dict) -> None:
-        """Per-layer router telemetry: load per expert, dropped fraction, unweighted losses."""
-        metrics: dict[str, float] = {}
-        for layer, o in moe.items():
-            p = f"moe/layer{layer:02d}"
-            load = o.load_E.float()
-            for e, frac in enumerate(load.tolist()):
-                metrics[f"{p}/load/e{e:02d}"] = frac
-            # MaxVio (Wang et al. 2024, aux-loss-free balancing): max load over mean load, minus 1.
-            metrics[f"{p}/maxvio"] = float(load.max() / load.mean() - 1)
-            metrics[f"{p}/dropped_frac"] = float(o.dropped_frac)
-            for name, value in o.losses.items():
-                metrics[f"{p}/{name}"] = float(value)
+        """Per-layer router telemetry and its means over layers (moeplat.nn.stats.moe_metrics)."""
+        metrics = moe_metrics(moe)
         if metrics:
             self.log_dict(metrics)
 

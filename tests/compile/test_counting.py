@@ -37,6 +37,13 @@ VARIANTS = {
             "model.moe.num_experts=4",
         ],
     ),
+    # Shazeer et al. 2017: a second E x D projection (the learned noise std) per MoE layer.
+    "noisy-topk": ("specs/quickstart.yaml", ["model.moe.router={kind: noisy_topk}"]),
+    # Hash layers have no router weights at all.
+    "hash": (
+        "specs/quickstart.yaml",
+        ["model.moe.router={kind: hash}", "model.moe.top_k=1", "model.moe.losses={}"],
+    ),
 }
 
 
@@ -73,7 +80,8 @@ def test_param_counts_equal_built_model(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_forward_flops_equal_flop_counter(name):
-    """Matmul FLOPs measured by torch on a dropless forward pass equal plan's FLOPs per token.
+    """Matmul FLOPs measured by torch on a dropless training-mode forward pass equal plan's FLOPs
+    per token (training mode: noisy_topk computes its noise projection only in training).
 
     The loop dispatch is measured: FlopCounterMode does not see torch._grouped_mm, and both
     dispatchers compute the same products (tests/nn/test_nn_dispatch.py).
@@ -81,13 +89,21 @@ def test_forward_flops_equal_flop_counter(name):
     spec = _load(
         name, *(["model.moe.dispatch={kind: loop}"] if VARIANTS[name][0].endswith("quickstart.yaml") else [])
     )
-    model = build_model(spec).eval()
+    model = build_model(spec).train()
     b, s = 2, spec.data.seq_len
     idx = torch.randint(0, spec.model.vocab_size, (b, s))
     # The math SDPA backend decomposes into matmuls the counter sees (the fused CPU kernel is not counted).
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(idx)
     assert counter.get_total_flops() == plan(spec).flops_per_token_fwd * b * s
+
+
+def test_router_params_per_kind():
+    base, noisy, hashed = (plan(_load(name)) for name in ("quickstart", "noisy-topk", "hash"))
+    routers = 4 * 8 * 128  # n_layers * num_experts * d_model
+    assert noisy.total_params - base.total_params == routers
+    assert noisy.active_params - base.active_params == routers
+    assert base.total_params - hashed.total_params == routers
 
 
 def test_dense_counterpart_matches_active_ffn_params():

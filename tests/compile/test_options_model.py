@@ -38,7 +38,7 @@ def _model(*overrides: str, seed: int = 0, path: Path = TINY):
 def _layer(*overrides: str, seed: int = 0) -> MoELayer:
     spec = _spec(*overrides)
     torch.manual_seed(seed)
-    return build_moe_layer(spec.model.moe, spec.model.d_model)
+    return build_moe_layer(spec.model.moe, spec.model.d_model, spec.model.vocab_size)
 
 
 def _tokens(batch: int = 2, seq: int = 16) -> torch.Tensor:
@@ -152,6 +152,34 @@ def test_loss_coefficients_weight_the_aux_loss(losses, lb_coef, z_coef):
     else:
         out.aux_loss.backward()  # the aux loss trains the router
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "router"),
+    [
+        ("importance", "topk"),
+        ("load", "noisy_topk"),
+        ("sequence_balance", "topk"),
+        ("sequence_balance", "gshard"),
+    ],
+)
+def test_combinable_balance_losses_are_weighted_into_the_aux_loss(name, router):
+    layer = _layer(
+        f"model.moe.router={{kind: {router}}}",
+        f"model.moe.losses={{{name}: {{coef: 0.25}}, z_loss: {{coef: 0.001}}}}",
+    ).train()
+    assert layer.loss_coefs[name] == 0.25 and layer.loss_coefs["load_balancing"] == 0.0
+    out = layer(_x().reshape(4, 16, 32))  # 4 sequences of 16 tokens
+    value = out.losses[name]
+    assert value > 0
+    torch.testing.assert_close(out.aux_loss, 0.25 * value + 0.001 * out.losses["z_loss"])
+    layer.zero_grad()
+    (out.aux_loss - 0.001 * out.losses["z_loss"]).backward()  # the new loss alone trains the router
+    assert layer.router.weight.grad.abs().sum() > 0
+    off = _layer(f"model.moe.router={{kind: {router}}}", "model.moe.losses={z_loss: {coef: 0.001}}").train()
+    torch.manual_seed(0)
+    out_off = off(_x().reshape(4, 16, 32))
+    torch.testing.assert_close(out_off.aux_loss, 0.001 * out_off.losses["z_loss"])
 
 
 def test_model_aux_loss_sums_the_weighted_losses_of_every_moe_layer():

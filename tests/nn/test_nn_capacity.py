@@ -42,3 +42,12 @@ def test_keep_mask_respects_capacity_and_keeps_earliest_tokens():
 def test_keep_mask_large_capacity_keeps_everything():
     topk_idx_TK = torch.randint(0, 4, (16, 1))
     assert capacity_keep_mask(topk_idx_TK, 4, capacity=16).all()
+
+
+def test_slots_not_routed_take_no_place_in_the_queue():
+    # The same routing as above, but t1's first choice is not routed (e.g. a skipped GShard slot):
+    # t2's first choice moves up to #2 on expert 0 and is kept; t3's second choice (#3) still drops.
+    topk_idx_TK = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    valid_TK = torch.tensor([[True, True], [False, True], [True, True], [True, True]])
+    keep = capacity_keep_mask(topk_idx_TK, num_experts=3, capacity=2, valid_TK=valid_TK)
+    assert keep.tolist() == [[True, True], [False, True], [True, False], [True, False]]

@@ -122,3 +122,32 @@ def test_dense_ffn_init_and_tied_head():
     assert ffn.w_down.weight.std().item() == pytest.approx(std / math.sqrt(2 * L), rel=0.05)
     assert ffn.w_gate.weight.std().item() == pytest.approx(std, rel=0.05)
     assert model.lm_head.weight.std().item() == pytest.approx(std, rel=0.05)
+
+
+def test_token_ids_reach_a_hash_routed_moe_layer():
+    from moeplat.nn import HashRouter
+
+    torch.manual_seed(0)
+    router = HashRouter(4, V, seed=3)
+    model = TransformerLM(V, D, H, KV, S, [DenseFFN(D, 48), MoELayer(D, 4, 1, 24, router=router)])
+    idx = torch.randint(0, V, (3, S))
+    out = model(idx)
+    expected = torch.bincount(router.table_V[idx.flatten()], minlength=4).float() / idx.numel()
+    torch.testing.assert_close(out.moe[1].load_E, expected)
+    # Block still works for callers that pass no token ids, as long as the router needs none.
+    x = torch.randn(2, S, D)
+    block = model.blocks[0]
+    torch.testing.assert_close(block(x)[0], block(x, token_ids_BS=idx[:2])[0])
+    with pytest.raises(ValueError, match="token ids"):
+        model.blocks[1](x)
+
+
+def test_after_optimizer_step_reaches_the_routers_of_the_named_layers():
+    from moeplat.nn import SigmoidBiasRouter
+
+    ffns = [MoELayer(D, 4, 2, 24, router=SigmoidBiasRouter(D, 4, 2, gamma=0.5)) for _ in range(2)]
+    model = TransformerLM(V, D, H, KV, S, ffns)
+    model.after_optimizer_step({1: torch.tensor([3.0, 1.0, 0.0, 0.0])})  # mean 1
+    assert model.blocks[0].ffn.router.bias_E.tolist() == [0.0] * 4
+    assert model.blocks[1].ffn.router.bias_E.tolist() == [-0.5, 0.0, 0.5, 0.5]
+    assert "blocks.1.ffn.router.bias_E" in model.state_dict()

@@ -82,3 +82,70 @@ def test_z_loss_hand_value():
     logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
     assert router_z_loss(logits).item() == pytest.approx(2.5 * math.log(2) ** 2)
     assert router_z_loss(logits.bfloat16()).dtype == torch.float32
+
+
+# --- Shazeer et al. 2017 importance / load, DeepSeek-V3 sequence-wise balance ---------------------
+
+
+def test_cv_squared_hand_value():
+    from moeplat.nn.losses import cv_squared
+
+    assert cv_squared(torch.tensor([3.0, 1.0])).item() == pytest.approx(0.25)
+    assert cv_squared(torch.tensor([2.0, 2.0, 2.0])).item() == 0.0
+
+
+def test_importance_loss_hand_value_and_gradient():
+    from moeplat.nn.losses import importance_loss
+
+    # E=3: gates t0 -> e0 .6, e1 .4; t1 -> e0 .9, e2 .1 => importance [1.5, .4, .1]
+    # mean .6666, variance ((.8333)^2 + (.2666)^2 + (.5666)^2) / 3 = .3622 -> CV^2 = .815
+    w = torch.tensor([[0.6, 0.4], [0.9, 0.1]], requires_grad=True)
+    idx = torch.tensor([[0, 1], [0, 2]])
+    imp = torch.tensor([1.5, 0.4, 0.1])
+    expected = ((imp - imp.mean()) ** 2).mean() / imp.mean() ** 2
+    loss = importance_loss(w, idx, 3)
+    assert loss.item() == pytest.approx(expected.item()) and loss.item() == pytest.approx(0.815, abs=1e-3)
+    loss.backward()
+    assert w.grad[0, 0] > 0 > w.grad[0, 1]  # more gate to the busiest expert raises the loss
+    # A slot that is not routed contributes no gate: masking t1's second slot leaves [1.5, .4, 0].
+    masked = importance_loss(w, idx, 3, torch.tensor([[True, True], [True, False]]))
+    imp = torch.tensor([1.5, 0.4, 0.0])
+    assert masked.item() == pytest.approx((((imp - imp.mean()) ** 2).mean() / imp.mean() ** 2).item())
+
+
+def test_load_loss_is_cv_squared_of_the_summed_load_probabilities():
+    from moeplat.nn.losses import load_loss
+
+    p = torch.tensor([[0.9, 0.2], [0.6, 0.3]], requires_grad=True)  # Load = [1.5, 0.5]: CV^2 = .25
+    loss = load_loss(p)
+    assert loss.item() == pytest.approx(0.25)
+    loss.backward()
+    assert (p.grad[:, 0] > 0).all() and (p.grad[:, 1] < 0).all()
+
+
+def test_sequence_balance_loss_hand_values():
+    from moeplat.nn.losses import sequence_balance_loss
+
+    # Sequence 0: both tokens to expert 0, probs [[.75, .25], [.25, .75]] -> f [2, 0], P [.5, .5] -> 1.0
+    # Sequence 1: both tokens to expert 0, probs [[.9, .1], [.9, .1]] -> f [2, 0], P [.9, .1] -> 1.8
+    probs = torch.tensor([[[0.75, 0.25], [0.25, 0.75]], [[0.9, 0.1], [0.9, 0.1]]], requires_grad=True)
+    idx = torch.tensor([[[0], [0]], [[0], [0]]])
+    loss = sequence_balance_loss(probs, idx, 2)
+    assert loss.item() == pytest.approx((1.0 + 1.8) / 2)
+    loss.backward()
+    # d/dP of mean_b sum_i f_i P_i with P = mean over S: f_i / (B * S) = [2, 0] / 4
+    torch.testing.assert_close(probs.grad, torch.tensor([0.5, 0.0]).expand(2, 2, 2))
+    balanced = sequence_balance_loss(probs.detach(), torch.tensor([[[0], [1]], [[1], [0]]]), 2)
+    assert balanced.item() == pytest.approx(1.0)
+
+
+def test_sequence_balance_differs_from_the_batch_wide_loss():
+    """Each sequence routes all its tokens to one expert, but the batch as a whole is balanced."""
+    from moeplat.nn.losses import sequence_balance_loss
+
+    probs_BSE = torch.tensor([[[0.9, 0.1]] * 4, [[0.1, 0.9]] * 4])
+    idx_BSK = torch.tensor([[[0]] * 4, [[1]] * 4])
+    batch = load_balancing_loss(probs_BSE.reshape(8, 2), idx_BSK.reshape(8, 1), 2)
+    per_seq = sequence_balance_loss(probs_BSE, idx_BSK, 2)
+    assert batch.item() == pytest.approx(1.0)
+    assert per_seq.item() == pytest.approx(2 * 0.9)  # f = [2, 0], P = [.9, .1] in each sequence

@@ -15,6 +15,10 @@ from moeplat.errors import SpecError
 from moeplat.spec import load_spec
 
 BROKEN = Path(__file__).parent / "broken"
+ROUTER_KINDS = (
+    "'topk', 'switch', 'noisy_topk', 'gshard', 'hash', 'random', 'sigmoid_bias', 'group_limited', "
+    "'sinkhorn', 'expert_choice', 'reinforce'"
+)
 QUICKSTART = Path(__file__).resolve().parents[2] / "specs" / "quickstart.yaml"
 
 
@@ -69,7 +73,7 @@ CORPUS: dict[str, list[Want]] = {
     ],
     "unknown_kind.yaml": [
         bad_kind("model.moe.layers.kind", 5, "'all', 'every', 'first_dense', 'list'", "every"),
-        bad_kind("model.moe.router.kind", 6, "'topk'", "topk"),
+        bad_kind("model.moe.router.kind", 6, ROUTER_KINDS, "topk"),
         bad_kind("model.moe.capacity.kind", 7, "'dropless', 'factor'", "factor"),
         bad_kind("model.moe.dispatch.kind", 8, "'loop', 'sorted'", None),  # "banana" is close to nothing
         bad_kind("data.source.kind", 10, "'python_stdlib', 'text_files'", "python_stdlib"),
@@ -81,7 +85,7 @@ CORPUS: dict[str, list[Want]] = {
         Want("train.optimizer.betas.1", 13, "less than 1"),
     ],
     "missing_kind.yaml": [
-        Want("model.moe.router", 18, "needs a 'kind' key", "expected one of 'topk'"),
+        Want("model.moe.router", 18, "needs a 'kind' key", f"expected one of {ROUTER_KINDS}"),
         Want("data.source", 27, "needs a 'kind' key", "expected one of 'python_stdlib', 'text_files'"),
     ],
     "cross_top_k.yaml": [Want("model.moe.top_k", 5, "top_k (6) must be <= num_experts (4)")],
@@ -98,6 +102,30 @@ CORPUS: dict[str, list[Want]] = {
     # dense_ffn is set nowhere: the issue points at the `model:` line of the spec.
     "cross_dense_without_ffn.yaml": [Want("model.dense_ffn", 3, "some layers are dense")],
     "cross_warmup.yaml": [Want("train.schedule.warmup_steps", 4, "warmup (100) must be < max_steps (100)")],
+    "cross_router_groups.yaml": [
+        Want("model.moe.router.n_groups", 5, "num_experts (8) must be divisible by n_groups (3)")
+    ],
+    "cross_router_topk_groups.yaml": [
+        Want("model.moe.router.topk_groups", 7, "topk_groups (5) must be <= n_groups (4)")
+    ],
+    "cross_router_fixed_top_k.yaml": [
+        Want("model.moe.top_k", 4, "router kind 'switch' routes to 1 expert(s)")
+    ],
+    "cross_router_unlearned_losses.yaml": [
+        Want("model.moe.losses", 7, "router kind 'hash' has no learned weights, so router losses do nothing")
+    ],
+    "cross_expert_choice_capacity.yaml": [
+        Want("model.moe.capacity", 5, "expert_choice sets each expert's capacity itself")
+    ],
+    "cross_load_loss_router.yaml": [
+        Want("model.moe.losses.load", 7, "the load loss needs the noise of router kind 'noisy_topk'")
+    ],
+    "router_options.yaml": [
+        Want("model.moe.router.jitter_eps", 7, "less than 1"),
+        Want("model.moe.router.logit_softcap", 8, "greater than 0"),
+        Want("model.moe.router.dropout", 9, "greater than or equal to 0"),
+        unknown("model.moe.router.jiter", 10, "jitter_eps"),
+    ],
     "bad_interpolation.yaml": [
         Want("model.moe.top_k", 4, "bad interpolation: Interpolation key 'model.nope' not found"),
         Want("tracking.experiment", 6, "bad interpolation: Interpolation key 'train.nothing' not found"),

@@ -59,7 +59,12 @@ def test_every_object_forbids_additional_properties(schema):
 @pytest.mark.parametrize(
     ("section", "field", "tags"),
     [
-        ("MoESpec", "router", {"topk"}),
+        (
+            "MoESpec",
+            "router",
+            {"topk", "switch", "noisy_topk", "gshard", "hash", "random", "sigmoid_bias", "group_limited"}
+            | {"sinkhorn", "expert_choice", "reinforce"},
+        ),
         ("MoESpec", "capacity", {"dropless", "factor"}),
         ("MoESpec", "dispatch", {"loop", "sorted"}),
         ("MoESpec", "layers", {"all", "every", "first_dense", "list"}),

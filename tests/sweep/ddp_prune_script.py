@@ -1,5 +1,5 @@
 """Run by tests/sweep/test_pruning_ddp.py in a subprocess: 2 CPU processes (gloo) under DDP,
-a trial that wants to prune at the first validation. Prints one JSON line per rank."""
+a trial that wants to prune at the first validation. Each rank writes rank<N>.json (its final step)."""
 
 from __future__ import annotations
 
@@ -50,8 +50,12 @@ class Tiny(L.LightningModule):
 
 
 class Report(L.Callback):
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+
     def on_fit_end(self, trainer, pl_module):
-        print(json.dumps({"rank": trainer.global_rank, "step": trainer.global_step}), flush=True)
+        with open(os.path.join(self.log_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"rank": trainer.global_rank, "step": trainer.global_step}, f)
 
 
 def main(log_dir: str) -> None:
@@ -70,7 +74,7 @@ def main(log_dir: str) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[PruneOnValidation(Trial(log_dir)), Report()],
+        callbacks=[PruneOnValidation(Trial(log_dir)), Report(log_dir)],
     )
     trainer.fit(Tiny(), loader, loader)
 

@@ -1,0 +1,127 @@
+"""What every router returns, the router base classes, and the options of learned linear routers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """The routing decision, returned rather than stashed (house principle 6).
+
+    Slot (t, k) sends token t to expert topk_idx_TK[t, k] with weight topk_weight_TK[t, k]. Most
+    routers fill every slot; `valid_TK` marks the slots a router really assigned where that varies
+    per token (expert choice: 0..E experts per token; GShard: a skipped second expert).
+    """
+
+    logits_TE: torch.Tensor | None  # float32 pre-activation scores (z-loss); None: the router has none
+    probs_TE: torch.Tensor  # float32 routing distribution, rows sum to 1: balancing loss, entropy
+    topk_idx_TK: torch.Tensor  # int64 expert ids
+    topk_weight_TK: torch.Tensor  # float32 combine weights
+    valid_TK: torch.Tensor | None = None  # bool; None = every slot is assigned
+    logprob_T: torch.Tensor | None = None  # policy routers in training: log-prob of the sampled choice
+    load_prob_TE: torch.Tensor | None = None  # noisy top-k in training: P(expert in top-k), Shazeer eq. 9
+    bias_E: torch.Tensor | None = None  # aux-loss-free selection bias (detached copy)
+
+
+class Router(nn.Module):
+    """Base of every router: forward(x_TD, token_ids_T=None) -> RouterOutput.
+
+    Two hooks with defaults for stateless routers: `init_weights(std)` (called by
+    TransformerLM.reset_parameters) and `after_optimizer_step(load_E)` (called by the training loop
+    once per optimizer step; only routers with online state, such as the aux-loss-free bias, act).
+    """
+
+    num_experts: int
+    top_k: int
+
+    def init_weights(self, std: float) -> None:
+        """Re-initialise learned weights with N(0, std). Routers without weights do nothing."""
+
+    @torch.no_grad()
+    def after_optimizer_step(self, load_E: torch.Tensor) -> None:
+        """Update online routing state from the load of the step just taken. Default: none."""
+
+
+class LinearRouter(Router):
+    """A router whose scores are a learned linear map of the token, logits_TE = x_TD W^T (W: [E, D]).
+
+    Options shared by every learned router, applied in this order:
+
+    - `dropout`: dropout on the router's input, training only.
+    - `jitter_eps`: multiply the router's input by U(1 - eps, 1 + eps) noise, training only
+      (the input jitter of the Switch Transformer, Fedus et al. 2021; compared in ST-MoE sec. 3).
+    - `logit_softcap`: logits -> c * tanh(logits / c), bounding them to (-c, c) (the tanh
+      soft-capping Gemma 2 applies to attention and output logits, here on the router's logits).
+
+    Logits are always computed in float32 (ST-MoE, Zoph et al. 2022, sec. 3.2: the router softmax
+    is sensitive to round-off), even under bf16 autocast or with bf16 inputs/weights.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        jitter_eps: float = 0.0,
+        logit_softcap: float | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if not (0 <= jitter_eps < 1 and 0 <= dropout < 1) or (
+            logit_softcap is not None and logit_softcap <= 0
+        ):
+            raise ValueError("need 0 <= jitter_eps < 1, 0 <= dropout < 1 and logit_softcap > 0 or None")
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.jitter_eps, self.logit_softcap, self.dropout = jitter_eps, logit_softcap, dropout
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # as Linear(D, E, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.d_model)  # nn.Linear's default distribution
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, 0.0, std)
+
+    def router_input(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """float32 copy of the input with dropout and jitter applied (training only)."""
+        x_TD = x_TD.float()
+        if self.training and self.dropout > 0:
+            x_TD = F.dropout(x_TD, self.dropout, training=True)
+        if self.training and self.jitter_eps > 0:
+            eps = self.jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        return x_TD
+
+    def project(self, x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+        """float32 x W^T, soft-capped if logit_softcap is set."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), weight_ED.float())
+        if self.logit_softcap is not None:
+            c = self.logit_softcap
+            logits_TE = c * torch.tanh(logits_TE / c)
+        return logits_TE
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.project(self.router_input(x_TD), self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"jitter_eps={self.jitter_eps}, logit_softcap={self.logit_softcap}, dropout={self.dropout}"
+        )
+
+
+def chosen_weights(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Scores of the chosen experts, optionally rescaled to sum to 1 per token (Mixtral)."""
+    weight_TK = scores_TE.gather(1, topk_idx_TK)
+    return weight_TK / weight_TK.sum(dim=-1, keepdim=True) if normalize else weight_TK

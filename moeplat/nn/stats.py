@@ -1,0 +1,88 @@
+"""Routing statistics of one MoE layer, and the flat metric names the training loop logs.
+
+Every statistic is computed from one forward pass (one micro-batch) and detached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moeplat.nn.losses import expert_load
+
+# Scalar statistics, in the order they are logged; each is also averaged over layers (moe/all/...).
+SCALARS = ("maxvio", "load_cv", "router_entropy", "dead_frac", "dropped_frac", "unrouted_frac")
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    load_E: torch.Tensor  # fraction of routed slots per expert, before capacity drops; sums to 1
+    tokens_per_expert_E: torch.Tensor  # int64 count of slots each expert actually computed
+    dropped_frac: torch.Tensor  # routed slots dropped by capacity / routed slots; 0 when dropless
+    unrouted_frac: torch.Tensor  # tokens no expert computed (all slots dropped, or expert choice
+    #                              picked them nowhere) / T; they pass through the residual only
+    load_cv: torch.Tensor  # coefficient of variation std(load) / mean(load), population std
+    maxvio: torch.Tensor  # max(load) / mean(load) - 1 (Wang et al. 2024, aux-loss-free balancing)
+    router_entropy: torch.Tensor  # mean over tokens of -sum_e p log p of probs_TE, in nats
+    dead_frac: torch.Tensor  # fraction of experts routed no token in this batch
+    bias_E: torch.Tensor | None = None  # aux-loss-free selection bias (sigmoid_bias), else None
+
+
+def routing_stats(
+    probs_TE: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+    num_experts: int,
+    valid_TK: torch.Tensor | None = None,
+    bias_E: torch.Tensor | None = None,
+) -> RoutingStats:
+    """Statistics of one routing decision; `valid_TK` = routed slots (None: all), `keep_TK` = computed."""
+    with torch.no_grad():
+        valid_TK = torch.ones_like(keep_TK) if valid_TK is None else valid_TK
+        load_E = expert_load(topk_idx_TK, num_experts, valid_TK)
+        mean = load_E.mean().clamp_min(1e-12)  # 1/E unless nothing was routed
+        n_routed = valid_TK.sum().clamp_min(1)
+        return RoutingStats(
+            load_E=load_E,
+            tokens_per_expert_E=torch.bincount(topk_idx_TK[keep_TK], minlength=num_experts),
+            dropped_frac=(valid_TK & ~keep_TK).sum() / n_routed,
+            unrouted_frac=(~keep_TK.any(dim=1)).float().mean(),
+            load_cv=load_E.std(correction=0) / mean,
+            maxvio=load_E.max() / mean - 1,
+            router_entropy=torch.special.entr(probs_TE.float()).sum(dim=-1).mean(),
+            dead_frac=(load_E == 0).float().mean(),
+            bias_E=bias_E,
+        )
+
+
+class _HasStats(Protocol):
+    stats: RoutingStats
+    losses: dict[str, torch.Tensor]
+
+
+def moe_metrics(outputs: Mapping[int, _HasStats]) -> dict[str, float]:
+    """Flat metrics of the MoE layers' outputs (layer index -> MoEOutput), as the training loop logs them:
+
+    moe/layerNN/{load/eXX, bias/eXX, maxvio, load_cv, router_entropy, dead_frac, dropped_frac,
+    unrouted_frac, <each unweighted loss>} and moe/all/<each scalar and loss> = mean over layers.
+    """
+    metrics: dict[str, float] = {}
+    per_name: dict[str, list[float]] = {}
+    for layer, out in sorted(outputs.items()):
+        p, s = f"moe/layer{layer:02d}", out.stats
+        for e, frac in enumerate(s.load_E.tolist()):
+            metrics[f"{p}/load/e{e:02d}"] = frac
+        if s.bias_E is not None:
+            for e, b in enumerate(s.bias_E.tolist()):
+                metrics[f"{p}/bias/e{e:02d}"] = b
+        scalars = {name: float(getattr(s, name)) for name in SCALARS}
+        scalars.update({name: float(value) for name, value in out.losses.items()})
+        for name, value in scalars.items():
+            metrics[f"{p}/{name}"] = value
+            per_name.setdefault(name, []).append(value)
+    for name, values in per_name.items():
+        metrics[f"moe/all/{name}"] = sum(values) / len(values)
+    return metrics

@@ -1,0 +1,200 @@
+"""`model.moe.router`: one `kind` per published routing method (moeplat.nn.routers computes them)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, PositiveInt
+
+from moeplat.spec.base import Strict
+
+
+class _Router(Strict):
+    kind: str  # narrowed to one tag by every variant; declared here so `kind` comes first
+
+
+class _Learned(_Router):
+    """Options of every router with learned linear scores (all kinds except hash and random)."""
+
+    jitter_eps: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="Training only: multiply the router input by U(1-eps, 1+eps) (Switch input jitter)."
+    )
+    logit_softcap: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Router logits -> c * tanh(logits / c); null = no cap."
+    )
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="Dropout on the router input.")
+
+
+class TopKRouter(_Learned):
+    """Softmax over experts, then the top-k (Shazeer et al. 2017 without noise; Mixtral, OLMoE).
+
+    `normalize: true` renormalises the k chosen weights to sum to 1 (Mixtral); `false` keeps the raw
+    softmax probabilities (Switch, Qwen1.5-MoE).
+    """
+
+    kind: Literal["topk"]
+    normalize: bool = True
+
+
+class SwitchRouter(_Learned):
+    """Switch Transformer (Fedus et al. 2021, eq. 1-2): top-1 softmax, weight p_i(x), input jitter 1e-2."""
+
+    kind: Literal["switch"]
+    jitter_eps: Annotated[float, Field(ge=0, lt=1)] = 0.01
+
+
+class NoisyTopKRouter(_Learned):
+    """Noisy top-k gating (Shazeer et al. 2017, eq. 3-5): learned, softplus-scaled Gaussian noise
+    on the logits in training; softmax over the k kept logits. Adds num_experts x d_model noise weights."""
+
+    kind: Literal["noisy_topk"]
+
+
+class GShardRouter(_Learned):
+    """GShard top-2 (Lepikhin et al. 2020, Algorithm 1): in training the second expert is used with
+    probability 2 * g2 (its renormalised gate). Needs top_k: 2."""
+
+    kind: Literal["gshard"]
+
+
+class HashRouter(_Router):
+    """Hash Layers (Roller et al. 2021): a fixed random table token id -> expert, drawn from `seed`.
+    Top-1, weight 1, no router weights (so no router losses)."""
+
+    kind: Literal["hash"]
+    seed: Annotated[int, Field(ge=0)] = 0
+
+
+class RandomRouter(_Router):
+    """Uniformly random experts in training (THOR-style ablation); the mean of all experts in
+    evaluation. No router weights (so no router losses)."""
+
+    kind: Literal["random"]
+
+
+class SigmoidBiasRouter(_Learned):
+    """DeepSeek-V3: sigmoid scores; a per-expert bias, updated after each optimizer step by
+    gamma * sign(mean load - load), decides the top-k only; weights renormalised unbiased scores.
+    n_groups > 1 adds V3's node-limited routing (top topk_groups groups by their top-2 sum)."""
+
+    kind: Literal["sigmoid_bias"]
+    gamma: Annotated[float, Field(ge=0)] = 0.001
+    n_groups: PositiveInt = 1
+    topk_groups: PositiveInt = 1
+
+
+class GroupLimitedRouter(_Learned):
+    """DeepSeek-V2 device-limited routing: experts in n_groups groups, keep the topk_groups best
+    groups by their best score (`max`, V2) or top-2 sum (`top2_sum`, V3), then top-k within them."""
+
+    kind: Literal["group_limited"]
+    n_groups: PositiveInt
+    topk_groups: PositiveInt
+    group_score: Literal["max", "top2_sum"] = "max"
+    normalize: bool = False
+
+
+class SinkhornRouter(_Learned):
+    """S-BASE (Clark et al. 2022): in training, top-k of the Sinkhorn-balanced assignment after
+    `iterations` row/column normalisations; plain top-k in evaluation."""
+
+    kind: Literal["sinkhorn"]
+    iterations: Annotated[int, Field(ge=0)] = 10
+    normalize: bool = True
+
+
+class ExpertChoiceRouter(_Learned):
+    """Expert choice (Zhou et al. 2022): each expert takes its top C = capacity_factor * T * top_k /
+    num_experts tokens of the batch; a token gets 0..num_experts experts. Needs capacity: dropless."""
+
+    kind: Literal["expert_choice"]
+    capacity_factor: Annotated[float, Field(gt=0)] = 1.0
+
+
+class ReinforceRouter(_Learned):
+    """Policy-gradient router (REINFORCE, Williams 1992; Clark et al. 2022 RL-R): experts sampled
+    from the softmax in training, reward = -token loss, moving-average baseline; coef weights the
+    policy loss in the aux loss."""
+
+    kind: Literal["reinforce"]
+    coef: Annotated[float, Field(ge=0)] = 1.0
+    baseline_decay: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    normalize: bool = True
+
+
+Router = Annotated[
+    TopKRouter
+    | SwitchRouter
+    | NoisyTopKRouter
+    | GShardRouter
+    | HashRouter
+    | RandomRouter
+    | SigmoidBiasRouter
+    | GroupLimitedRouter
+    | SinkhornRouter
+    | ExpertChoiceRouter
+    | ReinforceRouter,
+    Field(discriminator="kind"),
+]
+
+FIXED_TOP_K = {"switch": 1, "gshard": 2, "hash": 1}
+UNLEARNED = ("hash", "random")
+
+
+def router_params(router: Router, num_experts: int, d_model: int) -> int:
+    """Parameters of one layer's router: E x D scores, plus E x D noise weights for noisy_topk."""
+    if router.kind in UNLEARNED:
+        return 0
+    return (2 if router.kind == "noisy_topk" else 1) * num_experts * d_model
+
+
+def router_problems(
+    router: Router, num_experts: int, top_k: int, dropless: bool, has_losses: bool
+) -> list[tuple[str, str]]:
+    """Cross-field problems of a router with the rest of `model.moe`, as (path under moe, message)."""
+    kind, problems = router.kind, []
+    if kind in FIXED_TOP_K and top_k != FIXED_TOP_K[kind]:
+        problems.append(
+            (
+                "top_k",
+                f"router kind '{kind}' routes to {FIXED_TOP_K[kind]} expert(s): set top_k: {FIXED_TOP_K[kind]}",
+            )
+        )
+    if kind in UNLEARNED and has_losses:
+        problems.append(
+            (
+                "losses",
+                f"router kind '{kind}' has no learned weights, so router losses do nothing: set losses: {{}}",
+            )
+        )
+    if kind == "expert_choice" and not dropless:
+        problems.append(
+            (
+                "capacity",
+                "expert_choice sets each expert's capacity itself (router.capacity_factor): use {kind: dropless}",
+            )
+        )
+    if isinstance(router, GroupLimitedRouter | SigmoidBiasRouter):
+        problems += _group_problems(router, num_experts, top_k)
+    return problems
+
+
+def _group_problems(router, num_experts: int, top_k: int) -> list[tuple[str, str]]:
+    n, m = router.n_groups, router.topk_groups
+    if num_experts % n:
+        return [("router.n_groups", f"num_experts ({num_experts}) must be divisible by n_groups ({n})")]
+    if m > n:
+        return [("router.topk_groups", f"topk_groups ({m}) must be <= n_groups ({n})")]
+    per_group, problems = num_experts // n, []
+    if top_k > m * per_group:
+        problems.append(
+            ("top_k", f"top_k ({top_k}) exceeds the {m * per_group} experts of the {m} kept group(s)")
+        )
+    top2 = (isinstance(router, SigmoidBiasRouter) and n > 1) or getattr(
+        router, "group_score", ""
+    ) == "top2_sum"
+    if top2 and per_group < 2:
+        problems.append(
+            ("router.n_groups", f"the top-2 group score needs >= 2 experts per group (got {per_group})")
+        )
+    return problems
