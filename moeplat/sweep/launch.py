@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -63,6 +64,19 @@ def run_sweep(
     return study
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Ctrl-C in a terminal reaches the workers too (one process group): give them time to close
+    their trials; forward it to those that did not get it (e.g. a SIGINT sent to this process
+    alone), and kill what still runs after that."""
+    for sig, wait_s in ((None, 5), (signal.SIGINT, 30), (signal.SIGKILL, 5)):
+        alive = [p for p in procs if p.poll() is None]
+        for p in alive if sig else []:
+            p.send_signal(sig)
+        for p in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=wait_s)
+
+
 def worker_env(workers: int) -> dict[str, str]:
     """Share the cores: N workers each running torch with all cores' threads oversubscribe the
     machine, and OpenMP's spinning threads then slow every trial by an order of magnitude
@@ -93,14 +107,8 @@ def _run_processes(loaded: LoadedSweep, storage: str, workers: int, tracking_uri
     ]
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; give them time to close their trials
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    except KeyboardInterrupt:
+        _stop(procs)
         raise
     failed = [c for c in codes if c != 0]
     if failed:

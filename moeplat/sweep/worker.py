@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import time
 
 import optuna
@@ -30,17 +32,24 @@ def _rejection(loaded_run, sweep) -> str | None:
 
 
 def make_objective(
-    loaded: LoadedSweep, *, tracking_uri: str | None, runs_root: str, parent_run_id: str | None
+    loaded: LoadedSweep,
+    *,
+    tracking_uri: str | None,
+    runs_root: str,
+    parent_run_id: str | None,
+    worker: int = 0,
 ):
     from moeplat.track.mlflow_run import set_tags
     from moeplat.train.run import run
 
     sweep = loaded.sweep
+    who = f"{platform.node()}:{os.getpid()}:{worker}"  # which worker ran a trial: host, process, index
     prunable = len(sweep.objectives) == 1 and sweep.pruner.kind != "none"
 
     def objective(trial: optuna.Trial):
         overrides = suggest(trial, loaded)
         trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("worker", who)
         try:
             loaded_run = load_spec(loaded.base_path, overrides)
         except SpecError as e:  # the run spec's own checks (e.g. top_k <= num_experts) reject it
@@ -53,6 +62,7 @@ def make_objective(
         tags = {
             "optuna.study": sweep.name,
             "optuna.trial": trial.number,
+            "moeplat.worker": who,
             # MLflow takes this tag as the run name: the trial and what was sampled, not the fixed overrides
             "mlflow.runName": f"{sweep.name} #{trial.number} " + " ".join(map(_short, sampled)),
         }
@@ -66,10 +76,8 @@ def make_objective(
                 progress=False,
                 callbacks=(pruner,),
                 tags=tags,
+                end_tags={"FAILED": {"optuna.state": "FAIL"}, "KILLED": {"optuna.state": "FAIL"}},
             )
-        except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)  # not finished: --resume runs it again
-            raise
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             raise
@@ -83,7 +91,14 @@ def make_objective(
             raise optuna.TrialPruned(f"pruned at step {pruner.pruned_step}")
         return objective_values(sweep, result, plan(loaded_run.spec))
 
-    return objective
+    def interruptible(trial: optuna.Trial):
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:  # wherever Ctrl-C lands, the trial is not finished: --resume reruns it
+            trial.set_user_attr("interrupted", True)
+            raise
+
+    return interruptible
 
 
 def _short(override: str) -> str:
@@ -96,6 +111,22 @@ def _reject(trial: optuna.Trial, reason: str):
     trial.set_user_attr("rejected", reason)
     log.warning("trial %d rejected before training: %s", trial.number, reason)
     raise optuna.TrialPruned(reason)
+
+
+def _close_dead_runs(
+    study: optuna.Study, loaded: LoadedSweep, tracking_uri: str | None, done: set[int]
+) -> set[int]:
+    """A worker killed mid-trial never closed its MLflow run: close it as FAILED, once per trial."""
+    from moeplat.track.mlflow_run import fail_running_runs, resolve_tracking_uri
+
+    tracking = loaded.base.spec.tracking
+    failed = {t.number for t in study.get_trials(deepcopy=False, states=(State.FAIL,))} - done
+    if tracking.enabled:
+        uri = resolve_tracking_uri(tracking_uri, tracking.uri)
+        for number in failed:
+            tags = {"optuna.study": loaded.sweep.name, "optuna.trial": number}
+            fail_running_runs(uri, tracking.experiment, tags, extra={"optuna.state": "FAIL"})
+    return failed
 
 
 def requeue_interrupted(study: optuna.Study) -> int:
@@ -125,11 +156,14 @@ def work(
         tracking_uri=tracking_uri,
         runs_root=f"{runs_root}/sweeps/{loaded.sweep.name}",
         parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
+        worker=worker,
     )
     trials = loaded.sweep.trials
     deadline = time.monotonic() + (trials.timeout_s or float("inf"))
+    closed: set[int] = set()
     while time.monotonic() < deadline:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed (and re-queued) now
+        closed |= _close_dead_runs(study, loaded, tracking_uri, closed)
         left = remaining(study, trials.n_trials)
         running = len(study.get_trials(deepcopy=False, states=(State.RUNNING,)))
         if left <= 0:

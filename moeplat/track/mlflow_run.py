@@ -128,3 +128,23 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, object]) -> None:
     client = MlflowClient(tracking_uri)
     for k, v in tags.items():
         client.set_tag(run_id, k, str(v))
+
+
+def fail_running_runs(
+    tracking_uri: str, experiment: str, tags: dict[str, object], extra: dict | None = None
+) -> int:
+    """Close as FAILED the RUNNING runs carrying all `tags` (e.g. the run of a trial whose
+    worker was killed and so never closed it), setting `extra` tags first. Returns how many."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    query = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'RUNNING'"])
+    runs = client.search_runs([exp.experiment_id], query)
+    for r in runs:
+        for k, v in (extra or {}).items():
+            client.set_tag(r.info.run_id, k, str(v))
+        client.set_terminated(r.info.run_id, status="FAILED")
+    return len(runs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -131,9 +132,12 @@ def run(
     progress: bool = True,
     callbacks: tuple = (),
     tags: dict | None = None,
+    end_tags: dict[str, dict] | None = None,
 ) -> RunResult:
     """Train `loaded` and track it. `callbacks` are extra Lightning callbacks (a sweep's pruner);
-    `tags` are extra MLflow tags for a new run."""
+    `tags` are extra MLflow tags for a new run; `end_tags` maps a final MLflow status (FINISHED,
+    FAILED, KILLED) to tags set just before the run is closed with it. A failure's message is
+    kept in the tag moeplat.error."""
     import lightning as L
 
     from moeplat.compile.data import build_data
@@ -160,7 +164,7 @@ def run(
     guard = FiniteLoss()
     trainer = _trainer(loaded, run_dir, tracked, [throughput, guard, *callbacks], progress)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    status = "FAILED"
+    status, error = "FAILED", None
     try:
         trainer.fit(
             system, datamodule=datamodule, ckpt_path=last_ckpt if resume and last_ckpt.exists() else None
@@ -168,13 +172,26 @@ def run(
         if system.last_val.get("step") != trainer.global_step:
             trainer.validate(system, datamodule=datamodule, verbose=False)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Lightning handles Ctrl-C itself, ignores SIGINT from then on and leaves with
+        # sys.exit(1): it is still an interrupt, and the next Ctrl-C must work again.
+        if isinstance(e, SystemExit) and not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         status = "KILLED"
+        raise KeyboardInterrupt from None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
         raise
     finally:  # whatever happened, what was measured reaches MLflow and the run is closed
         if tracked:
             trainer.logger.flush()
             _log_summary(tracked, corpus, trainer.global_step, time.perf_counter() - t_start)
+            final_tags = dict((end_tags or {}).get(status, {}))
+            if error:
+                final_tags["moeplat.error"] = error[:5000]
+            if final_tags:
+                tracked.set_tags(final_tags)
             tracked.finish(status)
     return RunResult(
         run_dir=str(run_dir),
