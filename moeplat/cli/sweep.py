@@ -15,10 +15,18 @@ def _storage_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args, create: bool = False):
+    """The sweep named on the command line: a sweep file, or (except for `sweep`) the name of a
+    study in the storage, whose sweep file was recorded when it was created."""
+    from moeplat.errors import SpecError, SpecIssue
     from moeplat.spec.sweep import load_sweep
-    from moeplat.sweep.study import open_study, storage_url
+    from moeplat.sweep.study import open_study, storage_url, sweep_file_of
 
-    loaded = load_sweep(args.sweep)
+    target = getattr(args, "study", None) or args.sweep
+    if not target:
+        raise SpecError(SpecIssue("", "name a sweep file or --study NAME"))
+    if not create and not os.path.isfile(target) and not target.endswith((".yaml", ".yml")):
+        target = sweep_file_of(target, args.storage)
+    loaded = load_sweep(target)
     url = storage_url(loaded.sweep, args.storage)
     return loaded, url, (None if create else open_study(loaded, url, create=False))
 
@@ -85,7 +93,10 @@ def add_commands(sub) -> None:
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("sweep-worker", help="join a running sweep (this or another machine, shared storage)")
-    p.add_argument("sweep", help="sweep spec YAML (the same file the sweep was started with)")
+    p.add_argument(
+        "sweep", nargs="?", help="sweep spec YAML, or the study name (its file is recorded in the study)"
+    )
+    p.add_argument("--study", help="the study name (instead of the sweep file)")
     p.add_argument(
         "--worker-index", type=int, help="seeds this worker's sampler (default: from the process id)"
     )
@@ -95,13 +106,13 @@ def add_commands(sub) -> None:
     p.set_defaults(fn=cmd_sweep_worker)
 
     p = sub.add_parser("sweep-status", help="trials by state, best so far, parameter importances")
-    p.add_argument("sweep", help="sweep spec YAML")
+    p.add_argument("sweep", help="sweep spec YAML or study name")
     p.add_argument("--json", action="store_true")
     _storage_arg(p)
     p.set_defaults(fn=cmd_sweep_status)
 
     p = sub.add_parser("sweep-export", help="write the best trial as a runnable spec")
-    p.add_argument("sweep", help="sweep spec YAML")
+    p.add_argument("sweep", help="sweep spec YAML or study name")
     p.add_argument("--best", action="store_true", help="the best trial (default; Pareto front: --rank)")
     p.add_argument("--rank", type=int, default=0, help="which member of a Pareto front")
     p.add_argument("-o", "--output", required=True)

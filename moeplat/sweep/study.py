@@ -12,6 +12,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from moeplat.errors import SpecError, SpecIssue
 from moeplat.spec.sweep import LoadedSweep, SweepSpec
+from moeplat.track.mlflow_run import absolute_sqlite
 
 log = logging.getLogger(__name__)
 # Heartbeats, retries and the matplotlib plots are marked experimental by Optuna; we rely on them knowingly.
@@ -22,8 +23,6 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, op
 
 
 def storage_url(sweep: SweepSpec, cli_storage: str | None) -> str:
-    from moeplat.track.mlflow_run import absolute_sqlite
-
     # absolute, so worker processes and later commands find the same file whatever their cwd
     return absolute_sqlite(
         cli_storage or sweep.storage or os.environ.get("MOEPLAT_SWEEP_STORAGE") or DEFAULT_STORAGE
@@ -151,3 +150,13 @@ def objective_values(sweep: SweepSpec, result, counts) -> list[float]:
             raise RuntimeError(f"objective {o.metric} is {v}: the trial produced no usable value")
         values.append(float(v))
     return values
+
+
+def sweep_file_of(study_name: str, cli_storage: str | None) -> str:
+    """The sweep file a study was created from (recorded by `moeplat sweep`)."""
+    url = absolute_sqlite(cli_storage or os.environ.get("MOEPLAT_SWEEP_STORAGE") or DEFAULT_STORAGE)
+    try:
+        attrs = optuna.load_study(study_name=study_name, storage=url).user_attrs
+    except KeyError:
+        raise SpecError(SpecIssue("", f"no study '{study_name}' in {url} (and no such sweep file)")) from None
+    return attrs["sweep_file"]

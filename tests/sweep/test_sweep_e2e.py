@@ -95,8 +95,10 @@ def test_sweep_runs_trials_as_mlflow_children_and_resume_repeats_nothing(workdir
     runs = client.search_runs([client.get_experiment_by_name("tiny-tests").experiment_id])
     assert len([r for r in runs if r.data.tags.get("moeplat.kind") == "sweep"]) == 1
 
+    # a study is also found by its name (its sweep file was recorded in the storage)
+    assert main(["sweep-worker", "--study", "tiny-sweep"]) == 0  # nothing left: returns at once
     capsys.readouterr()
-    assert main(["sweep-status", str(path), "--json"]) == 0
+    assert main(["sweep-status", "tiny-sweep", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert sum(status["trials"].values()) == 6 and status["best"]
     assert main(["sweep-export", str(path), "--best", "-o", "best.yaml"]) == 0
