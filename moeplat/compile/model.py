@@ -49,6 +49,7 @@ def build_router(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> m
 def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> MoELayer:
     cap = moe.capacity
     factors = (cap.train, cap.eval) if isinstance(cap, CapacityFactor) else (None, None)
+    drops = (cap.min_capacity, cap.drop_policy) if isinstance(cap, CapacityFactor) else (1, "position")
     return MoELayer(
         d_model,
         moe.num_experts,
@@ -59,12 +60,15 @@ def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None) -
         shared_d_ff=moe.shared_experts.d_ff or moe.experts.d_ff,
         capacity_factor_train=factors[0],
         capacity_factor_eval=factors[1],
+        min_capacity=drops[0],
+        drop_policy=drops[1],
         balance_coef=_coef(moe.losses.load_balancing),
         z_loss_coef=_coef(moe.losses.z_loss),
         importance_coef=_coef(moe.losses.importance),
         load_coef=_coef(moe.losses.load),
         sequence_balance_coef=_coef(moe.losses.sequence_balance),
         dispatch=moe.dispatch.kind,
+        activation=moe.experts.kind,
     )
 
 
@@ -85,7 +89,7 @@ def _build_model(spec: Spec) -> TransformerLM:
     ffns: list[nn.Module] = [
         build_moe_layer(m.moe, m.d_model, m.vocab_size)
         if i in moe_idx
-        else DenseFFN(m.d_model, m.dense_ffn.d_ff)
+        else DenseFFN(m.d_model, m.dense_ffn.d_ff, m.dense_ffn.kind)
         for i in range(m.n_layers)
     ]
     return TransformerLM(

@@ -19,7 +19,7 @@ e.g. ``x_TD`` is a [T, D] activation, ``topk_idx_TK`` a [T, K] index tensor.
 from moeplat.nn.attention import CausalSelfAttention, apply_rope, rope_cos_sin
 from moeplat.nn.capacity import capacity_keep_mask, expert_capacity
 from moeplat.nn.dispatch import DISPATCHERS, dispatch_loop, dispatch_sorted
-from moeplat.nn.experts import DenseFFN, SwiGLUExperts
+from moeplat.nn.experts import DenseFFN, MLPExperts, SwiGLUExperts
 from moeplat.nn.losses import expert_load, load_balancing_loss, router_z_loss
 from moeplat.nn.model import Block, LMOutput, TransformerLM
 from moeplat.nn.moe import MoELayer, MoEOutput
@@ -50,6 +50,7 @@ __all__ = [
     "GroupLimitedRouter",
     "HashRouter",
     "LMOutput",
+    "MLPExperts",
     "MoELayer",
     "MoEOutput",
     "NoisyTopKRouter",

@@ -16,13 +16,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moeplat.nn.experts import SwiGLUExperts, swiglu
+from moeplat.nn.experts import MLPExperts, SwiGLUExperts, hidden, mlp
 
-__all__ = ["DISPATCHERS", "SwiGLUExperts", "dispatch_loop", "dispatch_sorted"]
+__all__ = ["DISPATCHERS", "MLPExperts", "SwiGLUExperts", "dispatch_loop", "dispatch_sorted"]
 
 
 def dispatch_loop(
-    experts: SwiGLUExperts,
+    experts: MLPExperts,
     x_TD: torch.Tensor,
     topk_idx_TK: torch.Tensor,
     topk_weight_TK: torch.Tensor,
@@ -42,7 +42,7 @@ def dispatch_loop(
 
 
 def dispatch_sorted(
-    experts: SwiGLUExperts,
+    experts: MLPExperts,
     x_TD: torch.Tensor,
     topk_idx_TK: torch.Tensor,
     topk_weight_TK: torch.Tensor,
@@ -62,7 +62,7 @@ def dispatch_sorted(
     token_N = slot_N // K
     counts_E = torch.bincount(expert_N, minlength=experts.num_experts)
 
-    out_ND = _segmented_swiglu(experts, x_TD[token_N], counts_E)
+    out_ND = _segmented_mlp(experts, x_TD[token_N], counts_E)
     acc = _accumulate_dtype(x_TD)
     weight_N1 = topk_weight_TK.reshape(-1)[slot_N].to(acc).unsqueeze(-1)
     y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
@@ -75,19 +75,29 @@ def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _segmented_swiglu(experts: SwiGLUExperts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Rows of x_ND are grouped by expert, counts_E[e] rows for expert e; returns [N, D]."""
+def _segmented_mlp(experts: MLPExperts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x_ND are grouped by expert, counts_E[e] rows for expert e; returns [N, D].
+
+    Plain (non-GLU) experts have no gate matrix, so its GEMM is skipped on both paths."""
     dtype = _matmul_dtype(x_ND)
+    gated = experts.w_gate is not None
     if _grouped_mm_works(experts, x_ND.device, dtype):
         # Cast by hand what autocast would cast for a matmul; it may not know the private op.
-        x, w_gate, w_up, w_down = (t.to(dtype) for t in (x_ND, experts.w_gate, experts.w_up, experts.w_down))
+        x, w_up, w_down = (t.to(dtype) for t in (x_ND, experts.w_up, experts.w_down))
         offs_E = counts_E.cumsum(0).to(torch.int32)  # end offset of each expert's segment
-        g_NF = torch._grouped_mm(x, w_gate, offs=offs_E)
+        g_NF = torch._grouped_mm(x, experts.w_gate.to(dtype), offs=offs_E) if gated else None
         u_NF = torch._grouped_mm(x, w_up, offs=offs_E)
-        return torch._grouped_mm(F.silu(g_NF) * u_NF, w_down, offs=offs_E)
+        return torch._grouped_mm(hidden(experts.activation, g_NF, u_NF), w_down, offs=offs_E)
     chunks = x_ND.split(counts_E.tolist())
     outs = [
-        swiglu(chunk, experts.w_gate[e], experts.w_up[e], experts.w_down[e]) for e, chunk in enumerate(chunks)
+        mlp(
+            chunk,
+            experts.w_gate[e] if gated else None,
+            experts.w_up[e],
+            experts.w_down[e],
+            experts.activation,
+        )
+        for e, chunk in enumerate(chunks)
     ]
     return torch.cat(outs)
 
@@ -103,7 +113,7 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
 _GROUPED_MM_OK: dict[tuple, bool] = {}
 
 
-def _grouped_mm_works(experts: SwiGLUExperts, device: torch.device, dtype: torch.dtype) -> bool:
+def _grouped_mm_works(experts: MLPExperts, device: torch.device, dtype: torch.dtype) -> bool:
     """Probe torch._grouped_mm once per configuration, forward and backward, on tiny inputs.
 
     It is a private op whose support varies by device, dtype (e.g. no float64 anywhere, only
@@ -135,6 +145,6 @@ def _probe_grouped_mm(D: int, Fh: int, device: torch.device, dtype: torch.dtype)
         return False
 
 
-Dispatcher = Callable[[SwiGLUExperts, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Dispatcher = Callable[[MLPExperts, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 DISPATCHERS: dict[str, Dispatcher] = {"loop": dispatch_loop, "sorted": dispatch_sorted}

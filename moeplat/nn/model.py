@@ -1,4 +1,4 @@
-"""Decoder-only transformer LM whose FFNs are dense or MoE layers (pre-norm, RoPE, RMSNorm, SwiGLU)."""
+"""Decoder-only transformer LM whose FFNs are dense or MoE layers (pre-norm, RoPE, RMSNorm, SwiGLU or other MLP FFNs)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplat.nn.attention import CausalSelfAttention
-from moeplat.nn.experts import DenseFFN, SwiGLUExperts
+from moeplat.nn.experts import DenseFFN, MLPExperts
 from moeplat.nn.moe import MoELayer, MoEOutput
 from moeplat.nn.routers import Router
 
@@ -114,8 +114,9 @@ class TransformerLM(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, Router):
                 m.init_weights(std)  # N(0, std) for learned scores; each router documents the rest
-            elif isinstance(m, SwiGLUExperts):
-                nn.init.normal_(m.w_gate, 0.0, std)
+            elif isinstance(m, MLPExperts):
+                if m.w_gate is not None:
+                    nn.init.normal_(m.w_gate, 0.0, std)
                 nn.init.normal_(m.w_up, 0.0, std)
                 nn.init.normal_(m.w_down, 0.0, resid_std)
         for m in self.modules():  # second pass: residual projections of dense FFNs and attention

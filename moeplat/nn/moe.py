@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from moeplat.nn.capacity import capacity_keep_mask, expert_capacity
+from moeplat.nn.capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
 from moeplat.nn.dispatch import DISPATCHERS
-from moeplat.nn.experts import DenseFFN, SwiGLUExperts
+from moeplat.nn.experts import DenseFFN, MLPExperts
 from moeplat.nn.losses import (
     importance_loss,
     load_balancing_loss,
@@ -49,14 +49,16 @@ class MoEOutput:
 
 
 class MoELayer(nn.Module):
-    """A sparse SwiGLU FFN: each token goes to the experts its router picks (+ optional shared experts).
+    """A sparse FFN: each token goes to the experts its router picks (+ optional shared experts).
 
     `router` is any moeplat.nn.routers.Router; by default a TopKRouter(d_model, E, top_k,
     normalize_topk). Shared experts (DeepSeekMoE, Dai et al. 2024) see every token; `n_shared_experts`
     of them with hidden size `shared_d_ff` are fused into one DenseFFN of hidden size
     n_shared * shared_d_ff, which computes exactly the sum of the separate experts. A capacity
-    factor of None is dropless. Each loss coefficient weights one loss of moeplat.nn.losses in the
-    aux loss (0 = off; the unweighted value is reported either way).
+    factor of None is dropless; `min_capacity` and `drop_policy` ("position" | "probability")
+    shape the capacity (moeplat.nn.capacity). Each loss coefficient weights one loss of moeplat.nn.losses in the
+    aux loss (0 = off; the unweighted value is reported either way). `activation` (swiglu, geglu,
+    gelu, relu; moeplat.nn.experts) is that of the routed and the shared experts.
     """
 
     def __init__(
@@ -72,12 +74,15 @@ class MoELayer(nn.Module):
         shared_d_ff: int | None = None,
         capacity_factor_train: float | None = None,
         capacity_factor_eval: float | None = None,
+        min_capacity: int = 1,
+        drop_policy: str = "position",
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
         importance_coef: float = 0.0,
         load_coef: float = 0.0,
         sequence_balance_coef: float = 0.0,
         dispatch: str = "sorted",
+        activation: str = "swiglu",
     ) -> None:
         super().__init__()
         if dispatch not in DISPATCHERS:
@@ -88,6 +93,8 @@ class MoELayer(nn.Module):
         ):
             if cf is not None and cf <= 0:
                 raise ValueError(f"{name} must be > 0 or None (dropless), got {cf}")
+        if min_capacity < 1 or drop_policy not in DROP_POLICIES:
+            raise ValueError(f"need min_capacity >= 1 and drop_policy in {DROP_POLICIES}")
         self.loss_coefs = {
             "load_balancing": balance_coef,
             "z_loss": z_loss_coef,
@@ -103,28 +110,44 @@ class MoELayer(nn.Module):
             raise ValueError(f"router has {router.num_experts} experts, the layer {num_experts}")
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor_train, self.capacity_factor_eval = capacity_factor_train, capacity_factor_eval
+        self.min_capacity, self.drop_policy = min_capacity, drop_policy
         self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
         self.dispatch = dispatch
         self.router = router
-        self.experts = SwiGLUExperts(num_experts, d_model, d_ff)
+        self.experts = MLPExperts(num_experts, d_model, d_ff, activation)
         self.shared = (
-            DenseFFN(d_model, n_shared_experts * (shared_d_ff or d_ff)) if n_shared_experts > 0 else None
+            DenseFFN(d_model, n_shared_experts * (shared_d_ff or d_ff), activation)
+            if n_shared_experts > 0
+            else None
         )
 
-    def keep_mask(self, topk_idx_TK: torch.Tensor, valid_TK: torch.Tensor | None = None) -> torch.Tensor:
-        """bool [T, K]: which routed slots are computed, by the capacity factor of the current mode."""
+    def keep_mask(
+        self,
+        topk_idx_TK: torch.Tensor,
+        valid_TK: torch.Tensor | None = None,
+        topk_weight_TK: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """bool [T, K]: which routed slots are computed, by the capacity factor of the current mode
+        and the drop policy (see moeplat.nn.capacity.capacity_keep_mask)."""
         cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
         if cf is None:
             return torch.ones_like(topk_idx_TK, dtype=torch.bool) if valid_TK is None else valid_TK
         T, K = topk_idx_TK.shape
-        capacity = expert_capacity(T, self.num_experts, K, cf)
-        return capacity_keep_mask(topk_idx_TK, self.num_experts, capacity, valid_TK)
+        capacity = expert_capacity(T, self.num_experts, K, cf, self.min_capacity)
+        return capacity_keep_mask(
+            topk_idx_TK,
+            self.num_experts,
+            capacity,
+            valid_TK,
+            policy=self.drop_policy,
+            topk_weight_TK=topk_weight_TK,
+        )
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
         """x: [..., D]; token_ids: the token ids of x's positions, [...] (needed by hash routing)."""
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        keep_TK = self.keep_mask(route.topk_idx_TK, route.valid_TK)
+        keep_TK = self.keep_mask(route.topk_idx_TK, route.valid_TK, route.topk_weight_TK)
         y_TD = DISPATCHERS[self.dispatch](
             self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK
         )
@@ -190,6 +213,7 @@ class MoELayer(nn.Module):
         coefs = ", ".join(f"{name}={coef}" for name, coef in self.loss_coefs.items() if coef)
         return (
             f"capacity_factor_train={self.capacity_factor_train}, "
-            f"capacity_factor_eval={self.capacity_factor_eval}, loss_coefs=({coefs}), "
+            f"capacity_factor_eval={self.capacity_factor_eval}, min_capacity={self.min_capacity}, "
+            f"drop_policy={self.drop_policy!r}, loss_coefs=({coefs}), "
             f"dispatch={self.dispatch!r}"
         )

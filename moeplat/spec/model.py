@@ -57,21 +57,54 @@ def moe_layer_indices(selection: LayerSelection, n_layers: int) -> list[int]:
 # --- router, experts, capacity, losses, dispatch ---------------------------------------------
 
 
-class SwiGLUExperts(Strict):
-    """Each expert is a SwiGLU MLP (Shazeer 2020) with hidden size d_ff."""
-
-    kind: Literal["swiglu"]
+class _MLP(Strict):
     d_ff: PositiveInt
 
 
-Experts = Annotated[SwiGLUExperts, Field(discriminator="kind")]
+class SwiGLU(_MLP):
+    """An MLP W_down (silu(x W_gate) * x W_up) of hidden size d_ff, no biases (Shazeer 2020,
+    "GLU Variants", eq. 6): 3 * d_model * d_ff weights."""
+
+    kind: Literal["swiglu"]
+
+
+class GeGLU(_MLP):
+    """An MLP W_down (gelu(x W_gate) * x W_up) of hidden size d_ff, no biases (Shazeer 2020, eq. 6
+    with GELU): 3 * d_model * d_ff weights."""
+
+    kind: Literal["geglu"]
+
+
+class GELU(_MLP):
+    """A plain MLP W_down gelu(x W_up) of hidden size d_ff, no biases (Shazeer 2020 eq. 3;
+    exact GELU, Hendrycks & Gimpel 2016): 2 * d_model * d_ff weights."""
+
+    kind: Literal["gelu"]
+
+
+class ReLU(_MLP):
+    """A plain MLP W_down relu(x W_up) of hidden size d_ff, no biases (the Transformer FFN,
+    Shazeer 2020 eq. 1): 2 * d_model * d_ff weights."""
+
+    kind: Literal["relu"]
+
+
+# Each routed expert, the shared experts and the dense FFN are MLPs of one of these kinds.
+MLP = Annotated[SwiGLU | GeGLU | GELU | ReLU, Field(discriminator="kind")]
+Experts = MLP
+
+
+def ffn_matrices(kind: str) -> int:
+    """How many d_model x d_ff matrices one MLP of this kind holds (3 for the GLU variants, else 2)."""
+    return 3 if kind in ("swiglu", "geglu") else 2
 
 
 class SharedExperts(Strict):
     """Experts every token goes through, added to the routed output (DeepSeekMoE, Qwen2-MoE).
 
     `count` shared experts of width `d_ff` (default: the routed experts' d_ff) are fused into one
-    SwiGLU MLP of hidden size count * d_ff, which computes the same function.
+    MLP of hidden size count * d_ff, which computes the same function; their activation is the
+    routed experts' kind.
     """
 
     count: Annotated[int, Field(ge=0)] = 0
@@ -87,14 +120,19 @@ class Dropless(Strict):
 class CapacityFactor(Strict):
     """Fixed expert capacity C = ceil(factor * tokens * top_k / num_experts) (GShard, Switch).
 
-    Slots beyond capacity are dropped (first choices are placed before second choices, then by
-    token position); a dropped token-slot contributes nothing and the token passes through the
-    residual connection. Separate factors for training and evaluation (Switch uses a larger eval factor).
+    C is at least `min_capacity`. Slots beyond capacity are dropped; which ones, `drop_policy` says:
+    `position` (GShard/Switch: first choices are placed before second choices, then by token
+    position) or `probability` (within an expert, the slots with the highest router weight are kept;
+    the per-slot form of V-MoE's Batch Prioritized Routing, Riquelme et al. 2021 sec. 4.1). A dropped
+    token-slot contributes nothing and the token passes through the residual connection. Separate
+    factors for training and evaluation (Switch uses a larger eval factor).
     """
 
     kind: Literal["factor"]
     train: Annotated[float, Field(gt=0)] = 1.25
     eval: Annotated[float, Field(gt=0)] = 2.0
+    min_capacity: PositiveInt = 1
+    drop_policy: Literal["position", "probability"] = "position"
 
 
 Capacity = Annotated[Dropless | CapacityFactor, Field(discriminator="kind")]
@@ -164,11 +202,9 @@ class MoESpec(Strict):
 # --- the model -------------------------------------------------------------------------------
 
 
-class DenseFFN(Strict):
-    """The FFN of non-MoE layers (and of the whole model when `moe` is null)."""
-
-    kind: Literal["swiglu"]
-    d_ff: PositiveInt
+# The FFN of non-MoE layers (and of the whole model when `moe` is null): an MLP of the same kinds
+# as the experts (swiglu, geglu, gelu, relu).
+DenseFFN = MLP
 
 
 class ModelSpec(Strict):

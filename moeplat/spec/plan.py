@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from moeplat.spec.model import ffn_matrices
 from moeplat.spec.root import Spec
 from moeplat.spec.routers import router_params
 
@@ -59,11 +60,12 @@ def _ffn(spec: Spec, is_moe: bool) -> tuple[int, int, int, int]:
     """(params, active params, forward FLOPs per token, routed-expert params) of one layer's FFN."""
     m, d = spec.model, spec.model.d_model
     if not is_moe:
-        p = 3 * d * m.dense_ffn.d_ff
+        p = ffn_matrices(m.dense_ffn.kind) * d * m.dense_ffn.d_ff
         return p, p, 2 * p, 0
     moe = m.moe
-    expert = 3 * d * moe.experts.d_ff
-    shared = 3 * d * moe.shared_experts.count * (moe.shared_experts.d_ff or moe.experts.d_ff)
+    mats = ffn_matrices(moe.experts.kind)  # 3 for swiglu/geglu (gate, up, down), 2 for gelu/relu
+    expert = mats * d * moe.experts.d_ff
+    shared = mats * d * moe.shared_experts.count * (moe.shared_experts.d_ff or moe.experts.d_ff)
     router = router_params(moe.router, moe.num_experts, d)  # noisy_topk: + noise weights; hash/random: 0
     total = router + moe.num_experts * expert + shared
     active = router + moe.top_k * expert + shared
@@ -114,7 +116,8 @@ def memory_estimate(spec: Spec, total_params: int) -> dict:
     optimizer: AdamW keeps two fp32 moments (8 bytes/param);
     activations: stored for backward per micro-batch. Per layer and token we count the residual
     stream inputs of attention and FFN, q/k/v/attention output, the FFN hidden activations of the
-    active experts (3 x top_k x d_ff for SwiGLU: gate, up, product) and the S x S attention
+    active experts (3 x top_k x d_ff for GLU kinds: gate, up, product; 2 x for gelu/relu: pre- and
+    post-activation) and the S x S attention
     probabilities per head; plus logits and their softmax (2 x vocab) at the end.
     """
     m, t = spec.model, spec.train
@@ -128,10 +131,10 @@ def memory_estimate(spec: Spec, total_params: int) -> dict:
                 m.moe.shared_experts.d_ff or m.moe.experts.d_ff
             )
             ffn_hidden = (
-                3 * ffn_hidden + m.moe.num_experts + m.d_model * m.moe.top_k
+                ffn_matrices(m.moe.experts.kind) * ffn_hidden + m.moe.num_experts + m.d_model * m.moe.top_k
             )  # + router, dispatched copies
         else:
-            ffn_hidden = 3 * m.dense_ffn.d_ff
+            ffn_hidden = ffn_matrices(m.dense_ffn.kind) * m.dense_ffn.d_ff
         attn = 4 * m.d_model + (m.n_heads + 2 * m.kv_heads) * hd + m.n_heads * s
         per_token += attn + ffn_hidden
     per_token += 2 * m.vocab_size

@@ -39,6 +39,19 @@ VARIANTS = {
     ),
     # Shazeer et al. 2017: a second E x D projection (the learned noise std) per MoE layer.
     "noisy-topk": ("specs/quickstart.yaml", ["model.moe.router={kind: noisy_topk}"]),
+    # Shazeer 2020 GLU variants: geglu keeps 3 matrices; gelu/relu MLPs have 2 (no gate).
+    "geglu": ("specs/quickstart.yaml", ["model.moe.experts={kind: geglu, d_ff: 96}"]),
+    "gelu-shared-relu-dense": (
+        "specs/quickstart.yaml",
+        [
+            "model.moe.experts={kind: gelu, d_ff: 160}",
+            "model.moe.shared_experts.count=1",
+            "model.moe.layers={kind: every, n: 2, offset: 1}",
+            "model.dense_ffn={kind: relu, d_ff: 320}",
+        ],
+    ),
+    "relu-dense-model": ("specs/quickstart-dense.yaml", ["model.dense_ffn={kind: relu, d_ff: 300}"]),
+    "geglu-dense-model": ("specs/quickstart-dense.yaml", ["model.dense_ffn={kind: geglu, d_ff: 200}"]),
     # Hash layers have no router weights at all.
     "hash": (
         "specs/quickstart.yaml",
@@ -111,3 +124,10 @@ def test_dense_counterpart_matches_active_ffn_params():
     routers = 4 * 8 * 128  # n_layers * num_experts * d_model
     assert moe.active_params - routers == dense.active_params
     assert moe.total_params > 3 * dense.total_params
+
+
+def test_plain_mlp_experts_have_two_thirds_of_the_glu_weights():
+    glu = plan(_load("quickstart", "model.moe.experts={kind: geglu, d_ff: 96}"))
+    plain = plan(_load("quickstart", "model.moe.experts={kind: relu, d_ff: 96}"))
+    assert plain.expert_params * 3 == glu.expert_params * 2
+    assert plain.expert_params == 4 * 8 * 2 * 128 * 96  # n_layers * E * 2 matrices * D * F

@@ -115,6 +115,37 @@ def test_capacity_train_factor_sets_how_much_is_dropped():
     assert dropped[0] > dropped[1] > dropped[2]
 
 
+def test_min_capacity_floors_the_capacity_and_so_stops_the_drops():
+    cap = "model.moe.capacity={kind: factor, train: 0.25, eval: 0.25"
+    low, high = _layer(cap + "}").train(), _layer(cap + ", min_capacity: 128}").train()
+    assert (low.min_capacity, high.min_capacity) == (1, 128)
+    x = _x()
+    with torch.no_grad():
+        out_low, out_high = low(x), high(x)
+    assert float(out_low.dropped_frac) > 0
+    assert int(out_low.tokens_per_expert_E.max()) <= expert_capacity(64, 4, 2, 0.25)
+    assert float(out_high.dropped_frac) == 0.0
+
+
+def test_drop_policy_probability_keeps_the_heaviest_slots_and_changes_the_output():
+    cap = "model.moe.capacity={kind: factor, train: 0.5, eval: 0.5, drop_policy: "
+    by_pos, by_prob = _layer(cap + "position}"), _layer(cap + "probability}")
+    assert (by_pos.drop_policy, by_prob.drop_policy) == ("position", "probability")
+    by_prob.load_state_dict(by_pos.state_dict())
+    x = _x()
+    with torch.no_grad():
+        route = by_prob.router(x)
+        keep_TK = by_prob.keep_mask(route.topk_idx_TK, route.valid_TK, route.topk_weight_TK)
+        for e in range(4):
+            mine = route.topk_idx_TK == e
+            dropped = route.topk_weight_TK[mine & ~keep_TK]
+            if dropped.numel():
+                assert route.topk_weight_TK[mine & keep_TK].min() >= dropped.max()
+        out_pos, out_prob = by_pos(x), by_prob(x)
+    assert float(out_pos.dropped_frac) == float(out_prob.dropped_frac) > 0  # same count, other slots
+    assert not torch.allclose(out_pos.y, out_prob.y)
+
+
 def test_dropless_never_drops_in_either_mode():
     layer = _layer("model.moe.capacity={kind: dropless}")
     assert layer.capacity_factor_train is None and layer.capacity_factor_eval is None
@@ -281,6 +312,34 @@ def test_num_experts_top_k_and_expert_d_ff_set_the_shapes(num_experts, top_k, d_
 
 
 # --- model: sizes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "gated"), [("swiglu", True), ("geglu", True), ("gelu", False), ("relu", False)]
+)
+def test_experts_kind_sets_the_activation_of_routed_and_shared_experts(kind, gated):
+    layer = _layer(f"model.moe.experts={{kind: {kind}, d_ff: 24}}", "model.moe.shared_experts.count=1")
+    assert layer.experts.activation == kind and layer.shared.activation == kind
+    assert (layer.experts.w_gate is not None) == gated and (layer.shared.w_gate is not None) == gated
+    assert _n_params(layer.experts) == (3 if gated else 2) * 4 * 32 * 24
+    # Same up/down weights, other activation: the output changes with the kind.
+    relu = _layer("model.moe.experts={kind: relu, d_ff: 24}", "model.moe.shared_experts.count=1")
+    relu.load_state_dict(layer.state_dict(), strict=False)
+    x = _x()
+    with torch.no_grad():
+        assert (kind == "relu") == torch.allclose(layer(x).y, relu(x).y)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "gelu", "relu"])
+def test_dense_ffn_kind_sets_the_activation_of_the_dense_blocks(kind):
+    model = _model("model.moe=null", f"model.dense_ffn={{kind: {kind}, d_ff: 40}}")
+    gated = kind in ("swiglu", "geglu")
+    assert all(b.ffn.activation == kind and (b.ffn.w_gate is not None) == gated for b in model.blocks)
+    idx = _tokens()
+    relu = _model("model.moe=null", "model.dense_ffn={kind: relu, d_ff: 40}")
+    mine = _logits_with_weights_of(relu, model, idx) if not gated else model(idx).logits_BSV.detach()
+    with torch.no_grad():
+        assert (kind == "relu") == torch.allclose(mine, relu(idx).logits_BSV)
 
 
 def test_d_model_sets_the_width_everywhere():

@@ -51,3 +51,47 @@ def test_slots_not_routed_take_no_place_in_the_queue():
     valid_TK = torch.tensor([[True, True], [False, True], [True, True], [True, True]])
     keep = capacity_keep_mask(topk_idx_TK, num_experts=3, capacity=2, valid_TK=valid_TK)
     assert keep.tolist() == [[True, True], [False, True], [True, False], [True, False]]
+
+
+def test_min_capacity_is_a_floor_on_the_capacity():
+    assert expert_capacity(8, 4, 2, 1.0, min_capacity=3) == 4  # ceil(4.0) wins
+    assert expert_capacity(8, 4, 2, 1.0, min_capacity=6) == 6  # the floor wins
+    assert expert_capacity(1, 64, 1, 0.01, min_capacity=1) == 1
+
+
+def test_probability_policy_keeps_the_heaviest_slots_of_each_expert():
+    # E=2, capacity 1. Hand-worked:
+    #   expert 0 gets (t0,k0,.6) (t1,k0,.7) (t2,k1,.1): probability keeps t1's; position keeps t0's
+    #   expert 1 gets (t0,k1,.4) (t1,k1,.3) (t2,k0,.9): both keep t2's first choice
+    topk_idx_TK = torch.tensor([[0, 1], [0, 1], [1, 0]])
+    topk_weight_TK = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1]])
+    prob = capacity_keep_mask(topk_idx_TK, 2, 1, policy="probability", topk_weight_TK=topk_weight_TK)
+    pos = capacity_keep_mask(topk_idx_TK, 2, 1, policy="position", topk_weight_TK=topk_weight_TK)
+    assert prob.tolist() == [[False, False], [True, False], [True, False]]
+    assert pos.tolist() == [[True, False], [False, False], [True, False]]
+
+
+def test_probability_policy_ties_fall_back_to_position_and_skips_unrouted_slots():
+    topk_idx_TK = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    ones = torch.ones(4, 2)
+    valid_TK = torch.tensor([[True, True], [False, True], [True, True], [True, True]])
+    for valid in (None, valid_TK):
+        prob = capacity_keep_mask(topk_idx_TK, 3, 2, valid, policy="probability", topk_weight_TK=ones)
+        assert torch.equal(prob, capacity_keep_mask(topk_idx_TK, 3, 2, valid))
+
+
+def test_probability_policy_never_drops_a_heavier_slot_than_it_keeps():
+    torch.manual_seed(0)
+    T, E, K, C = 60, 4, 2, 11
+    topk_idx_TK = torch.rand(T, E).argsort(dim=-1)[:, :K]
+    w_TK = torch.rand(T, K)
+    keep_TK = capacity_keep_mask(topk_idx_TK, E, C, policy="probability", topk_weight_TK=w_TK)
+    total_per_expert = torch.bincount(topk_idx_TK.reshape(-1), minlength=E)
+    kept_per_expert = torch.bincount(topk_idx_TK[keep_TK], minlength=E)
+    assert torch.equal(kept_per_expert, torch.minimum(total_per_expert, torch.tensor(C)))
+    for e in range(E):
+        mine = topk_idx_TK == e
+        kept, dropped = w_TK[mine & keep_TK], w_TK[mine & ~keep_TK]
+        if dropped.numel():
+            assert kept.min() > dropped.max()
+    assert (~keep_TK).any()

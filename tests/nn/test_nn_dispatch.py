@@ -31,8 +31,8 @@ def _run(fn, experts, x_TD, idx, w, keep):
 
 @pytest.mark.parametrize("E", [4, 5, 8])
 @pytest.mark.parametrize("K", [1, 2, 3])
-@pytest.mark.parametrize("capacity", [None, 2])
-def test_sorted_equals_loop_float64(E, K, capacity):
+@pytest.mark.parametrize(("capacity", "policy"), [(None, None), (2, "position"), (2, "probability")])
+def test_sorted_equals_loop_float64(E, K, capacity, policy):
     torch.manual_seed(E * 10 + K)
     T, D, F = 24, 8, 12
     experts = SwiGLUExperts(E, D, F).double()
@@ -41,7 +41,7 @@ def test_sorted_equals_loop_float64(E, K, capacity):
     if capacity is None:
         keep = torch.ones(T, K, dtype=torch.bool)
     else:
-        keep = capacity_keep_mask(idx, E, capacity)
+        keep = capacity_keep_mask(idx, E, capacity, policy=policy, topk_weight_TK=w)
         assert (~keep).any(), "the test must really drop slots"
     assert not (idx == E - 1).any()
 

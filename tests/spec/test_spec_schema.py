@@ -68,7 +68,7 @@ def test_every_object_forbids_additional_properties(schema):
         ("MoESpec", "capacity", {"dropless", "factor"}),
         ("MoESpec", "dispatch", {"loop", "sorted"}),
         ("MoESpec", "layers", {"all", "every", "first_dense", "list"}),
-        ("MoESpec", "experts", {"swiglu"}),
+        ("MoESpec", "experts", {"swiglu", "geglu", "gelu", "relu"}),
         ("DataSpec", "source", {"python_stdlib", "text_files"}),
         ("TrainSpec", "optimizer", {"adamw"}),
         ("TrainSpec", "schedule", {"warmup_cosine", "constant"}),

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from moeplat.nn.experts import SwiGLUExperts
+from moeplat.nn.experts import MLPExperts
 from moeplat.nn.routers.base import LinearRouter, RouterOutput, chosen_weights
 
 
@@ -111,7 +111,7 @@ class ExpertChoiceRouter(LinearRouter):
 
 
 def expert_choice_reference(
-    experts: SwiGLUExperts, x_TD: torch.Tensor, probs_TE: torch.Tensor, capacity: int
+    experts: MLPExperts, x_TD: torch.Tensor, probs_TE: torch.Tensor, capacity: int
 ) -> torch.Tensor:
     """Slow, obviously-correct expert choice (Zhou et al. 2022 eq. 2), one expert at a time: kept forever
     to test ExpertChoiceRouter + the dispatchers against (house principle 5)."""
