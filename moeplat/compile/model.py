@@ -14,7 +14,7 @@ from moeplat.spec.root import Spec
 
 def build_router(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> mnn.Router:
     """The nn router of `moe.router` (one branch per kind; the spec has checked every combination)."""
-    r, E, K = moe.router, moe.num_experts, moe.top_k
+    r, E, K = moe.router, moe.routed_experts, moe.routed_top_k  # granularity m: E*m experts, K*m chosen
     if isinstance(r, rs.HashRouter):
         if vocab_size is None:
             raise ValueError("hash routing needs the vocabulary size")
@@ -52,12 +52,13 @@ def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None) -
     drops = (cap.min_capacity, cap.drop_policy) if isinstance(cap, CapacityFactor) else (1, "position")
     return MoELayer(
         d_model,
-        moe.num_experts,
-        moe.top_k,
-        moe.experts.d_ff,
+        moe.routed_experts,  # DeepSeekMoE fine-grained segmentation: num_experts * granularity
+        moe.routed_top_k,  # top_k * granularity
+        moe.routed_d_ff,  # experts.d_ff / granularity
         router=build_router(moe, d_model, vocab_size),
         n_shared_experts=moe.shared_experts.count,
         shared_d_ff=moe.shared_experts.d_ff or moe.experts.d_ff,
+        shared_gate=moe.shared_experts.gate,
         capacity_factor_train=factors[0],
         capacity_factor_eval=factors[1],
         min_capacity=drops[0],
@@ -69,6 +70,7 @@ def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None) -
         sequence_balance_coef=_coef(moe.losses.sequence_balance),
         dispatch=moe.dispatch.kind,
         activation=moe.experts.kind,
+        expert_dropout=moe.experts.dropout,
     )
 
 

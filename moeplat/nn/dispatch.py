@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moeplat.nn.experts import MLPExperts, SwiGLUExperts, hidden, mlp
+from moeplat.nn.experts import MLPExperts, SwiGLUExperts
 
 __all__ = ["DISPATCHERS", "MLPExperts", "SwiGLUExperts", "dispatch_loop", "dispatch_sorted"]
 
@@ -78,7 +78,8 @@ def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
 def _segmented_mlp(experts: MLPExperts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows of x_ND are grouped by expert, counts_E[e] rows for expert e; returns [N, D].
 
-    Plain (non-GLU) experts have no gate matrix, so its GEMM is skipped on both paths."""
+    Plain (non-GLU) experts have no gate matrix, so its GEMM is skipped on both paths. Both paths
+    take the hidden activation from experts.hidden (expert dropout included), as dispatch_loop does."""
     dtype = _matmul_dtype(x_ND)
     gated = experts.w_gate is not None
     if _grouped_mm_works(experts, x_ND.device, dtype):
@@ -87,19 +88,8 @@ def _segmented_mlp(experts: MLPExperts, x_ND: torch.Tensor, counts_E: torch.Tens
         offs_E = counts_E.cumsum(0).to(torch.int32)  # end offset of each expert's segment
         g_NF = torch._grouped_mm(x, experts.w_gate.to(dtype), offs=offs_E) if gated else None
         u_NF = torch._grouped_mm(x, w_up, offs=offs_E)
-        return torch._grouped_mm(hidden(experts.activation, g_NF, u_NF), w_down, offs=offs_E)
-    chunks = x_ND.split(counts_E.tolist())
-    outs = [
-        mlp(
-            chunk,
-            experts.w_gate[e] if gated else None,
-            experts.w_up[e],
-            experts.w_down[e],
-            experts.activation,
-        )
-        for e, chunk in enumerate(chunks)
-    ]
-    return torch.cat(outs)
+        return torch._grouped_mm(experts.hidden(g_NF, u_NF), w_down, offs=offs_E)
+    return torch.cat([experts(chunk, e) for e, chunk in enumerate(x_ND.split(counts_E.tolist()))])
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:

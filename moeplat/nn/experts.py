@@ -87,14 +87,21 @@ class MLPExperts(nn.Module):
     experts as one grouped GEMM (MegaBlocks, Gale et al. 2022); ffn_matrices(activation) * E * D * F
     parameters in all (w_gate is None for the plain gelu/relu MLPs).
     Which tokens reach which expert is the dispatcher's business (moeplat.nn.dispatch).
+
+    `dropout` is expert dropout: dropout with that probability on each expert's hidden activation,
+    in training only (Switch Transformer, Fedus et al. 2022, sec. 2.4 and Table 4; ST-MoE uses it
+    when fine-tuning). Every dispatcher computes the hidden activation through `hidden()` here.
     """
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu") -> None:
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", dropout: float = 0.0
+    ) -> None:
         super().__init__()
         assert num_experts > 0 and d_model > 0 and d_ff > 0, (num_experts, d_model, d_ff)
+        assert 0.0 <= dropout < 1.0, dropout
         _check_activation(activation)
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
-        self.activation = activation
+        self.activation, self.dropout = activation, dropout
         gated = ACTIVATIONS[activation][1]
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if gated else None
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -109,15 +116,19 @@ class MLPExperts(nn.Module):
                 bound = 1.0 / math.sqrt(fan_in)
                 nn.init.uniform_(w, -bound, bound)
 
+    def hidden(self, gate_NF: torch.Tensor | None, up_NF: torch.Tensor) -> torch.Tensor:
+        """The experts' hidden activation from its pre-activations, expert dropout applied."""
+        return F.dropout(hidden(self.activation, gate_NF, up_NF), self.dropout, self.training)
+
     def forward(self, x_ND: torch.Tensor, expert: int) -> torch.Tensor:
-        """Run expert number `expert` on the rows of x_ND (used by the reference dispatcher)."""
-        w_gate = self.w_gate[expert] if self.w_gate is not None else None
-        return mlp(x_ND, w_gate, self.w_up[expert], self.w_down[expert], self.activation)
+        """Run expert number `expert` on the rows of x_ND (used by the dispatchers' loops)."""
+        gate_NF = x_ND @ self.w_gate[expert] if self.w_gate is not None else None
+        return self.hidden(gate_NF, x_ND @ self.w_up[expert]) @ self.w_down[expert]
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-            f"activation={self.activation!r}"
+            f"activation={self.activation!r}, dropout={self.dropout}"
         )
 
 

@@ -54,11 +54,14 @@ class MoELayer(nn.Module):
     `router` is any moeplat.nn.routers.Router; by default a TopKRouter(d_model, E, top_k,
     normalize_topk). Shared experts (DeepSeekMoE, Dai et al. 2024) see every token; `n_shared_experts`
     of them with hidden size `shared_d_ff` are fused into one DenseFFN of hidden size
-    n_shared * shared_d_ff, which computes exactly the sum of the separate experts. A capacity
+    n_shared * shared_d_ff, which computes exactly the sum of the separate experts; `shared_gate`
+    scales their output per token by sigmoid(x w_g), w_g a bias-free Linear(D, 1) (Qwen2-MoE's
+    shared_expert_gate, Qwen Team 2024; transformers modeling_qwen2_moe). A capacity
     factor of None is dropless; `min_capacity` and `drop_policy` ("position" | "probability")
     shape the capacity (moeplat.nn.capacity). Each loss coefficient weights one loss of moeplat.nn.losses in the
     aux loss (0 = off; the unweighted value is reported either way). `activation` (swiglu, geglu,
-    gelu, relu; moeplat.nn.experts) is that of the routed and the shared experts.
+    gelu, relu; moeplat.nn.experts) is that of the routed and the shared experts; `expert_dropout`
+    is the routed experts' (MLPExperts) hidden-activation dropout, training only.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class MoELayer(nn.Module):
         normalize_topk: bool = True,
         n_shared_experts: int = 0,
         shared_d_ff: int | None = None,
+        shared_gate: bool = False,
         capacity_factor_train: float | None = None,
         capacity_factor_eval: float | None = None,
         min_capacity: int = 1,
@@ -83,6 +87,7 @@ class MoELayer(nn.Module):
         sequence_balance_coef: float = 0.0,
         dispatch: str = "sorted",
         activation: str = "swiglu",
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if dispatch not in DISPATCHERS:
@@ -114,12 +119,15 @@ class MoELayer(nn.Module):
         self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
         self.dispatch = dispatch
         self.router = router
-        self.experts = MLPExperts(num_experts, d_model, d_ff, activation)
+        self.experts = MLPExperts(num_experts, d_model, d_ff, activation, expert_dropout)
         self.shared = (
             DenseFFN(d_model, n_shared_experts * (shared_d_ff or d_ff), activation)
             if n_shared_experts > 0
             else None
         )
+        if shared_gate and self.shared is None:
+            raise ValueError("shared_gate needs n_shared_experts >= 1")
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
 
     def keep_mask(
         self,
@@ -152,7 +160,10 @@ class MoELayer(nn.Module):
             self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK
         )
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x w_g) * shared(x), [T, 1] gate
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
         aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S))
         stats = routing_stats(

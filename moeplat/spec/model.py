@@ -61,6 +61,16 @@ class _MLP(Strict):
     d_ff: PositiveInt
 
 
+class _ExpertOptions(Strict):
+    """Options of the routed experts only (not of the shared experts or the dense FFN)."""
+
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0,
+        description="Expert dropout on each routed expert's hidden activation, training only "
+        "(Switch Transformer, Fedus et al. 2022, sec. 2.4 / Table 4; used for fine-tuning in ST-MoE).",
+    )
+
+
 class SwiGLU(_MLP):
     """An MLP W_down (silu(x W_gate) * x W_up) of hidden size d_ff, no biases (Shazeer 2020,
     "GLU Variants", eq. 6): 3 * d_model * d_ff weights."""
@@ -89,9 +99,28 @@ class ReLU(_MLP):
     kind: Literal["relu"]
 
 
-# Each routed expert, the shared experts and the dense FFN are MLPs of one of these kinds.
+# The shared experts and the dense FFN are MLPs of one of these kinds.
 MLP = Annotated[SwiGLU | GeGLU | GELU | ReLU, Field(discriminator="kind")]
-Experts = MLP
+
+
+class SwiGLUExperts(SwiGLU, _ExpertOptions):
+    """Routed experts, each a SwiGLU MLP (see SwiGLU)."""
+
+
+class GeGLUExperts(GeGLU, _ExpertOptions):
+    """Routed experts, each a GeGLU MLP (see GeGLU)."""
+
+
+class GELUExperts(GELU, _ExpertOptions):
+    """Routed experts, each a plain GELU MLP (see GELU)."""
+
+
+class ReLUExperts(ReLU, _ExpertOptions):
+    """Routed experts, each a plain ReLU MLP (see ReLU)."""
+
+
+# Each routed expert is an MLP of the same kinds, plus the routed-expert options (dropout).
+Experts = Annotated[SwiGLUExperts | GeGLUExperts | GELUExperts | ReLUExperts, Field(discriminator="kind")]
 
 
 def ffn_matrices(kind: str) -> int:
@@ -105,10 +134,24 @@ class SharedExperts(Strict):
     `count` shared experts of width `d_ff` (default: the routed experts' d_ff) are fused into one
     MLP of hidden size count * d_ff, which computes the same function; their activation is the
     routed experts' kind.
+
+    `gate: true` multiplies the shared output by a learned scalar gate sigmoid(x . w_g) per token,
+    w_g a D-vector (Qwen2-MoE, Qwen Team 2024: `shared_expert_gate` of transformers'
+    modeling_qwen2_moe); it adds d_model parameters per MoE layer.
     """
 
     count: Annotated[int, Field(ge=0)] = 0
     d_ff: PositiveInt | None = None
+    gate: bool = False
+
+    @model_validator(mode="after")
+    def _cross(self) -> SharedExperts:
+        problems = []
+        if self.gate and self.count == 0:
+            problems.append(
+                ("gate", "gates the shared experts, but count is 0: set count >= 1 or gate: false")
+            )
+        return check(problems) or self
 
 
 class Dropless(Strict):
@@ -175,8 +218,16 @@ Dispatch = Annotated[LoopDispatch | SortedDispatch, Field(discriminator="kind")]
 
 
 class MoESpec(Strict):
+    """One MoE layer's design. With `granularity: m` (DeepSeekMoE fine-grained expert segmentation,
+    Dai et al. 2024, sec. 3.1, eq. 6-8) each of the num_experts experts is split into m experts of
+    width d_ff / m, and top_k * m of them are chosen: the same expert parameters and per-token
+    expert FLOPs as m = 1, with many more combinations of experts (the router grows to
+    num_experts * m scores). `routed_experts`, `routed_top_k` and `routed_d_ff` are what is built.
+    """
+
     num_experts: Annotated[int, Field(ge=2)]
     top_k: PositiveInt
+    granularity: PositiveInt = 1
     layers: LayerSelection = AllLayers(kind="all")
     router: Router = TopKRouter(kind="topk")
     experts: Experts
@@ -185,15 +236,38 @@ class MoESpec(Strict):
     losses: Losses = Losses()
     dispatch: Dispatch = SortedDispatch(kind="sorted")
 
+    @property
+    def routed_experts(self) -> int:
+        """How many routed experts are built: num_experts * granularity."""
+        return self.num_experts * self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        """How many routed experts each token goes to: top_k * granularity."""
+        return self.top_k * self.granularity
+
+    @property
+    def routed_d_ff(self) -> int:
+        """The hidden size of each built routed expert: experts.d_ff / granularity."""
+        return self.experts.d_ff // self.granularity
+
     @model_validator(mode="after")
     def _cross(self) -> MoESpec:
         problems = []
-        if self.top_k > self.num_experts:
+        if self.experts.d_ff % self.granularity:
+            problems.append(
+                (
+                    "granularity",
+                    f"experts.d_ff ({self.experts.d_ff}) must be divisible by granularity ({self.granularity})",
+                )
+            )
+        if self.top_k > self.num_experts:  # the same as top_k * m <= num_experts * m
             problems.append(("top_k", f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"))
         else:
             dropless = isinstance(self.capacity, Dropless)
             has_losses = any(v is not None for v in self.losses.model_dump().values())
-            problems += router_problems(self.router, self.num_experts, self.top_k, dropless, has_losses)
+            E, K = self.routed_experts, self.routed_top_k  # the router sees the segmented experts
+            problems += router_problems(self.router, E, K, dropless, has_losses)
         if self.losses.load is not None and self.router.kind != "noisy_topk":
             problems.append(("losses.load", "the load loss needs the noise of router kind 'noisy_topk'"))
         return check(problems) or self

@@ -64,13 +64,16 @@ def _ffn(spec: Spec, is_moe: bool) -> tuple[int, int, int, int]:
         return p, p, 2 * p, 0
     moe = m.moe
     mats = ffn_matrices(moe.experts.kind)  # 3 for swiglu/geglu (gate, up, down), 2 for gelu/relu
-    expert = mats * d * moe.experts.d_ff
+    # Fine-grained segmentation (granularity m): E*m experts of width d_ff/m, K*m chosen.
+    E, K = moe.routed_experts, moe.routed_top_k
+    expert = mats * d * moe.routed_d_ff
     shared = mats * d * moe.shared_experts.count * (moe.shared_experts.d_ff or moe.experts.d_ff)
-    router = router_params(moe.router, moe.num_experts, d)  # noisy_topk: + noise weights; hash/random: 0
-    total = router + moe.num_experts * expert + shared
-    active = router + moe.top_k * expert + shared
-    # Dropless: every token runs top_k experts; with a capacity factor this is the upper bound.
-    return total, active, 2 * active, moe.num_experts * expert
+    shared += d if moe.shared_experts.gate else 0  # Qwen2-MoE shared-expert gate: a D -> 1 projection
+    router = router_params(moe.router, E, d)  # noisy_topk: + noise weights; hash/random: 0
+    total = router + E * expert + shared
+    active = router + K * expert + shared
+    # Dropless: every token runs K experts; with a capacity factor this is the upper bound.
+    return total, active, 2 * active, E * expert
 
 
 def plan(spec: Spec) -> Plan:
@@ -127,11 +130,14 @@ def memory_estimate(spec: Spec, total_params: int) -> dict:
     per_token = 0
     for i in range(m.n_layers):
         if i in set(m.moe_layers):
-            ffn_hidden = m.moe.top_k * m.moe.experts.d_ff + m.moe.shared_experts.count * (
-                m.moe.shared_experts.d_ff or m.moe.experts.d_ff
+            moe = m.moe
+            ffn_hidden = moe.routed_top_k * moe.routed_d_ff + moe.shared_experts.count * (
+                moe.shared_experts.d_ff or moe.experts.d_ff
             )
             ffn_hidden = (
-                ffn_matrices(m.moe.experts.kind) * ffn_hidden + m.moe.num_experts + m.d_model * m.moe.top_k
+                ffn_matrices(moe.experts.kind) * ffn_hidden
+                + moe.routed_experts
+                + m.d_model * moe.routed_top_k
             )  # + router, dispatched copies
         else:
             ffn_hidden = ffn_matrices(m.dense_ffn.kind) * m.dense_ffn.d_ff

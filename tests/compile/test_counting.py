@@ -52,6 +52,21 @@ VARIANTS = {
     ),
     "relu-dense-model": ("specs/quickstart-dense.yaml", ["model.dense_ffn={kind: relu, d_ff: 300}"]),
     "geglu-dense-model": ("specs/quickstart-dense.yaml", ["model.dense_ffn={kind: geglu, d_ff: 200}"]),
+    # Qwen2-MoE: a D -> 1 sigmoid gate on the shared experts' output, per MoE layer.
+    "shared-gate": (
+        "specs/quickstart.yaml",
+        ["model.moe.shared_experts={count: 2, d_ff: 32, gate: true}"],
+    ),
+    # DeepSeekMoE fine-grained segmentation: 8*4 experts of width 256/4, top 2*4, a 32-way router.
+    "fine-grained": ("specs/quickstart.yaml", ["model.moe.granularity=4"]),
+    "fine-grained-gelu-shared": (
+        "specs/quickstart.yaml",
+        [
+            "model.moe.granularity=2",
+            "model.moe.experts={kind: gelu, d_ff: 160}",
+            "model.moe.shared_experts={count: 1, gate: true}",
+        ],
+    ),
     # Hash layers have no router weights at all.
     "hash": (
         "specs/quickstart.yaml",
@@ -131,3 +146,29 @@ def test_plain_mlp_experts_have_two_thirds_of_the_glu_weights():
     plain = plan(_load("quickstart", "model.moe.experts={kind: relu, d_ff: 96}"))
     assert plain.expert_params * 3 == glu.expert_params * 2
     assert plain.expert_params == 4 * 8 * 2 * 128 * 96  # n_layers * E * 2 matrices * D * F
+
+
+def test_shared_gate_adds_d_model_params_and_flops_per_moe_layer():
+    gated = plan(_load("shared-gate"))
+    plain = plan(_load("shared-gate", "model.moe.shared_experts.gate=false"))
+    assert gated.total_params - plain.total_params == 4 * 128  # n_layers * d_model
+    assert gated.active_params - plain.active_params == 4 * 128
+    assert gated.flops_per_token_fwd - plain.flops_per_token_fwd == 4 * 2 * 128
+
+
+@pytest.mark.parametrize("router", ["topk", "random"])
+def test_fine_grained_segmentation_keeps_total_and_active_params(router):
+    """DeepSeekMoE sec. 3.1: m times the experts at 1/m the width, m times top_k: the expert
+    parameters, total and active, are those of the m = 1 model; only the router grows, to
+    num_experts * m scores (none for the parameter-free random router)."""
+    opts = [f"model.moe.router={{kind: {router}}}"] + (["model.moe.losses={}"] if router == "random" else [])
+    coarse = plan(_load("quickstart", *opts))
+    fine = plan(_load("quickstart", *opts, "model.moe.granularity=4"))
+    router_growth = 0 if router == "random" else 4 * (8 * 4 - 8) * 128  # n_layers * (E*m - E) * d_model
+    assert fine.expert_params == coarse.expert_params
+    assert fine.total_params - coarse.total_params == router_growth
+    assert fine.active_params - coarse.active_params == router_growth
+    built = build_model(_load("quickstart", *opts, "model.moe.granularity=4"))
+    assert fine.total_params == sum(t.numel() for t in built.parameters())
+    if router == "random":
+        assert (fine.total_params, fine.active_params) == (coarse.total_params, coarse.active_params)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moeplat.compile.model import build_model, build_moe_layer
+from moeplat.errors import SpecError
 from moeplat.nn import DenseFFN, MoELayer
 from moeplat.nn.capacity import expert_capacity
 from moeplat.nn.dispatch import DISPATCHERS
@@ -241,6 +242,38 @@ def test_dispatch_kind_picks_the_dispatcher_and_both_compute_the_same(monkeypatc
     torch.testing.assert_close(y_loop, y_fast, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dispatch", ["loop", "sorted"])
+def test_experts_dropout_randomises_the_routed_experts_in_training_only(dispatch):
+    plain = _layer(f"model.moe.dispatch={{kind: {dispatch}}}")
+    dropped = _layer(f"model.moe.dispatch={{kind: {dispatch}}}", "model.moe.experts.dropout=0.4")
+    assert plain.experts.dropout == 0.0 and dropped.experts.dropout == 0.4
+    dropped.load_state_dict(plain.state_dict())
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval()(x).y, plain.eval()(x).y)
+        torch.testing.assert_close(plain.train()(x).y, plain(x).y)  # dropout 0: deterministic
+        y1, y2 = dropped.train()(x).y, dropped(x).y
+    assert not torch.allclose(y1, y2, atol=1e-4)
+
+
+def test_granularity_segments_each_expert_into_m_narrower_experts_and_routes_to_m_times_top_k():
+    spec = _spec("model.moe.granularity=4", "model.moe.experts.d_ff=24", "model.moe.num_experts=4")
+    coarse = _layer("model.moe.experts.d_ff=24", "model.moe.num_experts=4")
+    fine = build_moe_layer(spec.model.moe, spec.model.d_model, spec.model.vocab_size)
+    assert (fine.num_experts, fine.top_k) == (16, 4 * coarse.top_k)
+    assert fine.experts.w_up.shape == (16, 32, 6) and fine.router.num_experts == 16
+    assert _n_params(fine.experts) == _n_params(coarse.experts)
+    with torch.no_grad():
+        out = fine(_x())
+    assert out.stats.load_E.shape == (16,)
+    assert (out.stats.tokens_per_expert_E > 0).sum() > 4  # tokens reach more than num_experts experts
+
+
+def test_granularity_must_divide_the_expert_d_ff():
+    with pytest.raises(SpecError, match="divisible by granularity"):
+        _spec("model.moe.granularity=5", "model.moe.experts.d_ff=24")
+
+
 # --- model.moe.shared_experts ---------------------------------------------------------------------
 
 
@@ -255,6 +288,27 @@ def test_shared_experts_count_and_d_ff_add_a_fused_ffn_seen_by_every_token():
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(shared(x).y - plain(x).y, shared.shared(x), rtol=1e-4, atol=1e-6)
+
+
+def test_shared_experts_gate_scales_the_shared_output_by_a_sigmoid_of_x():
+    plain = _layer("model.moe.shared_experts={count: 2, d_ff: 16}")
+    gated = _layer("model.moe.shared_experts={count: 2, d_ff: 16, gate: true}")
+    assert plain.shared_gate is None
+    assert gated.shared_gate.weight.shape == (1, 32) and gated.shared_gate.bias is None
+    assert _n_params(gated) - _n_params(plain) == 32
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["shared_gate.weight"] and not unexpected
+    x = _x()
+    with torch.no_grad():
+        gate_T1 = torch.sigmoid(x @ gated.shared_gate.weight.T)
+        expected = plain(x).y + (gate_T1 - 1) * plain.shared(x)
+        torch.testing.assert_close(gated(x).y, expected, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(gated(x).y, plain(x).y, atol=1e-4)
+
+
+def test_shared_experts_gate_without_shared_experts_is_an_error():
+    with pytest.raises(SpecError, match="gate"):
+        _spec("model.moe.shared_experts={count: 0, gate: true}")
 
 
 def test_shared_experts_d_ff_defaults_to_the_routed_experts_d_ff():

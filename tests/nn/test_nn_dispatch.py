@@ -135,3 +135,46 @@ def test_dispatch_matches_hand_written_mixture():
                 expected[t] += w[t, k] * experts(x[t : t + 1], int(idx[t, k]))[0]
     for fn in DISPATCHERS.values():
         torch.testing.assert_close(fn(experts, x, idx, w, keep).detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def _dropout_case(dropout):
+    torch.manual_seed(0)
+    E, K, T, D, F = 4, 2, 32, 8, 16
+    experts = SwiGLUExperts(E, D, F)
+    experts.dropout = dropout
+    idx, w = _routing(T, E, K, seed=3, unused=0)
+    return experts, torch.randn(T, D), idx, w.float(), torch.ones(T, K, dtype=torch.bool)
+
+
+def test_expert_dropout_is_drawn_identically_by_loop_and_split_sorted(monkeypatch):
+    """Same seed, same masks: both take the hidden activation from experts.hidden, one expert at
+    a time, rows in token order (the grouped-GEMM path draws one mask for all rows instead)."""
+    monkeypatch.setattr(dispatch_mod, "_grouped_mm_works", lambda *a: False)
+    experts, x, idx, w, keep = _dropout_case(0.5)
+    experts.train()
+    torch.manual_seed(7)
+    y_loop = dispatch_loop(experts, x, idx, w, keep)
+    torch.manual_seed(7)
+    y_sorted = dispatch_sorted(experts, x, idx, w, keep)
+    torch.testing.assert_close(y_sorted, y_loop, rtol=1e-5, atol=1e-6)
+    experts.dropout = 0.0
+    assert not torch.allclose(dispatch_loop(experts, x, idx, w, keep), y_loop, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", "split"])
+@pytest.mark.parametrize("fn", [dispatch_loop, dispatch_sorted])
+def test_expert_dropout_randomises_training_only(fn, path, monkeypatch):
+    if path == "split":
+        monkeypatch.setattr(dispatch_mod, "_grouped_mm_works", lambda *a: False)
+    experts, x, idx, w, keep = _dropout_case(0.3)
+    with torch.no_grad():
+        experts.eval()
+        y_eval = fn(experts, x, idx, w, keep)
+        torch.testing.assert_close(fn(experts, x, idx, w, keep), y_eval)
+        experts.dropout = 0.0
+        torch.testing.assert_close(fn(experts, x, idx, w, keep), y_eval)  # eval: dropout is off
+        experts.dropout = 0.3
+        experts.train()
+        y1, y2 = fn(experts, x, idx, w, keep), fn(experts, x, idx, w, keep)
+    assert not torch.allclose(y1, y2, atol=1e-4)
+    assert not torch.allclose(y1, y_eval, atol=1e-4)
