@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -116,12 +117,15 @@ def plots(study: optuna.Study, directory: Path) -> list[Path]:
 def summarize_to_mlflow(study: optuna.Study, parent) -> None:
     """The sweep's parent run gets the summary: best trial(s), importances, plots."""
     s = status(study)
-    rows, now = [], 0
-    for state, n in s["trials"].items():
-        parent.set_tags({f"optuna.trials.{state.lower()}": n})
-    for i, b in enumerate(s["best"]):
-        parent.set_tags({f"optuna.best.{i}.trial": b["number"]})
-        rows += [(f"best/{i}/objective{j}", v, 0, now) for j, v in enumerate(b["values"])]
+    now = int(time.time() * 1000)
+    tags = {f"optuna.trials.{state.lower()}": n for state, n in s["trials"].items()}
+    tags |= {f"optuna.best.{i}.trial": b["number"] for i, b in enumerate(s["best"])}
+    parent.set_tags(tags)
+    rows = [
+        (f"best/{i}/objective{j}", v, 0, now)
+        for i, b in enumerate(s["best"])
+        for j, v in enumerate(b["values"])
+    ]
     rows += [(f"importance/{k}", v, 0, now) for k, v in s["importances"].items()]
     if rows:
         parent.log_metrics(rows)

@@ -22,10 +22,12 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
-def storage_url(sweep: SweepSpec, cli_storage: str | None) -> str:
-    # absolute, so worker processes and later commands find the same file whatever their cwd
+def storage_url(sweep: SweepSpec | None, cli_storage: str | None) -> str:
+    """--storage, the sweep's storage, $MOEPLAT_SWEEP_STORAGE, then sqlite:///optuna.db; made
+    absolute, so worker processes and later commands find the same file whatever their cwd."""
+    spec_storage = sweep.storage if sweep else None
     return absolute_sqlite(
-        cli_storage or sweep.storage or os.environ.get("MOEPLAT_SWEEP_STORAGE") or DEFAULT_STORAGE
+        cli_storage or spec_storage or os.environ.get("MOEPLAT_SWEEP_STORAGE") or DEFAULT_STORAGE
     )
 
 
@@ -154,7 +156,7 @@ def objective_values(sweep: SweepSpec, result, counts) -> list[float]:
 
 def sweep_file_of(study_name: str, cli_storage: str | None) -> str:
     """The sweep file a study was created from (recorded by `moeplat sweep`)."""
-    url = absolute_sqlite(cli_storage or os.environ.get("MOEPLAT_SWEEP_STORAGE") or DEFAULT_STORAGE)
+    url = storage_url(None, cli_storage)
     try:
         attrs = optuna.load_study(study_name=study_name, storage=url).user_attrs
     except KeyError:

@@ -21,9 +21,8 @@ log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
 
 
-def _rejection(loaded_run, sweep) -> str | None:
+def _rejection(counts, sweep) -> str | None:
     """A reason to skip a sampled configuration before training, from its plan alone."""
-    counts = plan(loaded_run.spec)
     for c in sweep.constraints:
         have = counts.active_params if isinstance(c, MaxActiveParams) else counts.total_params
         if have > c.value:
@@ -54,7 +53,8 @@ def make_objective(
             loaded_run = load_spec(loaded.base_path, overrides)
         except SpecError as e:  # the run spec's own checks (e.g. top_k <= num_experts) reject it
             return _reject(trial, "invalid configuration: " + "; ".join(i.format() for i in e.issues))
-        reason = _rejection(loaded_run, sweep)
+        counts = plan(loaded_run.spec)
+        reason = _rejection(counts, sweep)
         if reason:
             return _reject(trial, reason)
         pruner = PruneOnValidation(trial if prunable else None)
@@ -89,7 +89,7 @@ def make_objective(
             set_tags(result.tracking_uri, result.run_id, state)
         if pruner.pruned_step is not None:
             raise optuna.TrialPruned(f"pruned at step {pruner.pruned_step}")
-        return objective_values(sweep, result, plan(loaded_run.spec))
+        return objective_values(sweep, result, counts)
 
     def interruptible(trial: optuna.Trial):
         try:

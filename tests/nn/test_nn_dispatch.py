@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from dispatch_helpers import run_dispatch
 
 import moeplat.nn.dispatch as dispatch_mod
 from moeplat.nn import DISPATCHERS, SwiGLUExperts, capacity_keep_mask, dispatch_loop, dispatch_sorted
@@ -16,17 +17,6 @@ def _routing(T, E, K, seed, unused=1):
     topk_idx_TK = scores_TE.argsort(dim=-1, descending=True)[:, :K]
     topk_weight_TK = torch.rand(T, K, generator=g, dtype=torch.float64)
     return topk_idx_TK, topk_weight_TK
-
-
-def _run(fn, experts, x_TD, idx, w, keep):
-    experts.zero_grad(set_to_none=True)
-    x = x_TD.clone().requires_grad_(True)
-    w = w.clone().requires_grad_(True)
-    y = fn(experts, x, idx, w, keep)
-    # A non-uniform upstream gradient, so every path of the backward is exercised.
-    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in experts.named_parameters()}
-    return y.detach(), x.grad, w.grad, grads
 
 
 @pytest.mark.parametrize("E", [4, 5, 8])
@@ -45,8 +35,8 @@ def test_sorted_equals_loop_float64(E, K, capacity, policy):
         assert (~keep).any(), "the test must really drop slots"
     assert not (idx == E - 1).any()
 
-    y_ref, gx_ref, gw_ref, gp_ref = _run(dispatch_loop, experts, x_TD, idx, w, keep)
-    y, gx, gw, gp = _run(dispatch_sorted, experts, x_TD, idx, w, keep)
+    y_ref, gx_ref, gw_ref, gp_ref = run_dispatch(dispatch_loop, experts, x_TD, idx, w, keep)
+    y, gx, gw, gp = run_dispatch(dispatch_sorted, experts, x_TD, idx, w, keep)
 
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
@@ -76,8 +66,8 @@ def test_sorted_equals_loop_float32_both_paths(path, monkeypatch):
     w = w.float()
     keep = capacity_keep_mask(idx, E, capacity=10)
     assert (~keep).any()
-    y_ref, gx_ref, gw_ref, gp_ref = _run(dispatch_loop, experts, x_TD, idx, w, keep)
-    y, gx, gw, gp = _run(dispatch_sorted, experts, x_TD, idx, w, keep)
+    y_ref, gx_ref, gw_ref, gp_ref = run_dispatch(dispatch_loop, experts, x_TD, idx, w, keep)
+    y, gx, gw, gp = run_dispatch(dispatch_sorted, experts, x_TD, idx, w, keep)
     tol = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(gx, gx_ref, **tol)
@@ -101,8 +91,8 @@ def test_sorted_equals_loop_under_bf16_autocast():
     idx, w = _routing(T, E, K, seed=5, unused=1)
     keep = torch.ones(T, K, dtype=torch.bool)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_ref, gx_ref, _, gp_ref = _run(dispatch_loop, experts, x_TD, idx, w.float(), keep)
-        y, gx, _, gp = _run(dispatch_sorted, experts, x_TD, idx, w.float(), keep)
+        y_ref, gx_ref, _, gp_ref = run_dispatch(dispatch_loop, experts, x_TD, idx, w.float(), keep)
+        y, gx, _, gp = run_dispatch(dispatch_sorted, experts, x_TD, idx, w.float(), keep)
     assert y.dtype == torch.float32
     tol = dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y, y_ref, **tol)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from dispatch_helpers import run_dispatch
 
 import moeplat.nn.dispatch as dispatch_mod
 from moeplat.nn import DenseFFN, MLPExperts, capacity_keep_mask, dispatch_loop, dispatch_sorted
@@ -71,15 +72,6 @@ def test_unknown_activation_is_rejected():
         DenseFFN(4, 4, "tanh")
 
 
-def _run(fn, experts, x_TD, idx, w, keep):
-    experts.zero_grad(set_to_none=True)
-    x = x_TD.clone().requires_grad_(True)
-    w = w.clone().requires_grad_(True)
-    y = fn(experts, x, idx, w, keep)
-    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-    return y.detach(), x.grad, w.grad, {n: p.grad.clone() for n, p in experts.named_parameters()}
-
-
 def _routing(T, E, K, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     idx = torch.rand(T, E, generator=g).argsort(dim=-1)[:, :K]
@@ -102,8 +94,8 @@ def test_sorted_equals_loop_for_every_activation(kind, dtype, path, monkeypatch)
     idx, w = _routing(T, E, K, seed=8, dtype=dtype)
     keep = capacity_keep_mask(idx, E, 12, policy="probability", topk_weight_TK=w)
     assert (~keep).any()
-    ref = _run(dispatch_loop, experts, x_TD, idx, w, keep)
-    out = _run(dispatch_sorted, experts, x_TD, idx, w, keep)
+    ref = run_dispatch(dispatch_loop, experts, x_TD, idx, w, keep)
+    out = run_dispatch(dispatch_sorted, experts, x_TD, idx, w, keep)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     for a, b in zip(out[:3], ref[:3], strict=True):
         torch.testing.assert_close(a, b, **tol)
