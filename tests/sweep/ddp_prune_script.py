@@ -3,6 +3,7 @@ a trial that wants to prune at the first validation. Each rank writes rank<N>.js
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -45,8 +46,19 @@ class Tiny(L.LightningModule):
         x, y = batch
         self.log("val/loss", torch.nn.functional.mse_loss(self.layer(x), y), sync_dist=True)
 
+    def setup(self, stage):
+        # Lightning registers destroy_process_group at exit for NCCL only; a gloo group left to
+        # interpreter finalization can abort the process ("terminate called without an active
+        # exception", pytorch/pytorch#190489), so every rank destroys it while Python is alive.
+        atexit.register(_destroy_process_group)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class Report(L.Callback):
