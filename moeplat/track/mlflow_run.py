@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import signal
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -56,8 +61,43 @@ def git_state(path: Path) -> dict[str, str]:
     return {"git.commit": commit or "unknown", "git.dirty": str(dirty).lower()}
 
 
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, then deliver it to the handler that was in place.
+
+    A KeyboardInterrupt raised inside an MLflow write can leave its SQLite transaction open,
+    holding the database lock: the final flush of the interrupted run then waits for the busy
+    timeout and fails with "database is locked", and that error replaces the interrupt (a Ctrl-C'd
+    sweep went on with its next trial). Writes are short, so deferring costs nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are only delivered to the main thread
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(*caught[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+def _uninterrupted(write):
+    @functools.wraps(write)
+    def wrapper(*args, **kwargs):
+        with sigint_deferred():
+            return write(*args, **kwargs)
+
+    return wrapper
+
+
 class TrackedRun:
-    """A handle on one MLflow run. Construct on rank 0 only."""
+    """A handle on one MLflow run. Construct on rank 0 only. Its writes are not cut by Ctrl-C
+    (sigint_deferred): an interrupt lands before or after a write, never inside it."""
 
     def __init__(
         self, tracking_uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None
@@ -78,6 +118,7 @@ class TrackedRun:
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id
 
+    @_uninterrupted
     def log_params(self, params: dict[str, object]) -> None:
         from mlflow.entities import Param
 
@@ -85,11 +126,13 @@ class TrackedRun:
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 
+    @_uninterrupted
     def set_tags(self, tags: dict[str, object]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_uninterrupted
     def log_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
         """(key, value, step, timestamp_ms) rows, sent in batches of MLflow's limit."""
         from mlflow.entities import Metric
@@ -98,12 +141,15 @@ class TrackedRun:
         for i in range(0, len(rows), 1000):
             self.client.log_batch(self.run_id, metrics=rows[i : i + 1000])
 
+    @_uninterrupted
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    @_uninterrupted
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
+    @_uninterrupted
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
