@@ -22,6 +22,7 @@ def build_router(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> m
     if isinstance(r, rs.RandomRouter):
         return mnn.RandomRouter(E, K)
     opts = {"jitter_eps": r.jitter_eps, "logit_softcap": r.logit_softcap, "dropout": r.dropout}
+    opts["logits_precision"] = r.logits_precision
     if isinstance(r, rs.TopKRouter):
         return mnn.TopKRouter(d_model, E, K, normalize=r.normalize, **opts)
     if isinstance(r, rs.SwitchRouter):
@@ -32,7 +33,8 @@ def build_router(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> m
         return mnn.GShardRouter(d_model, E, **opts)
     if isinstance(r, rs.SigmoidBiasRouter):
         groups = {"n_groups": r.n_groups, "topk_groups": r.topk_groups}
-        return mnn.SigmoidBiasRouter(d_model, E, K, gamma=r.gamma, **groups, **opts)
+        scale = {"normalize": r.normalize, "scaling_factor": r.scaling_factor}
+        return mnn.SigmoidBiasRouter(d_model, E, K, gamma=r.gamma, **groups, **scale, **opts)
     if isinstance(r, rs.GroupLimitedRouter):
         groups = {"n_groups": r.n_groups, "topk_groups": r.topk_groups, "group_score": r.group_score}
         return mnn.GroupLimitedRouter(d_model, E, K, normalize=r.normalize, **groups, **opts)

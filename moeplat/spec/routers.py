@@ -23,6 +23,11 @@ class _Learned(_Router):
         None, description="Router logits -> c * tanh(logits / c); null = no cap."
     )
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="Dropout on the router input.")
+    logits_precision: Literal["float32", "input"] = Field(
+        "float32",
+        description="float32: x W computed in float32 (ST-MoE selective precision); input: x W in the "
+        "activations' dtype, only the softmax/sigmoid in float32 (transformers' Mixtral, Qwen2-MoE, OLMoE).",
+    )
 
 
 class TopKRouter(_Learned):
@@ -74,13 +79,16 @@ class RandomRouter(_Router):
 
 class SigmoidBiasRouter(_Learned):
     """DeepSeek-V3: sigmoid scores; a per-expert bias, updated after each optimizer step by
-    gamma * sign(mean load - load), decides the top-k only; weights renormalised unbiased scores.
+    gamma * sign(mean load - load), decides the top-k only; weights renormalised unbiased scores
+    (`normalize`) times `scaling_factor` (V3's routed_scaling_factor, 2.5 in its config).
     n_groups > 1 adds V3's node-limited routing (top topk_groups groups by their top-2 sum)."""
 
     kind: Literal["sigmoid_bias"]
     gamma: Annotated[float, Field(ge=0)] = 0.001
     n_groups: PositiveInt = 1
     topk_groups: PositiveInt = 1
+    normalize: bool = True
+    scaling_factor: Annotated[float, Field(gt=0)] = 1.0
 
 
 class GroupLimitedRouter(_Learned):

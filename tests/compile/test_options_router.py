@@ -305,3 +305,36 @@ def test_sigmoid_bias_is_updated_after_each_step_checkpointed_and_logged(workdir
     metrics = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
     for key in ("moe/layer00/bias/e03", "moe/all/maxvio", "moe/all/router_entropy", "moe/layer01/dead_frac"):
         assert key in metrics, key
+
+
+# --- options for parity with other implementations (moeplat.interop.hf) -------------------------------
+
+
+@pytest.mark.parametrize("kind", ["topk", "sigmoid_bias", "sinkhorn"])
+def test_logits_precision_input_computes_x_w_in_the_activations_dtype(kind):
+    ours = _layer(f"{{kind: {kind}, logits_precision: float32}}").double().eval()
+    theirs = _layer(f"{{kind: {kind}, logits_precision: input}}").double().eval()
+    x, w = _x().double(), ours.router.weight
+    with torch.no_grad():
+        f32, inp = ours.router(x).logits_TE, theirs.router(x).logits_TE
+        assert f32.dtype == inp.dtype == torch.float32
+        assert torch.equal(f32, torch.nn.functional.linear(x.float(), w.float()))
+        assert torch.equal(inp, torch.nn.functional.linear(x, w).float())  # rounded once, at the end
+        assert not torch.equal(f32, inp) and not torch.equal(ours(x).y, theirs(x).y)
+        bf16 = theirs.router(x.bfloat16()).logits_TE  # the projection itself runs in bf16
+        assert torch.equal(bf16, torch.nn.functional.linear(x.bfloat16(), w.bfloat16()).float())
+        assert not torch.equal(bf16, ours.router(x.bfloat16()).logits_TE)
+
+
+def test_sigmoid_bias_scaling_factor_and_normalize_shape_the_weights():
+    base = _layer("{kind: sigmoid_bias}").eval()
+    scaled = _layer("{kind: sigmoid_bias, scaling_factor: 2.5}").eval()
+    raw = _layer("{kind: sigmoid_bias, normalize: false}").eval()
+    x = _x()
+    with torch.no_grad():
+        w, w_scaled, w_raw = (m.router(x).topk_weight_TK for m in (base, scaled, raw))
+        torch.testing.assert_close(w.sum(-1), torch.ones(64))
+        torch.testing.assert_close(w_scaled, 2.5 * w)
+        scores = torch.sigmoid(raw.router.logits(x)).gather(1, raw.router(x).topk_idx_TK)
+        torch.testing.assert_close(w_raw, scores)
+        assert not torch.equal(base(x).y, scaled(x).y) and not torch.equal(base(x).y, raw(x).y)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+LOGITS_PRECISIONS = ("float32", "input")
+
 
 @dataclass(frozen=True)
 class RouterOutput:
@@ -59,8 +61,18 @@ class LinearRouter(Router):
     - `logit_softcap`: logits -> c * tanh(logits / c), bounding them to (-c, c) (the tanh
       soft-capping Gemma 2 applies to attention and output logits, here on the router's logits).
 
-    Logits are always computed in float32 (ST-MoE, Zoph et al. 2022, sec. 3.2: the router softmax
-    is sensitive to round-off), even under bf16 autocast or with bf16 inputs/weights.
+    `logits_precision` says where the float32 starts:
+
+    - "float32" (default): the input and W are cast to float32 and x W^T is computed in float32
+      (ST-MoE, Zoph et al. 2022, sec. 3.2 "selective precision": the router is sensitive to
+      round-off), even under bf16 autocast or with bf16 / float64 inputs and weights. This is what
+      Switch Transformer and DeepSeek-V3 (transformers' modeling files) do.
+    - "input": x W^T is computed in the activations' dtype (the autocast dtype under autocast)
+      and only its result is cast to float32 for the softmax / sigmoid, as transformers' Mixtral,
+      Qwen2-MoE and OLMoE blocks do. In bf16 the logits are then rounded to bf16 before the softmax;
+      in float64 they are exact before the cast. Used by moeplat.interop.hf for exact parity.
+
+    Either way `logits()` returns float32 logits.
     """
 
     def __init__(
@@ -72,8 +84,11 @@ class LinearRouter(Router):
         jitter_eps: float = 0.0,
         logit_softcap: float | None = None,
         dropout: float = 0.0,
+        logits_precision: str = "float32",
     ) -> None:
         super().__init__()
+        if logits_precision not in LOGITS_PRECISIONS:
+            raise ValueError(f"logits_precision must be one of {LOGITS_PRECISIONS}, got {logits_precision!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if not (0 <= jitter_eps < 1 and 0 <= dropout < 1) or (
@@ -82,6 +97,7 @@ class LinearRouter(Router):
             raise ValueError("need 0 <= jitter_eps < 1, 0 <= dropout < 1 and logit_softcap > 0 or None")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.jitter_eps, self.logit_softcap, self.dropout = jitter_eps, logit_softcap, dropout
+        self.logits_precision = logits_precision
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # as Linear(D, E, bias=False)
         self.reset_parameters()
 
@@ -93,8 +109,10 @@ class LinearRouter(Router):
         nn.init.normal_(self.weight, 0.0, std)
 
     def router_input(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """float32 copy of the input with dropout and jitter applied (training only)."""
-        x_TD = x_TD.float()
+        """The input (a float32 copy unless logits_precision is "input") with dropout and jitter
+        applied (training only)."""
+        if self.logits_precision == "float32":
+            x_TD = x_TD.float()
         if self.training and self.dropout > 0:
             x_TD = F.dropout(x_TD, self.dropout, training=True)
         if self.training and self.jitter_eps > 0:
@@ -103,9 +121,12 @@ class LinearRouter(Router):
         return x_TD
 
     def project(self, x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
-        """float32 x W^T, soft-capped if logit_softcap is set."""
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), weight_ED.float())
+        """float32 x W^T (computed as logits_precision says), soft-capped if logit_softcap is set."""
+        if self.logits_precision == "float32":
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x_TD.float(), weight_ED.float())
+        else:
+            logits_TE = F.linear(x_TD, weight_ED.to(x_TD.dtype)).float()
         if self.logit_softcap is not None:
             c = self.logit_softcap
             logits_TE = c * torch.tanh(logits_TE / c)
@@ -117,7 +138,8 @@ class LinearRouter(Router):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"jitter_eps={self.jitter_eps}, logit_softcap={self.logit_softcap}, dropout={self.dropout}"
+            f"jitter_eps={self.jitter_eps}, logit_softcap={self.logit_softcap}, dropout={self.dropout}, "
+            f"logits_precision={self.logits_precision!r}"
         )
 
 

@@ -78,6 +78,7 @@ class SigmoidBiasRouter(LinearRouter):
         s_i  = Sigmoid(x e_i)                                        (V3 eq. 15)
         g'_i = s_i if s_i + b_i in TopK({s_j + b_j}, K) else 0       (V3 eq. 16)
         g_i  = g'_i / sum_j g'_j                                     (V3 eq. 13)
+        weight_i = scaling_factor * g_i
 
     The bias b (a buffer, saved in checkpoints) only decides *which* experts are chosen; the
     combine weights come from the unbiased s. It is not trained by gradients: after each optimizer
@@ -85,6 +86,11 @@ class SigmoidBiasRouter(LinearRouter):
     and b_i <- b_i + gamma * sign(mean_j load_j - load_i) (Wang et al. Alg. 1; V3 sec. 2.1.2).
     With n_groups > 1, selection is first limited to the topk_groups groups with the largest sum of
     their two best biased scores (V3's node-limited routing). probs_TE is s / sum(s) (V3 eq. 19).
+
+    `normalize=False` keeps g'_i (V3 renormalises; transformers' `norm_topk_prob`). `scaling_factor`
+    is DeepSeek's `routed_scaling_factor` (2.5 in V3's released config, 16 in V2's): a constant
+    factor on the routed experts' combine weights, applied after the renormalisation (as in
+    DeepSeek's inference code and transformers' DeepseekV3TopkRouter).
     """
 
     def __init__(
@@ -96,19 +102,23 @@ class SigmoidBiasRouter(LinearRouter):
         gamma: float = 1e-3,
         n_groups: int = 1,
         topk_groups: int = 1,
+        normalize: bool = True,
+        scaling_factor: float = 1.0,
         **options,
     ) -> None:
         super().__init__(d_model, num_experts, top_k, **options)
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if gamma < 0 or scaling_factor <= 0:
+            raise ValueError(f"need gamma >= 0 and scaling_factor > 0, got {gamma}, {scaling_factor}")
         _check_groups(num_experts, top_k, n_groups, topk_groups, "top2_sum" if n_groups > 1 else "max")
         self.gamma, self.n_groups, self.topk_groups = gamma, n_groups, topk_groups
+        self.normalize, self.scaling_factor = normalize, scaling_factor
         self.register_buffer("bias_E", torch.zeros(num_experts))  # float32, persistent
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
-        choice_TE = scores_TE.detach() + self.bias_E.float()
+        # At least float32 (a float64 bias, as after .double(), stays float64).
+        choice_TE = scores_TE.detach() + self.bias_E.to(torch.promote_types(self.bias_E.dtype, torch.float32))
         if self.n_groups > 1:
             choice_TE = group_limit(choice_TE, self.n_groups, self.topk_groups, "top2_sum")
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
@@ -116,7 +126,7 @@ class SigmoidBiasRouter(LinearRouter):
             logits_TE=logits_TE,
             probs_TE=scores_TE / scores_TE.sum(dim=-1, keepdim=True),
             topk_idx_TK=topk_idx_TK,
-            topk_weight_TK=chosen_weights(scores_TE, topk_idx_TK, normalize=True),
+            topk_weight_TK=chosen_weights(scores_TE, topk_idx_TK, self.normalize) * self.scaling_factor,
             bias_E=self.bias_E.detach().clone(),
         )
 
@@ -132,7 +142,7 @@ class SigmoidBiasRouter(LinearRouter):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, gamma={self.gamma}, n_groups={self.n_groups}, "
-            f"topk_groups={self.topk_groups}"
+            f"topk_groups={self.topk_groups}, normalize={self.normalize}, scaling_factor={self.scaling_factor}"
         )
 
 
