@@ -8,7 +8,15 @@ from pydantic import Field, model_validator
 
 from moeplat.spec.base import Strict, check
 from moeplat.spec.model import ModelSpec
-from moeplat.spec.sections import TOKENIZER_VOCAB, DataSpec, ParallelSpec, TrackingSpec, TrainSpec
+from moeplat.spec.routers import UNLEARNED
+from moeplat.spec.sections import (
+    TOKENIZER_VOCAB,
+    DataSpec,
+    ParallelSpec,
+    TrackingSpec,
+    TrainSpec,
+    train_model_problems,
+)
 
 
 class Spec(Strict):
@@ -40,4 +48,7 @@ class Spec(Strict):
                     f"vocab_size must be >= {need} for the {self.data.tokenizer.kind} tokenizer",
                 )
             )
+        moe = self.model.moe
+        learned = moe is not None and moe.router.kind not in UNLEARNED
+        problems += train_model_problems(self.train, moe is not None, learned)  # train's MoE options
         return check(problems) or self

@@ -91,6 +91,48 @@ class Constant(Strict):
 Schedule = Annotated[WarmupCosine | Constant, Field(discriminator="kind")]
 
 
+class ScratchInit(Strict):
+    """Train from the model's own initialisation (a function of train.seed)."""
+
+    kind: Literal["scratch"]
+
+
+class UpcycleInit(Strict):
+    """Sparse upcycling (Komatsuzaki et al. 2023, sec. 3.1): start an MoE model from a dense checkpoint
+    of the same family. Embedding, attention, norms, head and the dense FFNs are copied; each MoE
+    layer's experts are copies of that layer's dense FFN (with `granularity: m`, expert e holds
+    slice e mod m of it); routers and shared experts keep their fresh initialisation.
+
+    `checkpoint`: a `.ckpt` written by `moeplat run`, a moeplat run directory (its
+    checkpoints/last.ckpt), a directory of runs such as runs/quickstart-dense (the newest), or a
+    torch state_dict file of TransformerLM; relative paths are resolved against the working
+    directory. It is read when a fresh run starts (not on --resume), not when the spec is validated.
+    `noise`: each expert's copy is multiplied elementwise by (1 + noise * N(0, 1)), drawn
+    independently per expert from `seed` (0 = exact copies).
+    """
+
+    kind: Literal["upcycle"]
+    checkpoint: Annotated[str, Field(min_length=1)]
+    noise: Annotated[float, Field(ge=0)] = 0.0
+    seed: int = 0
+
+
+Init = Annotated[ScratchInit | UpcycleInit, Field(discriminator="kind")]
+
+# Parameter groups that `freeze` and the router options act on (moeplat.compile.optim.partition).
+PARAM_GROUPS = ("router", "experts", "non_moe")
+
+
+class Alternate(Strict):
+    """Alternating updates (block-coordinate descent over router and rest): `every` optimizer steps
+    update only the routers, the next `every` steps everything else (experts and non-MoE
+    parameters), and so on; `start` picks the first phase. A parameter outside the phase gets no
+    gradient, so AdamW neither moves nor decays it."""
+
+    every: PositiveInt
+    start: Literal["router", "rest"] = "router"
+
+
 class TrainSpec(Strict):
     seed: int = 0
     max_steps: PositiveInt
@@ -106,6 +148,18 @@ class TrainSpec(Strict):
     checkpoint_every: PositiveInt | None = Field(
         None, description="Optimizer steps; null = at every validation."
     )
+    init: Init = ScratchInit(kind="scratch")
+    freeze: list[Literal["router", "experts", "non_moe"]] = Field(
+        default_factory=list,
+        description="Parameter groups not trained (requires_grad off, not in the optimizer).",
+    )
+    router_frozen_steps: Annotated[int, Field(ge=0)] = Field(
+        0, description="Router warm-up: the routers get no update in the first N optimizer steps."
+    )
+    router_lr_multiplier: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="The routers' learning rate is the schedule's lr times this."
+    )
+    alternate: Alternate | None = None
 
     @model_validator(mode="after")
     def _cross(self) -> TrainSpec:
@@ -115,7 +169,67 @@ class TrainSpec(Strict):
             problems.append(
                 ("schedule.warmup_steps", f"warmup ({warmup}) must be < max_steps ({self.max_steps})")
             )
-        return check(problems) or self
+        return check(problems + self._technique_problems()) or self
+
+    def _technique_problems(self) -> list[tuple[str, str]]:
+        problems = []
+        if len(set(self.freeze)) < len(self.freeze):
+            problems.append(("freeze", "names a group twice"))
+        if set(self.freeze) >= set(PARAM_GROUPS):
+            problems.append(("freeze", f"freezes every group {list(PARAM_GROUPS)}: nothing would train"))
+        router_options = {
+            "router_frozen_steps": self.router_frozen_steps != 0,
+            "router_lr_multiplier": self.router_lr_multiplier != 1.0,
+            "alternate": self.alternate is not None,
+        }
+        if "router" in self.freeze:
+            problems += [
+                (name, "acts on the router, but freeze names 'router': remove one of them")
+                for name, used in router_options.items()
+                if used
+            ]
+        if self.router_frozen_steps >= self.max_steps:
+            problems.append(
+                (
+                    "router_frozen_steps",
+                    f"({self.router_frozen_steps}) must be < max_steps ({self.max_steps}); "
+                    "to never train the router use freeze: [router]",
+                )
+            )
+        if self.alternate is not None and {"experts", "non_moe"} <= set(self.freeze):
+            problems.append(
+                ("alternate", "its second phase trains experts and non-MoE parameters, all frozen")
+            )
+        return problems
+
+
+def train_model_problems(train: TrainSpec, moe_present: bool, router_learned: bool) -> list[tuple[str, str]]:
+    """Problems of the `train` MoE options against the model (paths relative to the spec root).
+
+    `moe_present`: the model has MoE layers; `router_learned`: their router has parameters
+    (every kind but hash and random).
+    """
+    problems = []
+    if not moe_present:
+        if isinstance(train.init, UpcycleInit):
+            problems.append(("train.init", "upcycling builds an MoE model, but model.moe is null"))
+        if train.freeze:
+            problems.append(
+                ("train.freeze", "the model is dense (model.moe is null): no router or experts to freeze")
+            )
+    router_fields = {
+        "train.router_frozen_steps": train.router_frozen_steps != 0,
+        "train.router_lr_multiplier": train.router_lr_multiplier != 1.0,
+        "train.alternate": train.alternate is not None,
+    }
+    if not (moe_present and router_learned):
+        what = "the model has no MoE layer" if not moe_present else "this router kind has no parameters"
+        problems += [
+            (name, f"acts on the router, but {what}") for name, used in router_fields.items() if used
+        ]
+        if moe_present and "router" in train.freeze:
+            problems.append(("train.freeze", f"names 'router', but {what}"))
+    return problems
 
 
 # --- tracking and parallel -------------------------------------------------------------------

@@ -142,7 +142,8 @@ def run(
 
     from moeplat.compile.data import build_data
     from moeplat.compile.model import build_model
-    from moeplat.compile.optim import build_optimizer, build_scheduler
+    from moeplat.compile.optim import build_optimizer, build_scheduler, build_update_schedule
+    from moeplat.compile.upcycle import upcycle_from_spec
     from moeplat.train.callbacks import FiniteLoss, Throughput
     from moeplat.train.system import LMSystem
 
@@ -150,25 +151,28 @@ def run(
     spec, train = loaded.spec, loaded.spec.train
     run_dir, state = _open_run_dir(loaded, Path(runs_root), resume)
     L.seed_everything(train.seed, workers=True, verbose=False)
+    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+    resuming = bool(resume) and last_ckpt.exists()
+    model = build_model(spec)  # draws from its own seeded RNG: the order here changes nothing
+    if not resuming:  # train.init (upcycling); a resumed run's weights come from its own checkpoint
+        upcycle_from_spec(spec, model)
     datamodule, corpus = build_data(spec, loaded.base_dir)
     counts = plan(spec)
     tracked = _start_tracking(loaded, state, tracking_uri, counts, corpus, tags or {})
     _save_state(run_dir, loaded, tracked)
 
     system = LMSystem(
-        build_model(spec),
+        model,
         lambda m: (opt := build_optimizer(train, m), build_scheduler(train, opt)),
         log_every=train.log_every,
+        updates=build_update_schedule(train, model),
     )
     throughput = Throughput(counts.tokens_per_step, every=train.log_every)
     guard = FiniteLoss()
     trainer = _trainer(loaded, run_dir, tracked, [throughput, guard, *callbacks], progress)
-    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     status, error = "FAILED", None
     try:
-        trainer.fit(
-            system, datamodule=datamodule, ckpt_path=last_ckpt if resume and last_ckpt.exists() else None
-        )
+        trainer.fit(system, datamodule=datamodule, ckpt_path=last_ckpt if resuming else None)
         if system.last_val.get("step") != trainer.global_step:
             trainer.validate(system, datamodule=datamodule, verbose=False)
         status = "FINISHED"

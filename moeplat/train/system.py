@@ -6,6 +6,7 @@ moeplat.nn.stats.moe_metrics for the MoE names).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -13,7 +14,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from moeplat.compile.optim import UpdateSchedule, count_trainable
 from moeplat.nn.stats import moe_metrics
+
+log = logging.getLogger(__name__)
 
 
 class LMSystem(L.LightningModule):
@@ -23,11 +27,17 @@ class LMSystem(L.LightningModule):
         configure: Callable[[nn.Module], tuple[torch.optim.Optimizer, object]],
         *,
         log_every: int = 10,
+        updates: UpdateSchedule | None = None,
     ):
+        """`updates` holds parameter groups still at some steps (freeze, router warm-up,
+        alternating updates; moeplat.compile.optim.build_update_schedule)."""
         super().__init__()
         self.model = model
         self._configure = configure
         self.log_every = log_every
+        self.updates = updates
+        self._held: frozenset[str] = frozenset()  # groups the current optimizer step does not update
+        self.trainable_params: int | None = None
         self.last_val: dict[str, float] = {}
         self._val_sum = 0.0
         self._val_n = 0
@@ -49,12 +59,20 @@ class LMSystem(L.LightningModule):
             self._log_moe(out.moe)
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After backward (all micro-batches), before gradient clipping and the step: the groups
+        held at this step lose their gradients, so AdamW skips them (no update, no weight decay)
+        and the clipping norm is that of the parameters that are updated."""
+        if self.updates is not None:
+            self._held = self.updates.hold(self.global_step)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         """After-step hook: once the optimizer has stepped, routers with online state (the
         aux-loss-free bias of sigmoid_bias routing) update from the load routed during the step
-        (all its micro-batches), via TransformerLM.after_optimizer_step."""
+        (all its micro-batches), via TransformerLM.after_optimizer_step; not while the router is
+        held (frozen, warming up, or outside its alternating phase)."""
         super().optimizer_step(*args, **kwargs)
-        if self._step_load and hasattr(self.model, "after_optimizer_step"):
+        if self._step_load and "router" not in self._held and hasattr(self.model, "after_optimizer_step"):
             self.model.after_optimizer_step(self._step_load)
         self._step_load = {}
 
@@ -93,6 +111,8 @@ class LMSystem(L.LightningModule):
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
+        if self.logger is not None and self.trainable_params is not None:
+            self.logger.log_metrics({"train/trainable_params": self.trainable_params}, step=self.global_step)
         # Restored here, after Lightning's own setup has drawn any random numbers it needs.
         rng = getattr(self, "_rng_to_restore", None)
         if rng:
@@ -103,4 +123,7 @@ class LMSystem(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer, scheduler = self._configure(self.model)
+        self.trainable_params = count_trainable(optimizer)
+        total = sum(p.numel() for p in self.model.parameters())
+        log.info("training %d of %d parameters", self.trainable_params, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
