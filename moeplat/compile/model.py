@@ -8,13 +8,16 @@ from torch import nn
 from moeplat import nn as mnn
 from moeplat.nn import DenseFFN, MoELayer, TransformerLM
 from moeplat.spec import routers as rs
-from moeplat.spec.model import CapacityFactor, MoESpec
+from moeplat.spec.attention import MLA
+from moeplat.spec.model import ModelSpec
+from moeplat.spec.moe import CapacityFactor, LayerShape, MoESpec
 from moeplat.spec.root import Spec
 
 
-def build_router(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> mnn.Router:
-    """The nn router of `moe.router` (one branch per kind; the spec has checked every combination)."""
-    r, E, K = moe.router, moe.routed_experts, moe.routed_top_k  # granularity m: E*m experts, K*m chosen
+def build_router(moe: MoESpec, shape: LayerShape, d_model: int, vocab_size: int | None = None) -> mnn.Router:
+    """The nn router of `moe.router` for a layer of this shape (one branch per kind; the spec has
+    checked every combination)."""
+    r, E, K = moe.router, shape.routed_experts, shape.routed_top_k  # granularity m: E*m experts, K*m chosen
     if isinstance(r, rs.HashRouter):
         if vocab_size is None:
             raise ValueError("hash routing needs the vocabulary size")
@@ -48,19 +51,22 @@ def build_router(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> m
     )
 
 
-def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None) -> MoELayer:
-    cap = moe.capacity
+def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None, j: int = 0) -> MoELayer:
+    """The j-th MoE layer (j counts MoE layers; pyramid layouts give each its own shape)."""
+    shape, cap = moe.shape(j), moe.capacity
+    num_devices, max_devices = moe.devices(shape) if moe.losses.per_device else (0, 1)
     factors = (cap.train, cap.eval) if isinstance(cap, CapacityFactor) else (None, None)
     drops = (cap.min_capacity, cap.drop_policy) if isinstance(cap, CapacityFactor) else (1, "position")
     return MoELayer(
         d_model,
-        moe.routed_experts,  # DeepSeekMoE fine-grained segmentation: num_experts * granularity
-        moe.routed_top_k,  # top_k * granularity
+        shape.routed_experts,  # DeepSeekMoE fine-grained segmentation: num_experts * granularity
+        shape.routed_top_k,  # top_k * granularity
         moe.routed_d_ff,  # experts.d_ff / granularity
-        router=build_router(moe, d_model, vocab_size),
+        router=build_router(moe, shape, d_model, vocab_size),
         n_shared_experts=moe.shared_experts.count,
         shared_d_ff=moe.shared_experts.d_ff or moe.experts.d_ff,
         shared_gate=moe.shared_experts.gate,
+        residual_coef=moe.shared_experts.residual_coefficient,
         capacity_factor_train=factors[0],
         capacity_factor_eval=factors[1],
         min_capacity=drops[0],
@@ -70,6 +76,11 @@ def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None) -
         importance_coef=_coef(moe.losses.importance),
         load_coef=_coef(moe.losses.load),
         sequence_balance_coef=_coef(moe.losses.sequence_balance),
+        variance_coef=_coef(moe.losses.variance),
+        device_balance_coef=_coef(moe.losses.device_balance),
+        communication_balance_coef=_coef(moe.losses.communication_balance),
+        num_devices=num_devices,
+        max_devices=max_devices,
         dispatch=moe.dispatch.kind,
         activation=moe.experts.kind,
         expert_dropout=moe.experts.dropout,
@@ -78,6 +89,33 @@ def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None) -
 
 def _coef(loss) -> float:
     return loss.coef if loss is not None else 0.0
+
+
+def build_attention(m: ModelSpec) -> nn.Module:
+    """One layer's attention: `model.attention` (gqa or mla) with the model's heads and RoPE."""
+    a, common = m.attention, {"rope_theta": m.rope_theta, "dropout": m.dropout, "max_seq_len": m.max_seq_len}
+    if isinstance(a, MLA):
+        return mnn.MultiHeadLatentAttention(
+            m.d_model,
+            m.n_heads,
+            kv_lora_rank=a.kv_lora_rank,
+            q_lora_rank=a.q_lora_rank,
+            qk_nope_head_dim=a.qk_nope_head_dim,
+            qk_rope_head_dim=a.qk_rope_head_dim,
+            v_head_dim=a.v_head_dim,
+            norm_eps=m.norm_eps,
+            **common,
+        )
+    return mnn.CausalSelfAttention(
+        m.d_model,
+        m.n_heads,
+        m.kv_heads,
+        head_dim=a.head_dim,
+        qkv_bias=a.qkv_bias,
+        qk_norm=a.qk_norm,
+        norm_eps=m.norm_eps,
+        **common,
+    )
 
 
 def build_model(spec: Spec) -> TransformerLM:
@@ -89,10 +127,10 @@ def build_model(spec: Spec) -> TransformerLM:
 
 def _build_model(spec: Spec) -> TransformerLM:
     m = spec.model
-    moe_idx = set(m.moe_layers)
+    moe_pos = {layer: j for j, layer in enumerate(m.moe_layers)}  # layer index -> j-th MoE layer
     ffns: list[nn.Module] = [
-        build_moe_layer(m.moe, m.d_model, m.vocab_size)
-        if i in moe_idx
+        build_moe_layer(m.moe, m.d_model, m.vocab_size, moe_pos[i])
+        if i in moe_pos
         else DenseFFN(m.d_model, m.dense_ffn.d_ff, m.dense_ffn.kind)
         for i in range(m.n_layers)
     ]
@@ -108,4 +146,5 @@ def _build_model(spec: Spec) -> TransformerLM:
         dropout=m.dropout,
         tie_embeddings=m.tie_embeddings,
         init_std=m.init_std,
+        attns=[build_attention(m) for _ in range(m.n_layers)],
     )

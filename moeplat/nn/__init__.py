@@ -21,6 +21,7 @@ from moeplat.nn.capacity import capacity_keep_mask, expert_capacity
 from moeplat.nn.dispatch import DISPATCHERS, dispatch_loop, dispatch_sorted
 from moeplat.nn.experts import DenseFFN, MLPExperts, SwiGLUExperts
 from moeplat.nn.losses import expert_load, load_balancing_loss, router_z_loss
+from moeplat.nn.mla import MultiHeadLatentAttention
 from moeplat.nn.model import Block, LMOutput, TransformerLM
 from moeplat.nn.moe import MoELayer, MoEOutput
 from moeplat.nn.routers import (
@@ -53,6 +54,7 @@ __all__ = [
     "MLPExperts",
     "MoELayer",
     "MoEOutput",
+    "MultiHeadLatentAttention",
     "NoisyTopKRouter",
     "RandomRouter",
     "ReinforceRouter",

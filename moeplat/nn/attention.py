@@ -28,7 +28,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
     """Rotate each (x_i, x_{i+hd/2}) pair by angle pos * f_i, so q.k depends only on pos_q - pos_k."""
     S = x_BHSd.shape[-2]
-    x = x_BHSd.float()
+    x = x_BHSd.to(torch.promote_types(x_BHSd.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
     out = x * cos_Sd[:S] + _rotate_half(x) * sin_Sd[:S]
     return out.to(x_BHSd.dtype)
 
@@ -36,8 +36,11 @@ def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor)
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention; n_kv_heads < n_heads gives GQA (Ainslie et al. 2023).
 
-    Parameters: wq [H*hd, D], wk and wv [KV*hd, D], wo [D, H*hd], no biases; hd = D // H.
+    Parameters: wq [H*hd, D], wk and wv [KV*hd, D], wo [D, H*hd]; hd = head_dim or D // H.
     Query head h reads key/value head h // (H // KV), as in Llama's repeat_kv.
+    qkv_bias adds biases to wq, wk, wv (Qwen1.5 / Qwen2); qk_norm applies RMSNorm to the whole
+    projected queries [H*hd] and keys [KV*hd] before RoPE (OLMoE, Muennighoff et al. 2024, sec. 2,
+    as transformers' modeling_olmoe does).
     """
 
     def __init__(
@@ -48,19 +51,28 @@ class CausalSelfAttention(nn.Module):
         rope_theta: float = 10000.0,
         dropout: float = 0.0,
         max_seq_len: int = 2048,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        if d_model % n_heads or n_heads % n_kv_heads:
+        if (head_dim is None and d_model % n_heads) or n_heads % n_kv_heads:
             raise ValueError(
-                "need d_model % n_heads == 0 and n_heads % n_kv_heads == 0, "
+                "need d_model % n_heads == 0 (or an explicit head_dim) and n_heads % n_kv_heads == 0, "
                 f"got {d_model=}, {n_heads=}, {n_kv_heads=}"
             )
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.dropout, self.max_seq_len = dropout, max_seq_len
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        q_dim, kv_dim = n_heads * self.head_dim, n_kv_heads * self.head_dim
+        self.wq = nn.Linear(d_model, q_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, kv_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, kv_dim, bias=qkv_bias)
+        self.wo = nn.Linear(q_dim, d_model, bias=False)
+        self.q_norm = nn.RMSNorm(q_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(kv_dim, eps=norm_eps) if qk_norm else None
         self.out_drop = nn.Dropout(dropout)
         cos_Sd, sin_Sd = rope_cos_sin(max_seq_len, self.head_dim, rope_theta)
         # Non-persistent: derived from the config, so not in state_dict and not a parameter.
@@ -71,8 +83,11 @@ class CausalSelfAttention(nn.Module):
         B, S, _ = x_BSD.shape
         if self.max_seq_len < S:
             raise ValueError(f"sequence length {S} > max_seq_len {self.max_seq_len}")
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.wq(x_BSD), self.wk(x_BSD)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
         if self.n_kv_heads != self.n_heads:

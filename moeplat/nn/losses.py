@@ -97,3 +97,82 @@ def sequence_balance_loss(
     f_BE = one_BSKE.sum(dim=(1, 2)) * num_experts / (K * S)
     P_BE = probs_BSE.float().mean(dim=1)
     return (f_BE * P_BE).sum(dim=-1).mean()
+
+
+def probability_variance_loss(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Variance-based balance loss: the variance over experts of the mean router probability
+    P_i = (1/T) sum_t probs_TE[t, i], scaled by E^2 (= CV^2 of P, since mean(P) = 1/E):
+
+        loss = E^2 * (1/E) * sum_i (P_i - 1/E)^2
+
+    0 at perfect balance, E - 1 when one expert takes all the probability. Unlike the importance
+    loss (CV^2 of the summed *chosen* gates, Shazeer et al. 2017 eq. 6) it reads the full
+    probability vector, so its gradient reaches experts that no token chose. Hand check: E=2, one
+    token with probs [.75, .25] -> P = [.75, .25], variance .0625 -> 4 * .0625 = 0.25.
+    """
+    P_E = probs_TE.float().mean(dim=0)
+    E = P_E.shape[0]
+    return E**2 * (P_E - 1.0 / E).square().mean()
+
+
+def _routed_onehot_TE(
+    topk_idx_TK: torch.Tensor, num_experts: int, valid_TK: torch.Tensor | None
+) -> torch.Tensor:
+    """[T, E] float: how many of token t's routed slots went to expert e (0/1 for distinct experts)."""
+    one_TKE = torch.nn.functional.one_hot(topk_idx_TK, num_experts).float()
+    if valid_TK is not None:
+        one_TKE = one_TKE * valid_TK.unsqueeze(-1)
+    return one_TKE.sum(dim=1)
+
+
+def device_balance_loss(
+    probs_TE: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    num_devices: int,
+    valid_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DeepSeek-V2 device-level balance loss (DeepSeek-AI 2024, sec. 2.2.3, eq. 26-27), without
+    its alpha_2. The E routed experts are D contiguous groups of E/D ("devices"):
+
+        loss  = sum_i f'_i * P'_i                       (i over the D devices)
+        f'_i  = mean over experts j of device i of f_j,  f_j = E / (K T) * (slots routed to j)
+        P'_i  = sum over experts j of device i of P_j,   P_j = (1/T) sum_t probs_TE[t, j]
+
+    1.0 at perfect balance (f' = 1, P' = 1/D). With D = E it is the expert-level loss. Hand check:
+    E=4, D=2, T=1, K=1, probs [.4, .3, .2, .1], routed to expert 0 -> f = [4, 0, 0, 0],
+    f' = [2, 0], P' = [.7, .3] -> 1.4.
+    """
+    E = probs_TE.shape[1]
+    counts_E = _routed_onehot_TE(topk_idx_TK, E, valid_TK).sum(dim=0)
+    slots = counts_E.sum().clamp(min=1)  # T*K, or the valid slots
+    f_E = E * counts_E / slots
+    f_D = f_E.reshape(num_devices, -1).mean(dim=1)
+    P_D = probs_TE.float().mean(dim=0).reshape(num_devices, -1).sum(dim=1)
+    return (f_D * P_D).sum()
+
+
+def communication_balance_loss(
+    probs_TE: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    num_devices: int,
+    max_devices: int,
+    valid_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DeepSeek-V2 communication balance loss (DeepSeek-AI 2024, sec. 2.2.3, eq. 28-30), without
+    its alpha_3: balances how many tokens each device *receives*, whatever the number of
+    experts a token uses there:
+
+        loss   = sum_i f''_i * P''_i
+        f''_i  = D / (M T) * (tokens with at least one routed slot on device i)   -- no gradient
+        P''_i  = sum over experts j of device i of P_j                              -- differentiable
+
+    M is the most devices one token is sent to (DeepSeek-V2's device-limited routing: M = 3; the
+    top groups of a group-limited router). 1.0 when every token reaches M devices and every
+    device receives M T / D tokens. Hand check: E=4, D=2, M=1, T=2, K=2, both tokens to experts
+    {0, 1}, probs all .25 -> tokens per device [2, 0], f'' = [2, 0], P'' = [.5, .5] -> 1.0.
+    """
+    T, E = probs_TE.shape
+    on_device_TD = _routed_onehot_TE(topk_idx_TK, E, valid_TK).reshape(T, num_devices, -1).sum(-1) > 0
+    f_D = num_devices / (max_devices * T) * on_device_TD.float().sum(dim=0)
+    P_D = probs_TE.float().mean(dim=0).reshape(num_devices, -1).sum(dim=1)
+    return (f_D * P_D).sum()

@@ -11,6 +11,7 @@ from torch import nn
 
 from moeplat.nn.attention import CausalSelfAttention
 from moeplat.nn.experts import DenseFFN, MLPExperts
+from moeplat.nn.mla import MultiHeadLatentAttention
 from moeplat.nn.moe import MoELayer, MoEOutput
 from moeplat.nn.routers import Router
 
@@ -29,9 +30,7 @@ class Block(nn.Module):
     Attention applies its own output dropout, so only the FFN branch is dropped here.
     """
 
-    def __init__(
-        self, attn: CausalSelfAttention, ffn: nn.Module, d_model: int, norm_eps: float, dropout: float
-    ):
+    def __init__(self, attn: nn.Module, ffn: nn.Module, d_model: int, norm_eps: float, dropout: float):
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.attn = attn
@@ -55,7 +54,9 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     """Token embedding -> len(ffns) blocks -> RMSNorm -> LM head (tied to the embedding by default).
 
-    `ffns[i]` is the i-th block's FFN (DenseFFN or MoELayer), built by the caller.
+    `ffns[i]` is the i-th block's FFN (DenseFFN or MoELayer), built by the caller. `attns[i]`, if
+    given, is its attention (e.g. MultiHeadLatentAttention); by default each block gets a
+    CausalSelfAttention(d_model, n_heads, n_kv_heads).
     """
 
     def __init__(
@@ -72,23 +73,22 @@ class TransformerLM(nn.Module):
         dropout: float = 0.0,
         tie_embeddings: bool = True,
         init_std: float = 0.02,
+        attns: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if not ffns:
             raise ValueError("ffns must hold at least one FFN (one per layer)")
+        if attns is not None and len(attns) != len(ffns):
+            raise ValueError(f"attns must hold one attention per layer: {len(attns)} != {len(ffns)}")
+        attns = attns or [
+            CausalSelfAttention(d_model, n_heads, n_kv_heads, rope_theta, dropout, max_seq_len) for _ in ffns
+        ]
         self.n_layers, self.init_std, self.tie_embeddings = len(ffns), init_std, tie_embeddings
         self.max_seq_len = max_seq_len
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.emb_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(
-                CausalSelfAttention(d_model, n_heads, n_kv_heads, rope_theta, dropout, max_seq_len),
-                ffn,
-                d_model,
-                norm_eps,
-                dropout,
-            )
-            for ffn in ffns
+            Block(attn, ffn, d_model, norm_eps, dropout) for attn, ffn in zip(attns, ffns, strict=True)
         )
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
@@ -120,7 +120,7 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(m.w_up, 0.0, std)
                 nn.init.normal_(m.w_down, 0.0, resid_std)
         for m in self.modules():  # second pass: residual projections of dense FFNs and attention
-            if isinstance(m, CausalSelfAttention):
+            if isinstance(m, CausalSelfAttention | MultiHeadLatentAttention):
                 nn.init.normal_(m.wo.weight, 0.0, resid_std)
             elif isinstance(m, DenseFFN):
                 nn.init.normal_(m.w_down.weight, 0.0, resid_std)

@@ -11,9 +11,12 @@ from moeplat.nn.capacity import DROP_POLICIES, capacity_keep_mask, expert_capaci
 from moeplat.nn.dispatch import DISPATCHERS
 from moeplat.nn.experts import DenseFFN, MLPExperts
 from moeplat.nn.losses import (
+    communication_balance_loss,
+    device_balance_loss,
     importance_loss,
     load_balancing_loss,
     load_loss,
+    probability_variance_loss,
     router_z_loss,
     sequence_balance_loss,
 )
@@ -30,8 +33,9 @@ class MoEOutput:
         torch.Tensor
     )  # float32 scalar: the weighted sum of the switched-on losses (add it to the LM loss)
     losses: dict[str, torch.Tensor]  # unweighted, detached: "load_balancing", "importance",
-    #   "sequence_balance"; "z_loss" (routers with logits); "load" (noisy_topk in training);
-    #   "reinforce" (policy routers, once rewarded)
+    #   "sequence_balance", "variance"; "device_balance", "communication_balance" (num_devices
+    #   set); "z_loss" (routers with logits); "load" (noisy_topk in training); "reinforce"
+    #   (policy routers, once rewarded)
     stats: RoutingStats  # detached routing statistics (moeplat.nn.stats)
     policy_logprob_T: torch.Tensor | None = None  # policy routers in training: awaits the reward
 
@@ -62,6 +66,12 @@ class MoELayer(nn.Module):
     aux loss (0 = off; the unweighted value is reported either way). `activation` (swiglu, geglu,
     gelu, relu; moeplat.nn.experts) is that of the routed and the shared experts; `expert_dropout`
     is the routed experts' (MLPExperts) hidden-activation dropout, training only.
+
+    `num_devices` D (> 0) splits the experts into D contiguous groups for DeepSeek-V2's device and
+    communication balance losses; `max_devices` is their M (the most devices a token reaches).
+    `residual_coef` mixes routed and shared output by learned per-token softmax coefficients
+    instead of adding them (DeepSpeed-MoE's Residual MoE, Rajbhandari et al. 2022, sec. 4.1.1:
+    y = c_0 * routed + c_1 * shared, c = softmax(x W_c + b_c), W_c a D x 2 projection with bias).
     """
 
     def __init__(
@@ -85,6 +95,12 @@ class MoELayer(nn.Module):
         importance_coef: float = 0.0,
         load_coef: float = 0.0,
         sequence_balance_coef: float = 0.0,
+        variance_coef: float = 0.0,
+        device_balance_coef: float = 0.0,
+        communication_balance_coef: float = 0.0,
+        num_devices: int = 0,
+        max_devices: int = 1,
+        residual_coef: bool = False,
         dispatch: str = "sorted",
         activation: str = "swiglu",
         expert_dropout: float = 0.0,
@@ -106,9 +122,21 @@ class MoELayer(nn.Module):
             "importance": importance_coef,
             "load": load_coef,
             "sequence_balance": sequence_balance_coef,
+            "variance": variance_coef,
+            "device_balance": device_balance_coef,
+            "communication_balance": communication_balance_coef,
         }
         if n_shared_experts < 0 or min(self.loss_coefs.values()) < 0:
             raise ValueError("n_shared_experts and the loss coefficients must be >= 0")
+        if num_devices < 0 or (
+            num_devices and (num_experts % num_devices or not 1 <= max_devices <= num_devices)
+        ):
+            raise ValueError(
+                f"num_devices ({num_devices}) must divide num_experts ({num_experts}), 1 <= max_devices <= num_devices"
+            )
+        if (device_balance_coef or communication_balance_coef) and not num_devices:
+            raise ValueError("the device and communication balance losses need num_devices >= 1")
+        self.num_devices, self.max_devices = num_devices, max_devices
         if router is None:
             router = TopKRouter(d_model, num_experts, top_k, normalize=normalize_topk)
         if router.num_experts != num_experts:
@@ -125,9 +153,12 @@ class MoELayer(nn.Module):
             if n_shared_experts > 0
             else None
         )
-        if shared_gate and self.shared is None:
-            raise ValueError("shared_gate needs n_shared_experts >= 1")
+        if (shared_gate or residual_coef) and self.shared is None:
+            raise ValueError("shared_gate and residual_coef need n_shared_experts >= 1")
+        if shared_gate and residual_coef:
+            raise ValueError("choose one of shared_gate and residual_coef")
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
+        self.residual_coef = nn.Linear(d_model, 2) if residual_coef else None
 
     def keep_mask(
         self,
@@ -163,7 +194,11 @@ class MoELayer(nn.Module):
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x w_g) * shared(x), [T, 1] gate
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            if self.residual_coef is not None:  # DeepSpeed-MoE residual MoE: softmax mix, [T, 2]
+                c_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)
+                y_TD = y_TD * c_T2[:, :1] + shared_TD * c_T2[:, 1:]
+            else:
+                y_TD = y_TD + shared_TD
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
         aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S))
         stats = routing_stats(
@@ -187,6 +222,13 @@ class MoELayer(nn.Module):
                 None if valid_TK is None else valid_TK.reshape(B, S, -1),
             ),
         }
+        values["variance"] = probability_variance_loss(route.probs_TE)
+        if self.num_devices:
+            D, M = self.num_devices, self.max_devices
+            values["device_balance"] = device_balance_loss(route.probs_TE, idx_TK, D, valid_TK)
+            values["communication_balance"] = communication_balance_loss(
+                route.probs_TE, idx_TK, D, M, valid_TK
+            )
         if route.logits_TE is not None:
             values["z_loss"] = router_z_loss(route.logits_TE)
         if route.load_prob_TE is not None:

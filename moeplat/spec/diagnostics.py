@@ -51,16 +51,47 @@ def _union_member(members: tuple, tag: str):
     return None
 
 
+def _is_list(tp) -> bool:
+    return typing.get_origin(tp) is list
+
+
+def _is_member_tag(members: tuple, part: str) -> bool:
+    """Pydantic names the member of a plain (not discriminated) union of scalars and lists in the
+    location, e.g. ('top_k', 'constrained-int') or ('top_k', 'list[constrained-int]', 0)."""
+    no_models = not any(isinstance(m, type) and issubclass(m, BaseModel) for m in members)
+    return no_models and any(_is_list(m) for m in members)
+
+
+def _off_member(root: type[BaseModel], e: dict) -> bool:
+    """An error of the scalar-or-list union member that the input's shape did not choose (a list
+    gets the list member's errors only, a scalar the scalar member's): Pydantic reports both."""
+    loc = tuple(e["loc"])
+    for i in range(1, len(loc)):
+        part = loc[i]
+        if (
+            isinstance(part, str)
+            and isinstance(tp := walk(root, loc[:i])[1], tuple)
+            and _is_member_tag(tp, part)
+        ):
+            if part.startswith("list["):  # the list member: off when the whole input is no list
+                return len(loc) == i + 1 and not isinstance(e["input"], list)
+            return isinstance(e["input"], list)  # the scalar member, given a list
+    return False
+
+
 def walk(root: type[BaseModel], loc: tuple) -> tuple[tuple, object]:
     """Return (user path without tags, the type found at the end of loc; None if unknown)."""
     path: list = []
     tp: object = root
     for part in loc:
         tp = _strip(tp)
-        if isinstance(tp, tuple):  # a discriminated union
+        if isinstance(tp, tuple):  # a union
             member = _union_member(tp, part) if isinstance(part, str) else None
             if member is not None:  # Pydantic locations name the variant by its tag
                 tp = member
+                continue
+            if isinstance(part, str) and _is_member_tag(tp, part):  # `int | list[int]` fields
+                tp = next((m for m in tp if _is_list(m) == part.startswith("list[")), None)
                 continue
             # user paths (--set, sweeps) name a field of one of the variants directly
             tp = next(
@@ -113,6 +144,8 @@ def dotted(path: tuple) -> str:
 def issues_from_validation(root: type[BaseModel], err: ValidationError, origin: Origin) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
     for e in err.errors(include_url=False):
+        if _off_member(root, e):
+            continue
         path, _ = walk(root, tuple(e["loc"]))
         etype = e["type"]
         if etype == "cross_field":

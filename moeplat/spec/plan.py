@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from moeplat.spec.model import ffn_matrices
+from moeplat.spec.attention import attention_activations, attention_flops, attention_params
+from moeplat.spec.ffn import ffn_matrices
 from moeplat.spec.root import Spec
 from moeplat.spec.routers import router_params
 
@@ -47,42 +48,42 @@ class Plan:
 
 
 def _attention(spec: Spec) -> tuple[int, int]:
+    """(params, forward FLOPs per token) of one layer's attention, gqa or mla (spec/attention.py)."""
     m = spec.model
-    hd = m.d_model // m.n_heads
-    q_o = 2 * m.d_model * m.n_heads * hd
-    kv = 2 * m.d_model * m.kv_heads * hd
-    s = spec.data.seq_len
-    score_flops = 2 * 2 * s * m.n_heads * hd  # QK^T and AV, full S x S
-    return q_o + kv, 2 * (q_o + kv) + score_flops
+    shape = (m.attention, m.d_model, m.n_heads, m.kv_heads)
+    return attention_params(*shape), attention_flops(*shape, spec.data.seq_len)
 
 
-def _ffn(spec: Spec, is_moe: bool) -> tuple[int, int, int, int]:
-    """(params, active params, forward FLOPs per token, routed-expert params) of one layer's FFN."""
+def _ffn(spec: Spec, moe_j: int | None) -> tuple[int, int, int, int]:
+    """(params, active params, forward FLOPs per token, routed-expert params) of one layer's FFN;
+    moe_j is the layer's position among the MoE layers, None for a dense layer."""
     m, d = spec.model, spec.model.d_model
-    if not is_moe:
+    if moe_j is None:
         p = ffn_matrices(m.dense_ffn.kind) * d * m.dense_ffn.d_ff
         return p, p, 2 * p, 0
     moe = m.moe
     mats = ffn_matrices(moe.experts.kind)  # 3 for swiglu/geglu (gate, up, down), 2 for gelu/relu
     # Fine-grained segmentation (granularity m): E*m experts of width d_ff/m, K*m chosen.
-    E, K = moe.routed_experts, moe.routed_top_k
+    E, K = moe.shape(moe_j).routed_experts, moe.shape(moe_j).routed_top_k
     expert = mats * d * moe.routed_d_ff
     shared = mats * d * moe.shared_experts.count * (moe.shared_experts.d_ff or moe.experts.d_ff)
     shared += d if moe.shared_experts.gate else 0  # Qwen2-MoE shared-expert gate: a D -> 1 projection
+    mix = 2 * d + 2 if moe.shared_experts.residual_coefficient else 0  # DeepSpeed-MoE: Linear(D, 2)
     router = router_params(moe.router, E, d)  # noisy_topk: + noise weights; hash/random: 0
-    total = router + E * expert + shared
-    active = router + K * expert + shared
+    total = router + E * expert + shared + mix
+    active = router + K * expert + shared + mix
     # Dropless: every token runs K experts; with a capacity factor this is the upper bound.
-    return total, active, 2 * active, E * expert
+    return total, active, 2 * (active - (2 if mix else 0)), E * expert
 
 
 def plan(spec: Spec) -> Plan:
     m = spec.model
     attn_p, attn_f = _attention(spec)
-    moe_idx = set(m.moe_layers)
+    moe_pos = {layer: j for j, layer in enumerate(m.moe_layers)}
+    moe_idx = set(moe_pos)
     layers, expert_params = [], 0
     for i in range(m.n_layers):
-        p, a, f, e = _ffn(spec, i in moe_idx)
+        p, a, f, e = _ffn(spec, moe_pos.get(i))
         norms = 2 * m.d_model
         layers.append(
             LayerCount(
@@ -126,22 +127,23 @@ def memory_estimate(spec: Spec, total_params: int) -> dict:
     m, t = spec.model, spec.train
     act_bytes = 2 if t.precision != "32-true" else 4
     s, b = spec.data.seq_len, t.batch_size
-    hd = m.d_model // m.n_heads
+    attn = 4 * m.d_model + attention_activations(m.attention, m.d_model, m.n_heads, m.kv_heads, s)
     per_token = 0
+    moe_pos = {layer: j for j, layer in enumerate(m.moe_layers)}
     for i in range(m.n_layers):
-        if i in set(m.moe_layers):
+        if i in moe_pos:
             moe = m.moe
-            ffn_hidden = moe.routed_top_k * moe.routed_d_ff + moe.shared_experts.count * (
+            shape = moe.shape(moe_pos[i])
+            ffn_hidden = shape.routed_top_k * moe.routed_d_ff + moe.shared_experts.count * (
                 moe.shared_experts.d_ff or moe.experts.d_ff
             )
             ffn_hidden = (
                 ffn_matrices(moe.experts.kind) * ffn_hidden
-                + moe.routed_experts
-                + m.d_model * moe.routed_top_k
+                + shape.routed_experts
+                + m.d_model * shape.routed_top_k
             )  # + router, dispatched copies
         else:
             ffn_hidden = ffn_matrices(m.dense_ffn.kind) * m.dense_ffn.d_ff
-        attn = 4 * m.d_model + (m.n_heads + 2 * m.kv_heads) * hd + m.n_heads * s
         per_token += attn + ffn_hidden
     per_token += 2 * m.vocab_size
     activations = per_token * s * b * act_bytes

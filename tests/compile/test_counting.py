@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from moeplat.compile.model import build_model
+from moeplat.nn import MoELayer
 from moeplat.spec import load_spec
 from moeplat.spec.plan import plan
 
@@ -67,6 +68,47 @@ VARIANTS = {
             "model.moe.shared_experts={count: 1, gate: true}",
         ],
     ),
+    # PR-MoE (DeepSpeed-MoE): pyramid expert counts / top-k per MoE layer, and the residual
+    # MoE's D -> 2 softmax mixing coefficient (with bias) per MoE layer.
+    "pyramid-residual": (
+        "specs/quickstart.yaml",
+        [
+            "model.moe.num_experts=[4, 4, 8, 8]",
+            "model.moe.top_k=[1, 1, 2, 2]",
+            "model.moe.shared_experts={count: 1, d_ff: 64, residual_coefficient: true}",
+        ],
+    ),
+    "pyramid-every2-fine-grained": (
+        "specs/quickstart.yaml",
+        [
+            "model.moe.layers={kind: every, n: 2, offset: 1}",
+            "model.dense_ffn={kind: swiglu, d_ff: 384}",
+            "model.moe.num_experts=[4, 16]",
+            "model.moe.granularity=2",
+        ],
+    ),
+    # DeepSeek-V2 MLA: low-rank q and kv latents (RMSNorm'd), decoupled RoPE key, v_head_dim != qk.
+    "mla": (
+        "specs/quickstart.yaml",
+        [
+            "model.n_kv_heads=null",
+            "model.attention={kind: mla, kv_lora_rank: 24, q_lora_rank: 40, qk_nope_head_dim: 16, "
+            "qk_rope_head_dim: 8, v_head_dim: 12}",
+        ],
+    ),
+    "mla-no-q-lora": (
+        "specs/quickstart-dense.yaml",
+        [
+            "model.n_kv_heads=null",
+            "model.attention={kind: mla, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 4, "
+            "v_head_dim: 20}",
+        ],
+    ),
+    # GQA with a head dim other than d_model / n_heads (GLaM), q/k/v biases (Qwen1.5), QK-norm (OLMoE).
+    "gqa-head-dim-bias-qk-norm": (
+        "specs/quickstart.yaml",
+        ["model.attention={kind: gqa, head_dim: 48, qkv_bias: true, qk_norm: true}"],
+    ),
     # Hash layers have no router weights at all.
     "hash": (
         "specs/quickstart.yaml",
@@ -80,15 +122,14 @@ def _load(name, *extra):
     return load_spec(REPO / path, [*overrides, *extra]).spec
 
 
-def _active_params(model, spec) -> int:
-    """Active parameters counted on the built module: routed experts count top_k/E of their weights."""
-    moe = spec.model.moe
-    total = 0
-    for name, p in model.named_parameters():
-        if ".experts." in name:
-            total += p.numel() * moe.top_k // moe.num_experts
-        else:
-            total += p.numel()
+def _active_params(model) -> int:
+    """Active parameters counted on the built module: each MoE layer's routed experts count
+    top_k/E of their weights (the layer's own E and top_k: pyramid layouts differ per layer)."""
+    total = sum(p.numel() for p in model.parameters())
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            n = sum(p.numel() for p in layer.experts.parameters())
+            total -= n - n * layer.top_k // layer.num_experts
     return total
 
 
@@ -98,7 +139,7 @@ def test_param_counts_equal_built_model(name):
     model = build_model(spec)
     p = plan(spec)
     assert p.total_params == sum(t.numel() for t in model.parameters())
-    assert p.active_params == (_active_params(model, spec) if spec.model.moe else p.total_params)
+    assert p.active_params == _active_params(model)
     assert p.embedding_params == model.tok_emb.weight.numel()
     for layer in p.layers:
         block = model.blocks[layer.index]

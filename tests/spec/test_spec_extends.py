@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moeplat.spec import load_spec
-from moeplat.spec.model import FirstDense, LayerList
+from moeplat.spec.moe import FirstDense, LayerList
 from moeplat.spec.sections import Constant, TextFilesSource, WarmupCosine
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "specs" / "quickstart.yaml"

@@ -18,10 +18,9 @@ def _ctrl_c() -> None:
 
 def test_ctrl_c_inside_the_block_is_raised_after_it():
     finished = []
-    with pytest.raises(KeyboardInterrupt):
-        with sigint_deferred():
-            _ctrl_c()
-            finished.append(True)  # the block was not cut
+    with pytest.raises(KeyboardInterrupt), sigint_deferred():
+        _ctrl_c()
+        finished.append(True)  # the block was not cut
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
