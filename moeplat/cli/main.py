@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_run)
 
-    from moeplat.cli.sweep import add_commands
+    from moeplat.cli import compare, sweep
 
-    add_commands(sub)
+    sweep.add_commands(sub)
+    compare.add_commands(sub)
     return parser
 
 
