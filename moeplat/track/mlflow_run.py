@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import json
+import logging
 import os
 import platform
 import signal
@@ -14,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = (
     "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` in the same directory finds it
@@ -150,17 +155,60 @@ class TrackedRun:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
     @_uninterrupted
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def start_system_metrics(self, every_s: float, resume: bool = False) -> bool:
+        """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+        disk, network; system/gpu_* where pynvml finds a GPU) sampled every `every_s` seconds by a
+        background thread until finish(). Needs psutil: without it, a warning and False."""
+        if importlib.util.find_spec("psutil") is None:
+            log.warning("system metrics need psutil (pip install psutil); not logged")
+            return False
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=every_s, resume_logging=resume, tracking_uri=self.tracking_uri
+        )
+        self._monitor.start()
+        return True
+
+    def stop_system_metrics(self) -> None:
+        monitor, self._monitor = getattr(self, "_monitor", None), None
+        if monitor is not None:
+            with sigint_deferred():
+                monitor.finish()
+
+    @_uninterrupted
     def finish(self, status: str = "FINISHED") -> None:
+        self.stop_system_metrics()
         self.client.set_terminated(self.run_id, status=status)
 
     def metric_history(self, key: str) -> list:
         return self.client.get_metric_history(self.run_id, key)
 
 
+VERSIONED = ("moeplat", "torch", "lightning", "mlflow", "optuna", "pydantic", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    """version.<package> of the packages a run's numbers depend on, and of Python."""
+    out = {"version.python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[f"version.{name}"] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[f"version.{name}"] = "not installed"
+    return out
+
+
 def log_spec(run: TrackedRun, resolved: dict, files: list[str], overrides: list[str], tags: dict) -> None:
-    """Params = every resolved spec leaf; artifacts = original files, resolved spec, overrides."""
+    """Params = every resolved spec leaf; tags = `tags`, git commit and dirty flag, host, package
+    versions; artifacts = original files, resolved spec, overrides."""
     run.log_params(flatten(resolved))
-    run.set_tags({**tags, **git_state(Path(__file__).resolve().parent), "host": platform.node()})
+    run.set_tags(
+        {**tags, **git_state(Path(__file__).resolve().parent), "host": platform.node(), **package_versions()}
+    )
     for i, f in enumerate(files):
         run.log_artifact(f, "spec/original" if i == 0 else "spec/bases")
     run.log_text(yaml.safe_dump(resolved, sort_keys=False), "spec/resolved.yaml")

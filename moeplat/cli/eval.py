@@ -1,0 +1,74 @@
+"""`moeplat eval RUN_ID`: rebuild a run's final model from its MLflow model/ artifact and print val loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+
+def cmd_eval(args) -> int:
+    from moeplat.track.mlflow_run import resolve_tracking_uri
+    from moeplat.track.model_store import RunNotFound, download_model, register_model
+
+    if args.val_batches is not None and args.val_batches < 1:
+        print("error: --val-batches must be at least 1", file=sys.stderr)
+        return 2
+    uri = resolve_tracking_uri(args.tracking_uri, None)
+    with tempfile.TemporaryDirectory(prefix="moeplat-eval-") as tmp:
+        try:
+            model_dir, run = download_model(uri, args.run_id, tmp)
+        except RunNotFound as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        from moeplat.train.model_artifact import evaluate, load_model_artifact
+
+        spec, model, meta = load_model_artifact(model_dir)
+        base_dir = args.data_dir or meta["base_dir"]
+        if not Path(base_dir).is_dir():
+            print(f"error: the run's data directory {base_dir} is not here: pass --data-dir", file=sys.stderr)
+            return 2
+        batches = args.val_batches or spec.train.val_batches
+        loss = evaluate(spec, model, base_dir, batches)
+    version = register_model(uri, args.run_id, args.register) if args.register else None
+    result = {
+        "run_id": args.run_id,
+        "run_name": run.info.run_name,
+        "step": meta["step"],
+        "val_batches": batches,
+        "val/loss": loss,
+        "val/ppl": math.exp(min(loss, 50.0)),
+        "logged_val/loss": run.data.metrics.get("val/loss"),
+    }
+    if version is not None:
+        result["registered"] = f"{args.register} version {version}"
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"run {args.run_id} ({run.info.run_name}), step {meta['step']}, {batches} validation batches")
+    print(f"val/loss {loss:.6f}  val/ppl {result['val/ppl']:.4f}")
+    if version is not None:
+        print(f"registered as model {args.register!r} version {version}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("eval", help="load a run's final model from MLflow and print its validation loss")
+    p.add_argument("run_id", metavar="RUN_ID", help="MLflow run id (of a finished `moeplat run`)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)"
+    )
+    p.add_argument(
+        "--val-batches",
+        type=int,
+        metavar="N",
+        help="validation batches (default: the spec's train.val_batches)",
+    )
+    p.add_argument(
+        "--data-dir", help="directory the spec's relative data paths resolve against (default: the run's)"
+    )
+    p.add_argument("--register", metavar="NAME", help="also register the model in the MLflow model registry")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(fn=cmd_eval)

@@ -1,0 +1,89 @@
+"""The model artifact of a run: final weights and the resolved spec they belong to, under model/.
+
+  model/weights.pt   torch state_dict of moeplat.nn TransformerLM (what build_model(spec) returns)
+  model/spec.yaml    the resolved spec (after extends, ${...} and --set): enough to rebuild the model
+  model/meta.json    step, spec name and hash, overrides, the data base directory, val/loss at the end
+
+`moeplat eval RUN_ID` downloads it (moeplat.track.model_store), rebuilds the model with
+moeplat.compile.model.build_model, loads the weights and runs the same validation as training
+(LMSystem.validation_step on the spec's validation split), so its val/loss equals the run's last
+logged val/loss for the same number of batches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from moeplat.spec import LoadedSpec, Spec, validate
+
+PREFIX = "model."  # LMSystem keeps the TransformerLM as self.model
+
+
+def save_model_artifact(
+    tracked, state_dict: dict, loaded: LoadedSpec, run_dir: Path, step: int, val_loss: float | None
+) -> Path:
+    """Write model/ into `run_dir` and log it to `tracked` (rank 0's TrackedRun). `state_dict` is
+    the LightningModule's (keys model.*), as trainer.strategy.lightning_module_state_dict() gives it."""
+    out = Path(run_dir) / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {
+        k.removeprefix(PREFIX): v.detach().cpu() for k, v in state_dict.items() if k.startswith(PREFIX)
+    }
+    torch.save(weights, out / "weights.pt")
+    (out / "spec.yaml").write_text(yaml.safe_dump(loaded.resolved, sort_keys=False))
+    meta = {
+        "step": step,
+        "spec_name": loaded.spec.name,
+        "spec_hash": loaded.spec_hash,
+        "overrides": loaded.overrides,
+        "base_dir": str(Path(loaded.base_dir).resolve()),
+        "val_loss": val_loss,
+        "val_batches": loaded.spec.train.val_batches,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    tracked.log_artifacts(str(out), "model")
+    return out
+
+
+def load_model_artifact(model_dir: str | Path) -> tuple[Spec, torch.nn.Module, dict]:
+    """(spec, model with the run's final weights, meta) from a downloaded model/ directory."""
+    from moeplat.compile.model import build_model
+
+    model_dir = Path(model_dir)
+    spec = validate(yaml.safe_load((model_dir / "spec.yaml").read_text()))
+    meta = json.loads((model_dir / "meta.json").read_text())
+    model = build_model(spec)
+    model.load_state_dict(torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=True))
+    return spec, model, meta
+
+
+def evaluate(spec: Spec, model: torch.nn.Module, base_dir: str, val_batches: int | None = None) -> float:
+    """Token-weighted mean validation loss of `model` over the first `val_batches` batches (default:
+    train.val_batches) of the spec's validation split, on one device at the spec's precision."""
+    import lightning as L
+
+    from moeplat.compile.data import build_data
+    from moeplat.train.system import LMSystem
+
+    datamodule, _ = build_data(spec, base_dir)
+    system = LMSystem(model, configure=_no_optimizer)
+    trainer = L.Trainer(
+        accelerator=spec.parallel.accelerator,
+        devices=1,
+        precision=spec.train.precision,
+        limit_val_batches=val_batches or spec.train.val_batches,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.validate(system, datamodule=datamodule, verbose=False)
+    return system.last_val["val/loss"]
+
+
+def _no_optimizer(model):
+    raise AssertionError("evaluation does not train")
