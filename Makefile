@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast lint format clean
+.PHONY: setup system-deps demo test test-fast lint format clean bench
 
 $(BIN)/moeplat: pyproject.toml requirements/cpu.txt
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: setup
 # Everything but the slow end-to-end tests: for the edit-test loop.
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# MoE layer speed and memory vs dense and transformers, step overhead, validate time (see README).
+bench: setup
+	$(BIN)/moeplat bench $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check moeplat tests

@@ -25,6 +25,8 @@ ALLOWED = {
     "train": {"errors", "spec", "nn", "data", "compile", "parallel", "track", "train"},
     "sweep": {"errors", "spec", "train", "track", "sweep"},
     "interop": {"errors", "nn", "interop"},  # transformers <-> moeplat.nn; test/extra only
+    # layer benchmarks (nn, interop peers) and the whole-step overhead (train, track)
+    "bench": {"errors", "spec", "nn", "data", "compile", "interop", "train", "track", "bench"},
     "cli": {
         "errors",
         "spec",
@@ -36,6 +38,7 @@ ALLOWED = {
         "train",
         "sweep",
         "server",
+        "bench",
         "cli",
     },
 }

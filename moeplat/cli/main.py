@@ -48,12 +48,24 @@ def cmd_show(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from moeplat.cli.launch import layout_overrides, preflight_report, raise_problems
     from moeplat.cli.report import format_plan
+    from moeplat.spec import load_spec
     from moeplat.spec.plan import plan
 
-    loaded = _load(args)
+    loaded = load_spec(args.spec, [*args.overrides, *layout_overrides(args)])
     p = plan(loaded.spec)
-    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(loaded.spec, p))
+    memory = args.device_memory
+    if memory is None and loaded.spec.parallel.accelerator != "cpu":
+        from moeplat.cli.launch import detect_device_memory_gib
+
+        memory = detect_device_memory_gib()
+    pf, text = preflight_report(loaded.spec, p, memory)
+    if args.json:
+        print(json.dumps({**p.to_dict(), "preflight": pf.to_dict()}, indent=2))
+    else:
+        print(format_plan(loaded.spec, p) + "\n" + text)
+    raise_problems(pf)  # exit 2 when the estimate exceeds the device's memory
     return 0
 
 
@@ -65,10 +77,12 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from moeplat.cli.launch import run_preflight
     from moeplat.cli.report import format_summary
     from moeplat.train.run import run
 
     loaded = _load(args)
+    run_preflight(loaded.spec)  # moeplat.cli.launch: the same checks as `moeplat plan --devices`
     result = run(
         loaded,
         runs_root=args.runs_dir,
@@ -76,7 +90,8 @@ def cmd_run(args) -> int:
         tracking_uri=args.tracking_uri,
         progress=not args.no_progress,
     )
-    print(format_summary(loaded.spec, result))
+    if result.rank == 0:  # the other ranks of a multi-process run: their log is run_dir/logs
+        print(format_summary(loaded.spec, result))
     return 0
 
 
@@ -99,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="parameters, active parameters, FLOPs per token, memory estimate")
     _spec_args(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--devices", type=int, help="devices per node (overrides parallel.devices)")
+    p.add_argument("--nodes", type=int, help="nodes (overrides parallel.num_nodes)")
+    p.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GiB",
+        help="check the per-device memory estimate against this (default: the GPU's, when there is one)",
+    )
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("schema", help="print the JSON Schema of spec files (for editor completion)")
@@ -119,14 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_run)
 
-    from moeplat.cli import compare, sweep
+    from moeplat.cli import bench, compare, launch, sweep
+    from moeplat.cli import eval as eval_cmd
 
     sweep.add_commands(sub)
     compare.add_commands(sub)
+    bench.add_commands(sub)
+    launch.add_commands(sub, _spec_args)
+    eval_cmd.add_commands(sub)
     return parser
 
 
-TRAINING_COMMANDS = {"run", "sweep", "sweep-worker"}
+TRAINING_COMMANDS = {"run", "sweep", "sweep-worker", "bench", "eval"}
 
 
 def _quiet_libraries(verbose: bool) -> None:

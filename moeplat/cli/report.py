@@ -17,6 +17,14 @@ def _bytes(x: float) -> str:
     return f"{x:.0f} B"
 
 
+def _dispatch(spec) -> str:
+    """The dispatch kind, with auto's choice: 'auto -> sorted'."""
+    from moeplat.spec.moe import resolve_dispatch
+
+    kind, built = spec.model.moe.dispatch.kind, resolve_dispatch(spec.model.moe, spec.train.compile)
+    return kind if kind == built else f"{kind} -> {built}"
+
+
 def format_plan(spec, p) -> str:
     m = spec.model
     moe = m.moe
@@ -28,7 +36,7 @@ def format_plan(spec, p) -> str:
         lines.append(
             f"experts         {moe.num_experts} x {moe.experts.kind}(d_ff={moe.experts.d_ff}), top_k={moe.top_k}, "
             f"shared={moe.shared_experts.count}, router={moe.router.kind}, capacity={moe.capacity.kind}, "
-            f"dispatch={moe.dispatch.kind}"
+            f"dispatch={_dispatch(spec)}"
         )
     lines += [
         f"total params    {_n(p.total_params)} ({p.total_params:,})",

@@ -10,7 +10,7 @@ from moeplat.nn import DenseFFN, MoELayer, TransformerLM
 from moeplat.spec import routers as rs
 from moeplat.spec.attention import MLA
 from moeplat.spec.model import ModelSpec
-from moeplat.spec.moe import CapacityFactor, LayerShape, MoESpec
+from moeplat.spec.moe import CapacityFactor, LayerShape, MoESpec, resolve_dispatch
 from moeplat.spec.root import Spec
 
 
@@ -51,8 +51,11 @@ def build_router(moe: MoESpec, shape: LayerShape, d_model: int, vocab_size: int 
     )
 
 
-def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None, j: int = 0) -> MoELayer:
-    """The j-th MoE layer (j counts MoE layers; pyramid layouts give each its own shape)."""
+def build_moe_layer(
+    moe: MoESpec, d_model: int, vocab_size: int | None = None, j: int = 0, compiled: bool = False
+) -> MoELayer:
+    """The j-th MoE layer (j counts MoE layers; pyramid layouts give each its own shape).
+    `compiled` (train.compile) is what dispatch kind auto decides on (resolve_dispatch)."""
     shape, cap = moe.shape(j), moe.capacity
     num_devices, max_devices = moe.devices(shape) if moe.losses.per_device else (0, 1)
     factors = (cap.train, cap.eval) if isinstance(cap, CapacityFactor) else (None, None)
@@ -81,7 +84,7 @@ def build_moe_layer(moe: MoESpec, d_model: int, vocab_size: int | None = None, j
         communication_balance_coef=_coef(moe.losses.communication_balance),
         num_devices=num_devices,
         max_devices=max_devices,
-        dispatch=moe.dispatch.kind,
+        dispatch=resolve_dispatch(moe, compiled),
         activation=moe.experts.kind,
         expert_dropout=moe.experts.dropout,
     )
@@ -125,11 +128,21 @@ def build_model(spec: Spec) -> TransformerLM:
         return _build_model(spec)
 
 
+def compile_model(spec: Spec, model: nn.Module) -> nn.Module:
+    """train.compile: torch.compile the model in place (nn.Module.compile keeps parameter names,
+    so checkpoints and upcycling are unchanged). The capacity dispatcher traces as one graph; the
+    sorted one breaks the graph at its data-dependent shapes (nonzero, per-expert segment sizes)
+    and runs those pieces eagerly."""
+    if spec.train.compile:
+        model.compile()
+    return model
+
+
 def _build_model(spec: Spec) -> TransformerLM:
     m = spec.model
     moe_pos = {layer: j for j, layer in enumerate(m.moe_layers)}  # layer index -> j-th MoE layer
     ffns: list[nn.Module] = [
-        build_moe_layer(m.moe, m.d_model, m.vocab_size, moe_pos[i])
+        build_moe_layer(m.moe, m.d_model, m.vocab_size, moe_pos[i], spec.train.compile)
         if i in moe_pos
         else DenseFFN(m.d_model, m.dense_ffn.d_ff, m.dense_ffn.kind)
         for i in range(m.n_layers)
@@ -147,4 +160,5 @@ def _build_model(spec: Spec) -> TransformerLM:
         tie_embeddings=m.tie_embeddings,
         init_std=m.init_std,
         attns=[build_attention(m) for _ in range(m.n_layers)],
+        activation_checkpointing=spec.parallel.activation_checkpointing,
     )

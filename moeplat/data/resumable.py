@@ -3,8 +3,12 @@ with exactly the batches an uninterrupted run would have seen.
 
 Lightning saves `state_dict()` of every stateful train loader into the checkpoint and calls
 `load_state_dict()` on resume. Each epoch's order is a permutation drawn from (seed, epoch) alone,
-so restoring (epoch, batches already consumed) restores the stream. Single-process layouts only:
-a distributed strategy replaces the sampler (the multi-device issue revisits this).
+so restoring (epoch, batches already consumed) restores the stream.
+
+Data parallel: rank r of W takes positions r, r + W, r + 2W, ... of the same global permutation
+(DistributedSampler semantics, the tail cut to a multiple of W), so with a per-rank batch of B the
+W ranks' k-th batches together are exactly the k-th batch of W x B that one process would draw:
+a DDP run sees the same global batches as a single-device run with the batch W times larger.
 """
 
 from __future__ import annotations
@@ -13,31 +17,61 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
-class EpochPermutationSampler(Sampler[int]):
-    """Epoch e yields randperm(n) drawn from a generator seeded with (seed, e), from `skip` on."""
+def _data_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    def __init__(self, n: int, seed: int):
+
+class EpochPermutationSampler(Sampler[int]):
+    """Epoch e yields this rank's share of randperm(n) drawn from a generator seeded with (seed, e),
+    from `skip` on. `rank`, `world_size`: None = the default process group's, read when iterated
+    (the loader is built before the process group exists)."""
+
+    def __init__(self, n: int, seed: int, rank: int | None = None, world_size: int | None = None):
+        if world_size is not None and not 0 <= (rank or 0) < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.n, self.seed = n, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = 0, 0
 
+    def _layout(self) -> tuple[int, int]:
+        if self.world_size is None:
+            return _data_parallel_rank()
+        return self.rank or 0, self.world_size
+
     def __len__(self) -> int:
-        return self.n - self.skip
+        return self.n // self._layout()[1] - self.skip
 
     def __iter__(self):
         epoch, skip = self.epoch, self.skip
         self.epoch, self.skip = epoch + 1, 0
+        rank, world = self._layout()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        yield from torch.randperm(self.n, generator=generator)[skip:].tolist()
+        perm = torch.randperm(self.n, generator=generator)[: self.n // world * world]
+        yield from perm[rank::world][skip:].tolist()
 
 
 class ResumableLoader(DataLoader):
-    """drop_last batches over an EpochPermutationSampler, counting what it has handed out."""
+    """drop_last batches over an EpochPermutationSampler, counting what it has handed out (per rank:
+    every rank consumes the same number of batches)."""
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         super().__init__(
             dataset,
             batch_size=batch_size,
-            sampler=EpochPermutationSampler(len(dataset), seed),
+            sampler=EpochPermutationSampler(len(dataset), seed, rank, world_size),
             drop_last=True,
             # Its own generator: creating an iterator draws a worker base seed, which must not
             # consume the global RNG that dropout uses (a resumed run would be one draw off).

@@ -18,7 +18,7 @@ e.g. ``x_TD`` is a [T, D] activation, ``topk_idx_TK`` a [T, K] index tensor.
 
 from moeplat.nn.attention import CausalSelfAttention, apply_rope, rope_cos_sin
 from moeplat.nn.capacity import capacity_keep_mask, expert_capacity
-from moeplat.nn.dispatch import DISPATCHERS, dispatch_loop, dispatch_sorted
+from moeplat.nn.dispatch import DISPATCHERS, dispatch_capacity, dispatch_loop, dispatch_sorted
 from moeplat.nn.experts import DenseFFN, MLPExperts, SwiGLUExperts
 from moeplat.nn.losses import expert_load, load_balancing_loss, router_z_loss
 from moeplat.nn.mla import MultiHeadLatentAttention
@@ -69,6 +69,7 @@ __all__ = [
     "TransformerLM",
     "apply_rope",
     "capacity_keep_mask",
+    "dispatch_capacity",
     "dispatch_loop",
     "dispatch_sorted",
     "expert_capacity",

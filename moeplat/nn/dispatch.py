@@ -1,11 +1,12 @@
 """Token dispatch: send each kept token-slot to its expert and combine the weighted results.
 
-Both dispatchers have one signature and compute the same function:
+All dispatchers have one signature (capacity also takes the buffer size C) and compute the same function:
 
     y_TD[t] = sum over kept slots (t, k) of topk_weight_TK[t, k] * expert_{topk_idx_TK[t, k]}(x_TD[t])
 
 `dispatch_loop` is the obviously-correct reference and stays forever (house principle 5);
-`dispatch_sorted` is the fast path and is tested against it. Combining is accumulated in at least
+`dispatch_sorted` (dropless, grouped GEMM) and `dispatch_capacity` (fixed [E, C, D] buffers, one
+bmm per expert matrix, static shapes) are the fast paths and are tested against it. Combining is accumulated in at least
 float32 (K contributions per token) and the result is cast back to x's dtype.
 """
 
@@ -18,7 +19,14 @@ import torch.nn.functional as F
 
 from moeplat.nn.experts import MLPExperts, SwiGLUExperts
 
-__all__ = ["DISPATCHERS", "MLPExperts", "SwiGLUExperts", "dispatch_loop", "dispatch_sorted"]
+__all__ = [
+    "DISPATCHERS",
+    "MLPExperts",
+    "SwiGLUExperts",
+    "dispatch_capacity",
+    "dispatch_loop",
+    "dispatch_sorted",
+]
 
 
 def dispatch_loop(
@@ -62,12 +70,67 @@ def dispatch_sorted(
     token_N = slot_N // K
     counts_E = torch.bincount(expert_N, minlength=experts.num_experts)
 
-    out_ND = _segmented_mlp(experts, x_TD[token_N], counts_E)
+    # index_select rather than x_TD[token_N]: same rows, but its backward is one index_add where
+    # advanced indexing's is an accumulating index_put (measured ~15% slower on CPU, issue 9).
+    out_ND = _segmented_mlp(experts, x_TD.index_select(0, token_N), counts_E)
     acc = _accumulate_dtype(x_TD)
     weight_N1 = topk_weight_TK.reshape(-1)[slot_N].to(acc).unsqueeze(-1)
     y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
     y_TD = y_TD.index_add(0, token_N, out_ND.to(acc) * weight_N1)
     return y_TD.to(x_TD.dtype)
+
+
+def dispatch_capacity(
+    experts: MLPExperts,
+    x_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+    capacity: int | None = None,
+) -> torch.Tensor:
+    """Fixed-capacity buffers (GShard, Lepikhin et al. 2020, Algorithm 1; Switch, Fedus et al. 2021
+    sec. 2.2): every expert gets C rows of an [E, C, D] buffer, all experts run as one bmm per
+    expert matrix, and each kept slot reads its row back.
+
+    Which slots fit is the keep mask's decision (moeplat.nn.capacity.capacity_keep_mask with the
+    same C), so the output equals dispatch_loop's with that mask; a kept slot beyond C would be a
+    silent drop, so it raises instead (checked in eager mode). `capacity` None sizes the buffer by
+    the fullest expert. All shapes are static given C ([E*C] rows, [T*K] slots): no nonzero, no
+    host sync when C is given, which is what torch.compile and accelerators like.
+    """
+    T, K = topk_idx_TK.shape
+    E, M = experts.num_experts, T * K
+    keep_M = keep_TK.reshape(-1)
+    # Dropped slots go to a sentinel expert E, sorted after every real one.
+    expert_M = torch.where(keep_M, topk_idx_TK.reshape(-1), E)
+    expert_sorted_M, order_M = torch.sort(expert_M, stable=True)
+    counts_E1 = torch.zeros(E + 1, dtype=torch.long, device=x_TD.device)
+    counts_E1 = counts_E1.index_add(0, expert_M, torch.ones_like(expert_M))
+    start_E1 = counts_E1.cumsum(0) - counts_E1
+    pos_sorted_M = torch.arange(M, device=x_TD.device) - start_E1[expert_sorted_M]
+    pos_M = torch.empty_like(pos_sorted_M).scatter_(0, order_M, pos_sorted_M)  # 0-based row in its expert
+    if capacity is None:
+        capacity = max(int(counts_E1[:E].max()), 1)
+    elif not torch.compiler.is_compiling() and bool((counts_E1[:E] > capacity).any()):
+        raise ValueError(f"the keep mask keeps more than capacity={capacity} slots for some expert")
+    C = capacity
+    # Buffer row of each slot; dropped (and, under compile, overflowing) slots read the zero row E*C.
+    row_M = torch.where(keep_M & (pos_M < C), expert_M * C + pos_M, E * C)
+    token_M = torch.arange(M, device=x_TD.device) // K
+    src_R = torch.full((E * C + 1,), T, dtype=torch.long, device=x_TD.device)  # T = the zero row of x
+    src_R = src_R.scatter(0, row_M, token_M)[: E * C]
+    x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+    out_ECD = _buffered_mlp(experts, x_pad[src_R].view(E, C, -1))
+    acc = _accumulate_dtype(x_TD)
+    out_R = torch.cat([out_ECD.reshape(E * C, -1), out_ECD.new_zeros(1, out_ECD.shape[-1])])
+    y_TKD = out_R[row_M].to(acc).view(T, K, -1) * topk_weight_TK.to(acc).unsqueeze(-1)
+    return y_TKD.sum(dim=1).to(x_TD.dtype)
+
+
+def _buffered_mlp(experts: MLPExperts, x_ECD: torch.Tensor) -> torch.Tensor:
+    """All experts on their [C, D] buffers at once: one bmm per matrix ([E, C, D] @ [E, D, F])."""
+    gate_ECF = torch.bmm(x_ECD, experts.w_gate) if experts.w_gate is not None else None
+    return torch.bmm(experts.hidden(gate_ECF, torch.bmm(x_ECD, experts.w_up)), experts.w_down)
 
 
 def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
@@ -79,7 +142,14 @@ def _segmented_mlp(experts: MLPExperts, x_ND: torch.Tensor, counts_E: torch.Tens
     """Rows of x_ND are grouped by expert, counts_E[e] rows for expert e; returns [N, D].
 
     Plain (non-GLU) experts have no gate matrix, so its GEMM is skipped on both paths. Both paths
-    take the hidden activation from experts.hidden (expert dropout included), as dispatch_loop does."""
+    take the hidden activation from experts.hidden (expert dropout included), as dispatch_loop does.
+
+    torch._grouped_mm is taken wherever it works, the CPU included: there its kernel is a C++ loop
+    of one GEMM per expert segment, which is what the Python loop does minus its overhead. Padding
+    the segments to the fullest expert and running one bmm per matrix (as dispatch_capacity does)
+    was measured slower on CPU float32 (issue 9; 1 and 2 threads, d=256, at f=512 E=8 k=2 and at
+    f=128 E=64 k=8), even with loads even enough that padding added ~13% rows, so it is not used here.
+    """
     dtype = _matmul_dtype(x_ND)
     gated = experts.w_gate is not None
     if _grouped_mm_works(experts, x_ND.device, dtype):
@@ -112,6 +182,10 @@ def _grouped_mm_works(experts: MLPExperts, device: torch.device, dtype: torch.dt
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if torch.compiler.is_compiling():
+        # torch 2.13's fake (meta) kernel of _grouped_mm accepts bfloat16 only, although the eager
+        # CPU kernel takes float32 too: compiled float32 graphs take the per-segment loop.
+        return dtype == torch.bfloat16
     key = (str(device), dtype, experts.d_model, experts.d_ff)
     if key not in _GROUPED_MM_OK:
         _GROUPED_MM_OK[key] = _probe_grouped_mm(experts.d_model, experts.d_ff, device, dtype)
@@ -137,4 +211,8 @@ def _probe_grouped_mm(D: int, Fh: int, device: torch.device, dtype: torch.dtype)
 
 Dispatcher = Callable[[MLPExperts, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-DISPATCHERS: dict[str, Dispatcher] = {"loop": dispatch_loop, "sorted": dispatch_sorted}
+DISPATCHERS: dict[str, Dispatcher] = {
+    "loop": dispatch_loop,
+    "sorted": dispatch_sorted,
+    "capacity": dispatch_capacity,
+}

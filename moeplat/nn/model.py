@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moeplat.nn.attention import CausalSelfAttention
 from moeplat.nn.experts import DenseFFN, MLPExperts
@@ -74,8 +75,13 @@ class TransformerLM(nn.Module):
         tie_embeddings: bool = True,
         init_std: float = 0.02,
         attns: list[nn.Module] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
+        """`activation_checkpointing`: in training, each block's activations are recomputed in
+        backward instead of stored (Chen et al. 2016, "Training deep nets with sublinear memory
+        cost"); the same numbers (RNG state is replayed), less memory, about one more forward."""
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         if not ffns:
             raise ValueError("ffns must hold at least one FFN (one per layer)")
         if attns is not None and len(attns) != len(ffns):
@@ -137,7 +143,10 @@ class TransformerLM(nn.Module):
         x_BSD = self.emb_drop(self.tok_emb(idx_BS))
         moe: dict[int, MoEOutput] = {}
         for i, block in enumerate(self.blocks):
-            x_BSD, moe_out = block(x_BSD, token_ids_BS=idx_BS)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x_BSD, moe_out = checkpoint(block, x_BSD, token_ids_BS=idx_BS, use_reentrant=False)
+            else:
+                x_BSD, moe_out = block(x_BSD, token_ids_BS=idx_BS)
             if moe_out is not None:
                 moe[i] = moe_out
         logits_BSV = self.lm_head(self.norm(x_BSD))

@@ -114,6 +114,8 @@ class MoELayer(nn.Module):
         ):
             if cf is not None and cf <= 0:
                 raise ValueError(f"{name} must be > 0 or None (dropless), got {cf}")
+        if dispatch == "capacity" and (capacity_factor_train is None or capacity_factor_eval is None):
+            raise ValueError("dispatch 'capacity' needs capacity_factor_train and capacity_factor_eval")
         if min_capacity < 1 or drop_policy not in DROP_POLICIES:
             raise ValueError(f"need min_capacity >= 1 and drop_policy in {DROP_POLICIES}")
         self.loss_coefs = {
@@ -160,6 +162,13 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.residual_coef = nn.Linear(d_model, 2) if residual_coef else None
 
+    def capacity(self, num_tokens: int, top_k: int) -> int | None:
+        """Each expert's capacity C in the current mode (train/eval factor), None when dropless."""
+        cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
+        if cf is None:
+            return None
+        return expert_capacity(num_tokens, self.num_experts, top_k, cf, self.min_capacity)
+
     def keep_mask(
         self,
         topk_idx_TK: torch.Tensor,
@@ -168,11 +177,9 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """bool [T, K]: which routed slots are computed, by the capacity factor of the current mode
         and the drop policy (see moeplat.nn.capacity.capacity_keep_mask)."""
-        cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
-        if cf is None:
+        capacity = self.capacity(*topk_idx_TK.shape)
+        if capacity is None:
             return torch.ones_like(topk_idx_TK, dtype=torch.bool) if valid_TK is None else valid_TK
-        T, K = topk_idx_TK.shape
-        capacity = expert_capacity(T, self.num_experts, K, cf, self.min_capacity)
         return capacity_keep_mask(
             topk_idx_TK,
             self.num_experts,
@@ -187,8 +194,9 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
         keep_TK = self.keep_mask(route.topk_idx_TK, route.valid_TK, route.topk_weight_TK)
+        sized = {"capacity": self.capacity(*keep_TK.shape)} if self.dispatch == "capacity" else {}
         y_TD = DISPATCHERS[self.dispatch](
-            self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK
+            self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK, **sized
         )
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

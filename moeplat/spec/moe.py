@@ -186,7 +186,32 @@ class SortedDispatch(Strict):
     kind: Literal["sorted"]
 
 
-Dispatch = Annotated[LoopDispatch | SortedDispatch, Field(discriminator="kind")]
+class CapacityDispatch(Strict):
+    """Fixed-capacity buffers [E, C, d_model] and one batched matmul per expert matrix (GShard,
+    Switch): static shapes, padding rows computed too. Needs `capacity: {kind: factor}` (C comes
+    from it); which slots are dropped is the capacity's drop policy, exactly as with the others."""
+
+    kind: Literal["capacity"]
+
+
+class AutoDispatch(Strict):
+    """Pick per spec (see `resolve_dispatch`): `capacity` when the capacity is a factor and
+    `train.compile` is on (static shapes compile to one graph), else `sorted` (no padding FLOPs;
+    the only choice when dropless). `moeplat plan` prints the choice; `moeplat run` logs it."""
+
+    kind: Literal["auto"]
+
+
+Dispatch = Annotated[
+    LoopDispatch | SortedDispatch | CapacityDispatch | AutoDispatch, Field(discriminator="kind")
+]
+
+
+def resolve_dispatch(moe: MoESpec, compiled: bool) -> str:
+    """The dispatcher actually built: the spec's kind, or auto's choice (sorted | capacity)."""
+    if not isinstance(moe.dispatch, AutoDispatch):
+        return moe.dispatch.kind
+    return "capacity" if compiled and isinstance(moe.capacity, CapacityFactor) else "sorted"
 
 
 PerLayer = Annotated[list[PositiveInt], Field(min_length=1)]
@@ -275,6 +300,14 @@ class MoESpec(Strict):
         n = self.per_layer or 1
         shapes = list(dict.fromkeys(self.shapes(n)))  # each distinct layer shape once
         problems += self._shape_problems(shapes)
+        if isinstance(self.dispatch, CapacityDispatch) and isinstance(self.capacity, Dropless):
+            problems.append(
+                (
+                    "dispatch",
+                    "kind 'capacity' needs fixed capacity buffers: set capacity: {kind: factor} "
+                    "or use dispatch kind 'sorted' (dropless)",
+                )
+            )
         if self.losses.load is not None and self.router.kind != "noisy_topk":
             problems.append(("losses.load", "the load loss needs the noise of router kind 'noisy_topk'"))
         return check(problems) or self

@@ -97,7 +97,7 @@ def plan(spec: Spec) -> Plan:
     total = other + sum(layer.params for layer in layers)
     active = other + sum(layer.active_params for layer in layers)
     fwd = sum(layer.flops_per_token for layer in layers) + 2 * m.d_model * m.vocab_size
-    tokens = spec.train.batch_size * spec.train.grad_accum * spec.data.seq_len * spec.parallel.devices
+    tokens = spec.train.batch_size * spec.train.grad_accum * spec.data.seq_len * spec.parallel.world_size
     return Plan(
         total_params=total,
         active_params=active,

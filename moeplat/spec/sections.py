@@ -145,6 +145,9 @@ class TrainSpec(Strict):
     val_every: PositiveInt = Field(100, description="Validate every this many optimizer steps.")
     val_batches: PositiveInt = 20
     log_every: PositiveInt = 10
+    moe_log_every: PositiveInt | None = Field(
+        None, description="Optimizer steps between MoE telemetry logs (moe/*); null = log_every."
+    )
     checkpoint_every: PositiveInt | None = Field(
         None, description="Optimizer steps; null = at every validation."
     )
@@ -160,6 +163,11 @@ class TrainSpec(Strict):
         1.0, description="The routers' learning rate is the schedule's lr times this."
     )
     alternate: Alternate | None = None
+    compile: bool = Field(
+        False,
+        description="Compile the model with torch.compile (default inductor backend) before training; "
+        "same results as eager up to float rounding.",
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> TrainSpec:
@@ -249,6 +257,20 @@ class TrackingSpec(Strict):
         description="Template; fields: {name} {overrides} {router} {top_k} {num_experts}.",
     )
     uri: str | None = None
+    system_metrics: bool = Field(
+        True, description="MLflow system metrics (system/*: CPU, memory, disk, network; GPU with pynvml)."
+    )
+    system_metrics_every_s: Annotated[float, Field(gt=0)] = Field(
+        10.0, description="Seconds between system-metrics samples."
+    )
+    peak_tflops: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="Peak dense TFLOP/s of one device, for perf/mfu; null = looked up by GPU name "
+        "(none on CPU or an unknown GPU: then no perf/mfu).",
+    )
+    log_model: bool = Field(
+        True, description="Log the final weights and resolved spec under model/ (for `moeplat eval`)."
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> TrackingSpec:
@@ -264,24 +286,82 @@ class TrackingSpec(Strict):
 
 
 class SingleDevice(Strict):
+    """One process on one device (CPU or one GPU)."""
+
     kind: Literal["single"]
 
 
-Strategy = Annotated[SingleDevice, Field(discriminator="kind")]
+class DDP(Strict):
+    """Distributed data parallel (Li et al. 2020, PyTorch DDP): every rank holds the whole model and
+    a 1/world slice of each global batch; gradients are averaged by all-reduce."""
+
+    kind: Literal["ddp"]
+
+
+class FSDP(Strict):
+    """Fully sharded data parallel (Zhao et al. 2023, PyTorch FSDP; ZeRO, Rajbhandari et al. 2020).
+    `sharding`: full = parameters, gradients and optimizer state sharded (ZeRO-3); grad_op =
+    gradients and optimizer state (ZeRO-2); hybrid = full within a node, replicated across nodes;
+    no_shard = DDP semantics through FSDP."""
+
+    kind: Literal["fsdp"]
+    sharding: Literal["full", "grad_op", "hybrid", "no_shard"] = "full"
+
+
+class ExpertParallel(Strict):
+    """Expert parallelism (GShard, Lepikhin et al. 2021, sec. 3.2; Switch, Fedus et al. 2022, sec. 2.2):
+    the routed experts of each MoE layer are sharded over an expert-parallel group of `ep_size`
+    ranks, tokens travel to their experts by `dispatcher`; the dense part (attention, embeddings,
+    shared experts, routers) is data parallel over all ranks with `dense` (DDP or FSDP).
+    `capacity_scope`: a capacity-factor limit counts tokens per rank (each rank's own batch) or
+    globally (the whole expert-parallel group's batch)."""
+
+    kind: Literal["expert_parallel"]
+    ep_size: Annotated[int, Field(ge=1)]
+    dense: Literal["ddp", "fsdp"] = "ddp"
+    dispatcher: Literal["all_to_all", "all_gather"] = "all_to_all"
+    capacity_scope: Literal["rank", "global"] = "rank"
+
+
+Strategy = Annotated[SingleDevice | DDP | FSDP | ExpertParallel, Field(discriminator="kind")]
 
 
 class ParallelSpec(Strict):
-    """How the run is laid out on hardware. v1 trains on one device (CPU or one GPU)."""
+    """How the run is laid out on hardware: devices per node x num_nodes processes (one per device).
+    Precision and gradient accumulation stay in `train` (train.precision, train.grad_accum): they
+    change the arithmetic, not the layout. Checks that need the model (experts by ep_size) are in
+    moeplat.spec.root.parallel_model_problems."""
 
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: Annotated[int, Field(ge=1, description="Devices per node; v1 trains on one.")] = 1
+    devices: Annotated[int, Field(ge=1, description="Devices (processes) per node.")] = 1
+    num_nodes: Annotated[int, Field(ge=1)] = 1
     strategy: Strategy = SingleDevice(kind="single")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward instead of storing them."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
 
     @model_validator(mode="after")
     def _cross(self) -> ParallelSpec:
         problems = []
-        if self.devices > 1:
+        if self.strategy.kind == "single" and self.world_size > 1:
             problems.append(
-                ("devices", f"devices={self.devices}: v1 trains on one device (strategy 'single'); set 1")
+                (
+                    "strategy",
+                    f"strategy 'single' runs on one device, but devices x num_nodes = {self.world_size}: "
+                    "set strategy.kind to ddp, fsdp or expert_parallel, or devices: 1 and num_nodes: 1",
+                )
+            )
+        s = self.strategy
+        if isinstance(s, ExpertParallel) and self.world_size % s.ep_size:
+            problems.append(
+                (
+                    "strategy.ep_size",
+                    f"ep_size ({s.ep_size}) must divide the world size devices x num_nodes = "
+                    f"{self.devices} x {self.num_nodes} = {self.world_size}",
+                )
             )
         return check(problems) or self

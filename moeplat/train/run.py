@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from datetime import datetime
 from pathlib import Path
 
 from moeplat.errors import SpecError, SpecIssue
+from moeplat.parallel.launch import RUN_DIR_ENV  # one run directory for every rank of a multi-process run
 from moeplat.spec import LoadedSpec
+from moeplat.spec.moe import resolve_dispatch
 from moeplat.spec.plan import plan
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ class RunResult:
     unigram_baseline: float
     tokens_per_s: float | None
     wall_s: float
+    rank: int = 0  # this process's global rank in a multi-process run
 
 
 def run_name(loaded: LoadedSpec) -> str:
@@ -50,7 +54,11 @@ def run_tags(loaded: LoadedSpec) -> dict[str, object]:
         "moeplat.router": moe.router.kind if moe else "dense",
         "moeplat.experts": f"{moe.num_experts}x{moe.experts.kind}" if moe else "dense",
         "moeplat.top_k": moe.top_k if moe else 0,
-        "moeplat.dispatch": moe.dispatch.kind if moe else "none",
+        "moeplat.dispatch": resolve_dispatch(moe, spec.train.compile) if moe else "none",
+        "moeplat.compile": spec.train.compile,
+        "moeplat.strategy": spec.parallel.strategy.kind,
+        "moeplat.devices": spec.parallel.world_size,
+        "moeplat.accelerator": spec.parallel.accelerator,
     }
 
 
@@ -73,7 +81,14 @@ def _resume_dir(resume: str, runs_root: Path, name: str) -> Path:
 
 
 def _open_run_dir(loaded: LoadedSpec, runs_root: Path, resume: str | None) -> tuple[Path, dict]:
-    """A fresh timestamped run directory, or the one being resumed with its saved state."""
+    """A fresh timestamped run directory, or the one being resumed with its saved state; the
+    directory named by $MOEPLAT_RUN_DIR when a launcher (or rank 0) chose it for every rank."""
+    shared = os.environ.get(RUN_DIR_ENV)
+    if shared:
+        run_dir = Path(shared)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state_file = run_dir / "run.json"
+        return run_dir, json.loads(state_file.read_text()) if state_file.is_file() else {}
     if not resume:
         run_dir = runs_root / loaded.spec.name / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir.mkdir(parents=True)
@@ -106,9 +121,12 @@ def _start_tracking(loaded: LoadedSpec, state: dict, cli_uri: str | None, counts
                 "plan.total_params": counts.total_params,
                 "plan.active_params": counts.active_params,
                 "plan.flops_per_token_train": counts.flops_per_token_train,
+                "moe.dispatch": run_tags(loaded)["moeplat.dispatch"],  # auto's choice, resolved
                 **corpus.as_params(),
             }
         )
+    if spec.tracking.system_metrics:
+        tracked.start_system_metrics(spec.tracking.system_metrics_every_s, resume=bool(state.get("run_id")))
     return tracked
 
 
@@ -137,44 +155,76 @@ def run(
     """Train `loaded` and track it. `callbacks` are extra Lightning callbacks (a sweep's pruner);
     `tags` are extra MLflow tags for a new run; `end_tags` maps a final MLflow status (FINISHED,
     FAILED, KILLED) to tags set just before the run is closed with it. A failure's message is
-    kept in the tag moeplat.error."""
+    kept in the tag moeplat.error.
+
+    Several devices: every rank runs this function (started by Lightning's launcher, torchrun or
+    srun); they share one run directory ($MOEPLAT_RUN_DIR, set here by rank 0 for the ranks it
+    starts) and only rank 0 talks to MLflow (moeplat.parallel.launch)."""
+    from moeplat.compile.trainer import check_trainable
+    from moeplat.parallel.launch import launch_rank, rank_logs, share_run_dir
+
+    t_start = time.perf_counter()
+    check_trainable(loaded.spec)
+    rank = launch_rank(loaded.spec.parallel.devices)
+    run_dir, state = _open_run_dir(loaded, Path(runs_root), resume)
+    world = loaded.spec.parallel.world_size
+    with share_run_dir(run_dir, rank, world), rank_logs(run_dir, rank, world):
+        opts = dict(resume=resume, tracking_uri=tracking_uri, progress=progress, callbacks=callbacks)
+        return _run(loaded, run_dir, state, rank, t_start, tags=tags, end_tags=end_tags, **opts)
+
+
+def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progress, callbacks, tags, end_tags):
     import lightning as L
 
     from moeplat.compile.data import build_data
-    from moeplat.compile.model import build_model
+    from moeplat.compile.model import build_model, compile_model
     from moeplat.compile.optim import build_optimizer, build_scheduler, build_update_schedule
     from moeplat.compile.upcycle import upcycle_from_spec
     from moeplat.train.callbacks import FiniteLoss, Throughput
+    from moeplat.train.plots import MoEPlots
     from moeplat.train.system import LMSystem
 
-    t_start = time.perf_counter()
     spec, train = loaded.spec, loaded.spec.train
-    run_dir, state = _open_run_dir(loaded, Path(runs_root), resume)
     L.seed_everything(train.seed, workers=True, verbose=False)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     resuming = bool(resume) and last_ckpt.exists()
     model = build_model(spec)  # draws from its own seeded RNG: the order here changes nothing
     if not resuming:  # train.init (upcycling); a resumed run's weights come from its own checkpoint
         upcycle_from_spec(spec, model)
+    compile_model(spec, model)  # train.compile; after the weights are final, names unchanged
     datamodule, corpus = build_data(spec, loaded.base_dir)
     counts = plan(spec)
-    tracked = _start_tracking(loaded, state, tracking_uri, counts, corpus, tags or {})
-    _save_state(run_dir, loaded, tracked)
+    # One MLflow run, on rank 0: the other ranks train and write their logs to run_dir/logs.
+    tracked = _start_tracking(loaded, state, tracking_uri, counts, corpus, tags or {}) if rank == 0 else None
+    if rank == 0:
+        _save_state(run_dir, loaded, tracked)
 
     system = LMSystem(
         model,
         lambda m: (opt := build_optimizer(train, m), build_scheduler(train, opt)),
         log_every=train.log_every,
+        moe_log_every=train.moe_log_every,
         updates=build_update_schedule(train, model),
     )
-    throughput = Throughput(counts.tokens_per_step, every=train.log_every)
+    throughput = Throughput(
+        counts.tokens_per_step,
+        every=train.log_every,
+        flops_per_token=counts.flops_per_token_train,
+        peak_tflops=spec.tracking.peak_tflops,
+        devices=spec.parallel.world_size,
+    )
     guard = FiniteLoss()
-    trainer = _trainer(loaded, run_dir, tracked, [throughput, guard, *callbacks], progress)
+    plots = [MoEPlots(tracked, run_dir / "plots")] if tracked and spec.model.moe else []
+    trainer = _trainer(
+        loaded, run_dir, tracked, [throughput, guard, *plots, *callbacks], progress and rank == 0
+    )
     status, error = "FAILED", None
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=last_ckpt if resuming else None)
         if system.last_val.get("step") != trainer.global_step:
             trainer.validate(system, datamodule=datamodule, verbose=False)
+        if spec.tracking.enabled and spec.tracking.log_model:
+            _log_model(trainer, system, tracked, loaded, run_dir)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as e:
         # Lightning handles Ctrl-C itself, ignores SIGINT from then on and leaves with
@@ -190,7 +240,7 @@ def run(
     finally:  # whatever happened, what was measured reaches MLflow and the run is closed
         if tracked:
             trainer.logger.flush()
-            _log_summary(tracked, corpus, trainer.global_step, time.perf_counter() - t_start)
+            _log_summary(tracked, corpus, trainer.global_step, time.perf_counter() - t_start, throughput)
             final_tags = dict((end_tags or {}).get(status, {}))
             if error:
                 final_tags["moeplat.error"] = error[:5000]
@@ -206,6 +256,7 @@ def run(
         unigram_baseline=corpus.unigram_baseline,
         tokens_per_s=throughput.tokens_per_s,
         wall_s=time.perf_counter() - t_start,
+        rank=rank,
     )
 
 
@@ -225,8 +276,29 @@ def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progre
     )
 
 
-def _log_summary(tracked, corpus, step: int, wall_s: float) -> None:
+def _log_model(trainer, system, tracked, loaded: LoadedSpec, run_dir: Path) -> None:
+    """The final weights and resolved spec as the run's model/ artifact (moeplat.train.model_artifact).
+    Every rank takes part in gathering the state dict (sharded strategies); rank 0 writes it."""
+    from moeplat.train.model_artifact import save_model_artifact
+
+    state_dict = trainer.strategy.lightning_module_state_dict()
+    if tracked:
+        save_model_artifact(
+            tracked, state_dict, loaded, run_dir, trainer.global_step, system.last_val.get("val/loss")
+        )
+
+
+def _log_summary(tracked, corpus, step: int, wall_s: float, throughput) -> None:
     """Run-level figures; val/loss itself was logged by the last validation."""
-    rows = [("data/unigram_baseline", corpus.unigram_baseline), ("perf/wall_s", wall_s)]
+    rows = [
+        ("data/unigram_baseline", corpus.unigram_baseline),
+        ("perf/wall_s", wall_s),
+        ("perf/tokens_seen", step * throughput.tokens_per_step),
+    ]
     now = int(time.time() * 1000)
     tracked.log_metrics([(k, v, step, now) for k, v in rows])
+    if throughput.device_name:  # known once training started
+        tags = {"moeplat.device_name": throughput.device_name}
+        if throughput.peak_tflops:
+            tags["moeplat.peak_tflops"] = throughput.peak_tflops
+        tracked.set_tags(tags)

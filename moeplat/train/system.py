@@ -27,14 +27,19 @@ class LMSystem(L.LightningModule):
         configure: Callable[[nn.Module], tuple[torch.optim.Optimizer, object]],
         *,
         log_every: int = 10,
+        moe_log_every: int | None = None,
         updates: UpdateSchedule | None = None,
     ):
         """`updates` holds parameter groups still at some steps (freeze, router warm-up,
-        alternating updates; moeplat.compile.optim.build_update_schedule)."""
+        alternating updates; moeplat.compile.optim.build_update_schedule). `moe_log_every`:
+        optimizer steps between MoE telemetry logs (None = log_every)."""
         super().__init__()
         self.model = model
         self._configure = configure
         self.log_every = log_every
+        self.moe_log_every = moe_log_every or log_every
+        # (step, metrics) of the latest MoE telemetry, read by callbacks (moeplat.train.plots)
+        self.moe_telemetry: tuple[int, dict[str, float]] | None = None
         self.updates = updates
         self._held: frozenset[str] = frozenset()  # groups the current optimizer step does not update
         self.trainable_params: int | None = None
@@ -50,13 +55,16 @@ class LMSystem(L.LightningModule):
         x_BS, y_BS = batch
         out = self.model(x_BS, y_BS)
         loss = out.loss + out.aux_loss
-        self.log("train/loss", out.loss.detach(), prog_bar=True)
+        # sync_dist: under data parallelism the logged loss is the global batch's (mean of the ranks'
+        # equal-sized shards), not rank 0's shard; a no-op on one device.
+        self.log("train/loss", out.loss.detach(), prog_bar=True, sync_dist=True)
         self.log("train/aux_loss", out.aux_loss.detach())
         for layer, o in out.moe.items():
             prev = self._step_load.get(layer)
             self._step_load[layer] = o.load_E if prev is None else prev + o.load_E
-        if self.global_step % self.log_every == 0:
-            self._log_moe(out.moe)
+        step = self.global_step
+        if step % self.moe_log_every == 0 and (self.moe_telemetry is None or self.moe_telemetry[0] != step):
+            self._log_moe(out.moe)  # first micro-batch of the step only
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -77,10 +85,16 @@ class LMSystem(L.LightningModule):
         self._step_load = {}
 
     def _log_moe(self, moe: dict) -> None:
-        """Per-layer router telemetry and its means over layers (moeplat.nn.stats.moe_metrics)."""
+        """Per-layer router telemetry and its means over layers (moeplat.nn.stats.moe_metrics).
+
+        Sent to the logger directly at this step: self.log would only reach it at Lightning's
+        log_every_n_steps (train.log_every), whatever train.moe_log_every says."""
         metrics = moe_metrics(moe)
-        if metrics:
-            self.log_dict(metrics)
+        if not metrics:
+            return
+        self.moe_telemetry = (self.global_step, metrics)
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=self.global_step)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_n = 0.0, 0

@@ -118,6 +118,8 @@ def test_plan_text(capsys):
 def test_plan_json(capsys):
     assert main(["plan", "--json", str(QUICKSTART), "--set", "model.moe.top_k=1"]) == 0
     got = json.loads(capsys.readouterr().out)
+    preflight = got.pop("preflight")  # the parallel layout's per-device figures (moeplat.spec.preflight)
+    assert preflight["world_size"] == 1 and set(preflight["memory_bytes"]) >= {"weights", "total"}
     assert set(got) == {
         "total_params",
         "active_params",

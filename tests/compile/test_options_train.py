@@ -215,8 +215,8 @@ def test_parallel_accelerator_and_devices():
     tr = _trainer("parallel.devices=1")
     assert type(tr.accelerator).__name__ == "CPUAccelerator" and tr.num_devices == 1
     with pytest.raises(SpecError) as err:
-        _spec("parallel.devices=2")
-    assert [i.path for i in err.value.issues] == ["parallel.devices"]
+        _spec("parallel.devices=2")  # strategy single: tests/spec/test_parallel_spec.py
+    assert [i.path for i in err.value.issues] == ["parallel.strategy"]
 
 
 # --- train.checkpoint_every -------------------------------------------------------------------------

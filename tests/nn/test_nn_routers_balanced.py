@@ -172,7 +172,9 @@ def test_expert_choice_each_expert_picks_its_top_tokens():
     torch.testing.assert_close(out.topk_weight_TK, logits.softmax(-1))
 
 
-@pytest.mark.parametrize("dispatch", sorted(DISPATCHERS))
+# expert choice sets capacity itself (dropless layer); the capacity dispatcher needs a capacity
+# factor, so the spec never pairs them (model.moe.dispatch / model.moe.capacity errors)
+@pytest.mark.parametrize("dispatch", sorted(set(DISPATCHERS) - {"capacity"}))
 def test_expert_choice_layer_equals_the_loop_reference_forward_and_backward(dispatch):
     torch.manual_seed(0)
     E, T, D = 4, 24, 8

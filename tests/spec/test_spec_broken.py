@@ -150,7 +150,7 @@ CORPUS: dict[str, list[Want]] = {
         Want("train.optimizer.lr", 12, "greater than 0"),
         Want("train.grad_clip", 13, "valid number"),
         unknown("tracking.experimnt", 15, "experiment"),
-        Want("parallel.devices", 17, "v1 trains on one device"),
+        Want("parallel.strategy", 16, "strategy 'single' runs on one device"),
     ],
 }
 

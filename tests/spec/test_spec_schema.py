@@ -66,13 +66,13 @@ def test_every_object_forbids_additional_properties(schema):
             | {"sinkhorn", "expert_choice", "reinforce"},
         ),
         ("MoESpec", "capacity", {"dropless", "factor"}),
-        ("MoESpec", "dispatch", {"loop", "sorted"}),
+        ("MoESpec", "dispatch", {"loop", "sorted", "capacity", "auto"}),
         ("MoESpec", "layers", {"all", "every", "first_dense", "list"}),
         ("MoESpec", "experts", {"swiglu", "geglu", "gelu", "relu"}),
         ("DataSpec", "source", {"python_stdlib", "text_files"}),
         ("TrainSpec", "optimizer", {"adamw"}),
         ("TrainSpec", "schedule", {"warmup_cosine", "constant"}),
-        ("ParallelSpec", "strategy", {"single"}),
+        ("ParallelSpec", "strategy", {"single", "ddp", "fsdp", "expert_parallel"}),
     ],
 )
 def test_choices_are_discriminated_by_kind(schema, section, field, tags):

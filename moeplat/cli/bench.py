@@ -1,0 +1,84 @@
+"""`moeplat bench`: MoE layer speed and memory vs its dense equivalent and transformers, the
+training loop's overhead vs a plain loop, and `moeplat validate`'s wall time."""
+
+from __future__ import annotations
+
+import json
+
+REFERENCE_SPEC = "specs/quickstart.yaml"
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="time MoE layers (ratios vs dense and transformers), step overhead, validate"
+    )
+    p.add_argument(
+        "--grid", choices=["default", "quick"], default="default", help="grid points (quick: tiny)"
+    )
+    p.add_argument("--tokens", type=int, help="tokens per forward (default: the grid's, 4096)")
+    p.add_argument("--repeats", type=int, default=5, help="measured rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
+    p.add_argument("--spec", metavar="FILE", help="bench this spec's first MoE layer instead of the grid")
+    p.add_argument("--step-spec", default=REFERENCE_SPEC, help="spec for step overhead and validate time")
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per loop")
+    p.add_argument("--no-step", action="store_true", help="skip the step-overhead and validate figures")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(fn=cmd_bench)
+
+
+def _spec_point(args):
+    """(grid point, built MoE layer) of a spec's first MoE layer; tokens = batch_size * seq_len."""
+    from dataclasses import replace
+
+    from moeplat.bench.layer import Point
+    from moeplat.compile.model import build_moe_layer
+    from moeplat.errors import SpecError, SpecIssue
+    from moeplat.spec import load_spec
+
+    spec = load_spec(args.spec).spec
+    m = spec.model
+    if m.moe is None:
+        raise SpecError(SpecIssue("model.moe", "--spec: the model is dense, there is no MoE layer to bench"))
+    layer = build_moe_layer(m.moe, m.d_model, m.vocab_size, 0, spec.train.compile)
+    shared = layer.shared.w_up.out_features if layer.shared is not None else 0
+    p = Point(m.d_model, layer.experts.d_ff, layer.num_experts, layer.top_k, shared)
+    return replace(p, tokens=args.tokens or spec.train.batch_size * spec.data.seq_len), layer
+
+
+def cmd_bench(args) -> int:
+    from dataclasses import replace
+
+    import torch
+
+    from moeplat.bench.layer import GRIDS, bench_point
+    from moeplat.bench.report import format_overhead, format_rows
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    if args.spec:
+        points = [_spec_point(args)]
+    else:
+        points = [(replace(p, tokens=args.tokens) if args.tokens else p, None) for p in GRIDS[args.grid]]
+    rows = []
+    for p, layer in points:
+        for dtype in dtypes:
+            kw = {"warmup": args.warmup, "repeats": args.repeats, "spec_layer": layer}
+            rows += bench_point(p, dtype, device, **kw)
+            if not args.json:
+                print(
+                    format_rows([r for r in rows if r.point == p.label and r.dtype == str(dtype)[6:]]),
+                    flush=True,
+                )
+    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result["layers"] = [r.to_dict() for r in rows]
+    if not args.no_step:
+        from moeplat.bench.step import step_overhead, validate_wall_s
+
+        result["step"] = step_overhead(args.step_spec, steps=args.steps)
+        result["validate_s"] = validate_wall_s(args.step_spec)
+        if not args.json:
+            print(format_overhead(result["step"]))
+            print(f"\nmoeplat validate {args.step_spec}: {result['validate_s']:.2f} s wall (target < 0.5 s)")
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+    return 0

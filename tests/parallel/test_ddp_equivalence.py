@@ -1,0 +1,111 @@
+"""Data parallel training is the same computation as one process with the global batch:
+`moeplat run` of the tiny spec for 4 steps with 2 CPU processes (DDP, gloo, per-device batch 4)
+logs the same per-step training losses as 1 process with batch 8, to float32 round-off.
+
+The runs go through the real command line (Lightning's launcher re-executes it for rank 1), the
+real MLflow store, and check that the two ranks made ONE MLflow run and rank 1 wrote its log.
+
+The Switch load-balancing loss is switched off here: E * sum_i f_i P_i is a product of batch means,
+so a rank computing it over its half of the batch optimises a (slightly) different objective than
+one process over the whole batch (the same holds for train.grad_accum). The z-loss and the LM loss
+are plain token means and stay on. FSDP: torch 2.13's FullyShardedDataParallel (behind Lightning's
+FSDPStrategy) refuses CPU-only machines, so its run is checked only where CUDA has 2 devices.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "fixtures" / "tiny.yaml"
+COMMON = [
+    "train.max_steps=4",
+    "train.log_every=1",
+    "train.val_every=4",
+    "model.moe.losses.load_balancing=null",
+]
+
+
+def _start(tmp: Path, name: str, overrides: list[str]) -> subprocess.Popen:
+    args = [sys.executable, "-m", "moeplat.cli.main", "run", str(TINY), "--no-progress"]
+    args += ["--tracking-uri", f"sqlite:///{tmp / name}.db", "--runs-dir", str(tmp / name)]
+    for o in [*COMMON, *overrides]:
+        args += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MOEPLAT_RUN_DIR")}
+    return subprocess.Popen(
+        args, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=240)  # a rank stuck in a collective would hang: fail instead
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _losses(tmp: Path, name: str) -> tuple[list[float], int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / name}.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)], len(runs)
+
+
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
+    procs = {
+        "single": _start(tmp_path, "single", ["parallel.accelerator=cpu", "train.batch_size=8"]),
+        "ddp": _start(
+            tmp_path,
+            "ddp",
+            [
+                "parallel.accelerator=cpu",
+                "train.batch_size=4",
+                "parallel.devices=2",
+                "parallel.strategy.kind=ddp",
+            ],
+        ),
+    }
+    outputs = {name: _finish(p) for name, p in procs.items()}
+    single, n_single = _losses(tmp_path, "single")
+    ddp, n_ddp = _losses(tmp_path, "ddp")
+    assert n_single == n_ddp == 1  # both ranks, one MLflow run
+    assert len(single) == len(ddp) == 4
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-5, atol=0)
+    assert single[-1] < single[0]  # it trained
+    assert outputs["ddp"].count("run finished") == 1  # rank 1's summary went to its log
+    logs = list((tmp_path / "ddp").glob("tiny/*/logs/rank1.log"))
+    assert len(logs) == 1
+    assert not list((tmp_path / "ddp").glob("tiny/*/logs/rank0.log"))  # rank 0 keeps the console
+    assert len(list((tmp_path / "ddp").glob("tiny/*/run.json"))) == 1  # one shared run directory
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="torch 2.13 FSDP needs an accelerator: 'FSDP needs a non-CPU accelerator device' on CPU",
+)
+def test_fsdp_two_gpus_match_one_gpu_with_the_global_batch(tmp_path):
+    p1 = _start(tmp_path, "single", ["parallel.accelerator=gpu", "train.batch_size=8"])
+    _finish(p1)
+    p2 = _start(
+        tmp_path,
+        "fsdp",
+        [
+            "parallel.accelerator=gpu",
+            "train.batch_size=4",
+            "parallel.devices=2",
+            "parallel.strategy.kind=fsdp",
+        ],
+    )
+    _finish(p2)
+    single, _ = _losses(tmp_path, "single")
+    fsdp, n = _losses(tmp_path, "fsdp")
+    assert n == 1
+    torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(single), rtol=1e-4, atol=0)

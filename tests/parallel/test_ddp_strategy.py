@@ -1,0 +1,98 @@
+"""parallel.strategy -> Lightning strategy, and parallel.activation_checkpointing -> the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+from moeplat.compile.model import build_model
+from moeplat.compile.trainer import build_strategy, check_trainable, process_group_backend, trainer_kwargs
+from moeplat.errors import SpecError
+from moeplat.spec import load_spec
+
+TINY = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny.yaml"
+
+
+def _spec(*overrides: str):
+    return load_spec(TINY, ["parallel.accelerator=cpu", *overrides]).spec
+
+
+def test_ddp_maps_to_lightning_ddp_on_gloo_with_our_sampler():
+    spec = _spec("parallel.devices=2", "parallel.num_nodes=3", "parallel.strategy.kind=ddp")
+    kw = trainer_kwargs(spec)
+    s = kw["strategy"]
+    assert isinstance(s, DDPStrategy) and s.process_group_backend == "gloo"
+    assert kw["devices"] == 2 and kw["num_nodes"] == 3
+    assert kw["use_distributed_sampler"] is False  # moeplat.data.resumable shards the batches
+    assert trainer_kwargs(_spec())["strategy"] == "auto"
+
+
+def test_backend_follows_the_accelerator():
+    assert process_group_backend("cpu") == "gloo"
+    assert process_group_backend("gpu") == "nccl"
+    assert process_group_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+@pytest.mark.parametrize(
+    ("sharding", "torch_name"),
+    [
+        ("full", "FULL_SHARD"),
+        ("grad_op", "SHARD_GRAD_OP"),
+        ("hybrid", "HYBRID_SHARD"),
+        ("no_shard", "NO_SHARD"),
+    ],
+)
+def test_fsdp_maps_sharding(sharding, torch_name):
+    s = build_strategy(_spec("parallel.devices=2", f"parallel.strategy={{kind: fsdp, sharding: {sharding}}}"))
+    assert isinstance(s, FSDPStrategy) and s.process_group_backend == "gloo"
+    assert s.sharding_strategy.name == torch_name
+    assert s.kwargs["auto_wrap_policy"].__class__.__name__ == "ModuleWrapPolicy"  # one unit per Block
+
+
+def test_expert_parallel_is_refused_by_the_trainer_with_the_field():
+    spec = _spec("parallel.devices=2", "parallel.strategy={kind: expert_parallel, ep_size: 2}")
+    for fn in (check_trainable, build_strategy):
+        with pytest.raises(SpecError) as err:
+            fn(spec)
+        assert err.value.issues[0].path == "parallel.strategy.kind"
+        assert "not wired into training yet" in err.value.issues[0].message
+
+
+def test_strategy_registers_the_gloo_destroy_at_exit(monkeypatch):
+    registered = []
+    monkeypatch.setattr("moeplat.compile.trainer.atexit.register", registered.append)
+    s = build_strategy(_spec("parallel.devices=2", "parallel.strategy.kind=ddp"))
+    monkeypatch.setattr(DDPStrategy, "setup_environment", lambda self: None)
+    s.setup_environment()
+    assert [f.__name__ for f in registered] == ["_destroy_process_group"]
+
+
+def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
+    plain = build_model(_spec())
+    ckpt = build_model(_spec("parallel.activation_checkpointing=true"))
+    assert ckpt.activation_checkpointing and not plain.activation_checkpointing
+    calls = {"plain": 0, "ckpt": 0}
+    plain.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("plain", calls["plain"] + 1))
+    ckpt.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("ckpt", calls["ckpt"] + 1))
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (plain, ckpt):
+        out = model(idx, idx)
+        (out.loss + out.aux_loss).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert calls == {"plain": 1, "ckpt": 2}  # the block ran again in backward
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_builds_with_ddp_on_cpu():
+    tr = L.Trainer(
+        **trainer_kwargs(_spec("parallel.devices=2", "parallel.strategy.kind=ddp")),
+        logger=False,
+        enable_checkpointing=False,
+    )
+    assert type(tr.strategy).__name__ == "DDPStrategy" and tr.num_devices == 2
