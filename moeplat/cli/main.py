@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_run)
 
-    from moeplat.cli import bench, compare, launch, sweep
+    from moeplat.cli import bench, compare, launch, sweep, sync
     from moeplat.cli import eval as eval_cmd
 
     sweep.add_commands(sub)
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_commands(sub)
     launch.add_commands(sub, _spec_args)
     eval_cmd.add_commands(sub)
+    sync.add_commands(sub)
     return parser
 
 

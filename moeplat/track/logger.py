@@ -2,10 +2,12 @@
 
 Metrics are buffered and sent with one `log_batch` call every `flush_every` rows (and at every
 checkpoint and at the end), so tracking costs a few requests per hundred steps rather than one per metric.
+While the tracking server is unreachable the TrackedRun spools the rows to disk (moeplat.track.spool).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from lightning.pytorch.loggers import Logger
@@ -15,10 +17,11 @@ from moeplat.track.mlflow_run import TrackedRun
 
 
 class BatchedMLflowLogger(Logger):
-    def __init__(self, run: TrackedRun, flush_every: int = 200):
+    def __init__(self, run: TrackedRun, flush_every: int | None = None):
         super().__init__()
         self.run = run
-        self.flush_every = flush_every
+        # $MOEPLAT_LOG_FLUSH_EVERY: an undocumented knob for tests that need many small flushes
+        self.flush_every = flush_every or int(os.environ.get("MOEPLAT_LOG_FLUSH_EVERY", "200"))
         self._buffer: list[tuple[str, float, int, int]] = []
 
     @property

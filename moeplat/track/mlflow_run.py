@@ -12,6 +12,7 @@ import platform
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,61 +103,118 @@ def _uninterrupted(write):
 
 class TrackedRun:
     """A handle on one MLflow run. Construct on rank 0 only. Its writes are not cut by Ctrl-C
-    (sigint_deferred): an interrupt lands before or after a write, never inside it."""
+    (sigint_deferred): an interrupt lands before or after a write, never inside it.
+
+    With a `spool` path, a write the server cannot take (unreachable: moeplat.track.spool) goes
+    to that file and training goes on; the next write first replays the file, at most once every
+    RETRY_S seconds while the server stays away, and `moeplat sync` sends what is left."""
+
+    RETRY_S = float(os.environ.get("MOEPLAT_SPOOL_RETRY_S", "15"))
 
     def __init__(
-        self, tracking_uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        spool: str | Path | None = None,
     ):
         from mlflow import MlflowClient
 
+        from moeplat.track.spool import SHORT_RETRY_ENV, Spool
+
+        if spool is not None and tracking_uri.startswith(("http://", "https://")):
+            for k, v in SHORT_RETRY_ENV.items():
+                os.environ.setdefault(k, v)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
+        self.spool = Spool(spool) if spool is not None else None
+        self._retry_at = 0.0
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
             run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            self.run_id = run_id
         else:
-            self.client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
+            self.run_id = run_id
+            self._write({"op": "status", "status": "RUNNING"})
 
     @property
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id
 
+    def _write(self, record: dict) -> None:
+        """Send one write, or spool it while the server is unreachable (keeping the order)."""
+        from moeplat.track.spool import is_unreachable, send
+
+        record = {**record, "run_id": self.run_id}
+        if self.spool is None:
+            return send(self.client, record)
+        if self.spool.pending() and not self.replay_spool():
+            return self.spool.append(record)
+        try:
+            send(self.client, record)
+        except Exception as e:
+            if not is_unreachable(e):
+                raise
+            self._went_away(e)
+            self.spool.append(record)
+
+    def replay_spool(self, force: bool = False) -> bool:
+        """Send the spooled writes; True when none are left. Tried at most every RETRY_S seconds
+        unless `force`."""
+        from moeplat.track.spool import is_unreachable, send
+
+        if self.spool is None or not self.spool.pending():
+            return True
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        try:
+            n = self.spool.replay(lambda r: send(self.client, r))
+        except Exception as e:
+            if not is_unreachable(e):
+                raise
+            self._went_away(e)
+            return False
+        log.warning("tracking server back: %d spooled writes sent to MLflow", n)
+        return True
+
+    def _went_away(self, e: Exception) -> None:
+        if self._retry_at == 0.0 or not self.spool.pending():
+            log.warning(
+                "tracking server %s unreachable (%s); spooling to %s, training goes on",
+                self.tracking_uri,
+                str(e).splitlines()[0][:200],
+                self.spool.path,
+            )
+        self._retry_at = time.monotonic() + self.RETRY_S
+
     @_uninterrupted
     def log_params(self, params: dict[str, object]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+        self._write({"op": "params", "params": {k: str(v)[:6000] for k, v in params.items()}})
 
     @_uninterrupted
     def set_tags(self, tags: dict[str, object]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._write({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     @_uninterrupted
     def log_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
         """(key, value, step, timestamp_ms) rows, sent in batches of MLflow's limit."""
-        from mlflow.entities import Metric
-
-        rows = [Metric(k, float(v), ts, step) for k, v, step, ts in metrics]
-        for i in range(0, len(rows), 1000):
-            self.client.log_batch(self.run_id, metrics=rows[i : i + 1000])
+        rows = [(k, float(v), int(step), int(ts)) for k, v, step, ts in metrics]
+        self._write({"op": "metrics", "rows": rows})
 
     @_uninterrupted
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._write({"op": "text", "text": text, "artifact_file": artifact_file})
 
     @_uninterrupted
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
+        self._write({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     @_uninterrupted
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+        local = str(Path(local_dir).resolve())
+        self._write({"op": "artifacts", "local_dir": local, "artifact_path": artifact_path})
 
     def start_system_metrics(self, every_s: float, resume: bool = False) -> bool:
         """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
@@ -181,8 +239,17 @@ class TrackedRun:
 
     @_uninterrupted
     def finish(self, status: str = "FINISHED") -> None:
-        self.stop_system_metrics()
-        self.client.set_terminated(self.run_id, status=status)
+        """Close the run; with a spool, one more replay is tried first (whatever the retry wait)."""
+        try:
+            self.stop_system_metrics()
+        except Exception as e:  # its last sample could not be sent: not worth failing the run
+            log.warning("system metrics: %s", str(e).splitlines()[0][:200])
+        if self.spool is not None:
+            self.replay_spool(force=True)
+        self._write({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
+
+    def spool_pending(self) -> bool:
+        return self.spool is not None and self.spool.pending()
 
     def metric_history(self, key: str) -> list:
         return self.client.get_metric_history(self.run_id, key)
