@@ -37,7 +37,8 @@ def partition(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The parameters of `model` by group (router, experts, non_moe), each once (a tied head once)."""
     moe_group: dict[int, str] = {}
     for layer in model.modules():
-        if isinstance(layer, MoELayer):
+        # MoELayer, or moeplat.parallel's ExpertParallelMoE (same submodule names)
+        if isinstance(layer, MoELayer) or getattr(layer, "shards_moe_layer", False):
             for name, p in layer.named_parameters():
                 moe_group[id(p)] = "experts" if name.split(".")[0] in EXPERT_MODULES else "router"
     groups: dict[str, list[nn.Parameter]] = {g: [] for g in PARAM_GROUPS}

@@ -19,9 +19,13 @@ FSDP_SHARDING = {
     "no_shard": "NO_SHARD",
 }
 
-EP_NOT_WIRED = (
-    "strategy 'expert_parallel' is validated and planned (moeplat plan --devices N), but not wired "
-    "into training yet: use parallel.strategy.kind ddp or fsdp to train"
+EP_FSDP_NOT_WIRED = (
+    "expert_parallel trains its dense part with ddp; dense: fsdp is validated and planned "
+    "(moeplat plan --devices N) but not wired into training yet: set parallel.strategy.dense: ddp"
+)
+EP_COMPILE = (
+    "train.compile with expert_parallel is not supported: the MoE layers are sharded after the model "
+    "is built (moeplat.parallel.lightning); set train.compile: false"
 )
 
 
@@ -55,16 +59,20 @@ def _destroy_at_exit(strategy_cls):
 
 
 def check_trainable(spec: Spec) -> None:
-    """Refuse, before anything starts, a layout the trainer cannot run yet (exit code 2).
-
-    The expert-parallel layer (moeplat.parallel.expert_parallel) exists as a tested building block;
-    wiring it into the Lightning run is a later step."""
-    if spec.parallel.strategy.kind == "expert_parallel":
-        raise SpecError(SpecIssue("parallel.strategy.kind", EP_NOT_WIRED))
+    """Refuse, before anything starts, a layout the trainer cannot run yet (exit code 2):
+    expert_parallel with an FSDP dense part, or with train.compile."""
+    s = spec.parallel.strategy
+    if s.kind == "expert_parallel":
+        if s.dense == "fsdp":
+            raise SpecError(SpecIssue("parallel.strategy.dense", EP_FSDP_NOT_WIRED))
+        if spec.train.compile:
+            raise SpecError(SpecIssue("train.compile", EP_COMPILE))
 
 
 def build_strategy(spec: Spec):
-    """parallel.strategy -> a Lightning strategy ("auto" for one device)."""
+    """parallel.strategy -> a Lightning strategy ("auto" for one device). expert_parallel's
+    strategy lives in moeplat.parallel.lightning (compile may not import parallel): the caller
+    passes it to trainer_kwargs."""
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     par = spec.parallel
@@ -82,13 +90,19 @@ def build_strategy(spec: Spec):
             sharding_strategy=FSDP_SHARDING[s.sharding],
             auto_wrap_policy={Block},
         )
-    raise SpecError(SpecIssue("parallel.strategy.kind", EP_NOT_WIRED))
+    raise SpecError(
+        SpecIssue(
+            "parallel.strategy.kind",
+            "expert_parallel: use moeplat.parallel.lightning.expert_parallel_strategy",
+        )
+    )
 
 
-def trainer_kwargs(spec: Spec) -> dict:
+def trainer_kwargs(spec: Spec, strategy=None) -> dict:
+    """`strategy`: a Lightning strategy built elsewhere (expert_parallel); None = build_strategy(spec)."""
     t, par = spec.train, spec.parallel
     return {
-        "strategy": build_strategy(spec),
+        "strategy": build_strategy(spec) if strategy is None else strategy,
         "accelerator": par.accelerator,
         "devices": par.devices,
         "num_nodes": par.num_nodes,

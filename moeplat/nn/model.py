@@ -44,7 +44,8 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         """token_ids_BS (optional) is passed on to an MoE FFN, whose router may route by token id."""
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
-        if isinstance(self.ffn, MoELayer):
+        # an MoELayer, or one sharded by moeplat.parallel (ExpertParallelMoE, same signature)
+        if isinstance(self.ffn, MoELayer) or getattr(self.ffn, "shards_moe_layer", False):
             out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS)
         else:
             out = self.ffn(self.ffn_norm(h_BSD))

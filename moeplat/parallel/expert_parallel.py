@@ -63,6 +63,10 @@ class ExpertParallelMoE(nn.Module):
     seed) on every rank: the slicing takes rank ep_rank's experts from it.
     """
 
+    # Read by code that may not import this package (moeplat.nn.model.Block passes token ids,
+    # moeplat.compile.optim.partition splits router / experts): an MoE layer, sharded.
+    shards_moe_layer = True
+
     def __init__(
         self,
         layer: MoELayer,

@@ -16,6 +16,7 @@ from moeplat.parallel.launch import RUN_DIR_ENV  # one run directory for every r
 from moeplat.spec import LoadedSpec
 from moeplat.spec.moe import resolve_dispatch
 from moeplat.spec.plan import plan
+from moeplat.track.spool import SPOOL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +105,27 @@ def _open_run_dir(loaded: LoadedSpec, runs_root: Path, resume: str | None) -> tu
     return run_dir, state
 
 
-def _start_tracking(loaded: LoadedSpec, state: dict, cli_uri: str | None, counts, corpus, tags: dict):
+def _start_tracking(
+    loaded: LoadedSpec,
+    state: dict,
+    cli_uri: str | None,
+    counts,
+    corpus,
+    tags: dict,
+    spool: Path | None = None,
+):
     """One MLflow run per run directory: created on the first start, continued on --resume.
-    `tags` may carry mlflow.parentRunId: a sweep trial is a child of its sweep's run."""
+    `tags` may carry mlflow.parentRunId: a sweep trial is a child of its sweep's run. Writes the
+    server cannot take go to the `spool` file (moeplat.track.spool) until it is back."""
     from moeplat.track.mlflow_run import TrackedRun, log_spec, resolve_tracking_uri
 
     spec = loaded.spec
     if not spec.tracking.enabled:
         return None
     uri = state.get("tracking_uri") or resolve_tracking_uri(cli_uri, spec.tracking.uri)
-    tracked = TrackedRun(uri, spec.tracking.experiment, run_name(loaded), run_id=state.get("run_id"))
+    tracked = TrackedRun(
+        uri, spec.tracking.experiment, run_name(loaded), run_id=state.get("run_id"), spool=spool
+    )
     if not state.get("run_id"):
         log_spec(tracked, loaded.resolved, loaded.files, loaded.overrides, {**run_tags(loaded), **tags})
         tracked.log_params(
@@ -195,7 +207,10 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     datamodule, corpus = build_data(spec, loaded.base_dir)
     counts = plan(spec)
     # One MLflow run, on rank 0: the other ranks train and write their logs to run_dir/logs.
-    tracked = _start_tracking(loaded, state, tracking_uri, counts, corpus, tags or {}) if rank == 0 else None
+    spool = run_dir / SPOOL_FILE
+    tracked = (
+        _start_tracking(loaded, state, tracking_uri, counts, corpus, tags or {}, spool) if rank == 0 else None
+    )
     if rank == 0:
         _save_state(run_dir, loaded, tracked)
 
@@ -247,6 +262,13 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
             if final_tags:
                 tracked.set_tags(final_tags)
             tracked.finish(status)
+            if tracked.spool_pending():
+                log.warning(
+                    "tracking server unreachable: the rest of this run is in %s; "
+                    "send it with `moeplat sync %s`",
+                    spool,
+                    run_dir,
+                )
     return RunResult(
         run_dir=str(run_dir),
         run_id=tracked.run_id if tracked else None,
@@ -267,8 +289,13 @@ def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progre
     from moeplat.track.logger import BatchedMLflowLogger
 
     progress_bar = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=5)] if progress else []
+    strategy = None
+    if loaded.spec.parallel.strategy.kind == "expert_parallel":  # shards the MoE layers at setup
+        from moeplat.parallel.lightning import expert_parallel_strategy
+
+        strategy = expert_parallel_strategy(loaded.spec)
     return L.Trainer(
-        **trainer_kwargs(loaded.spec),
+        **trainer_kwargs(loaded.spec, strategy),
         logger=BatchedMLflowLogger(tracked) if tracked else False,
         callbacks=[*callbacks, checkpoint_callback(loaded.spec, run_dir / "checkpoints"), *progress_bar],
         enable_progress_bar=progress,

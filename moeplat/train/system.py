@@ -47,6 +47,9 @@ class LMSystem(L.LightningModule):
         self._val_sum = 0.0
         self._val_n = 0
         self._step_load: dict[int, torch.Tensor] = {}  # layer -> routed load summed over this step
+        # EP group size when the experts are sharded (set by moeplat.parallel.lightning); > 1 adds
+        # the per-rank expert load to the MoE telemetry
+        self.expert_shards = 1
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None):
         return self.model(idx_BS, targets_BS)
@@ -92,6 +95,8 @@ class LMSystem(L.LightningModule):
         metrics = moe_metrics(moe)
         if not metrics:
             return
+        if self.expert_shards > 1:
+            metrics.update(_ep_rank_load(moe, self.expert_shards))
         self.moe_telemetry = (self.global_step, metrics)
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=self.global_step)
@@ -141,3 +146,16 @@ class LMSystem(L.LightningModule):
         total = sum(p.numel() for p in self.model.parameters())
         log.info("training %d of %d parameters", self.trainable_params, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _ep_rank_load(moe: dict, ep_size: int) -> dict[str, float]:
+    """moe/layerNN/ep_load/rJJ: the share of the layer's routed token-slots that EP rank J's
+    experts (the J-th contiguous slice of E / ep_size) computed -- the per-rank expert load. Under
+    expert parallelism the layer's load_E is that of the whole data-parallel world (balance_scope
+    "global"), so rank 0 reports every rank's load."""
+    metrics = {}
+    for layer, out in sorted(moe.items()):
+        load_E = out.stats.load_E.float()
+        for j, share in enumerate(load_E.view(ep_size, -1).sum(1).tolist()):
+            metrics[f"moe/layer{layer:02d}/ep_load/r{j:02d}"] = share
+    return metrics

@@ -53,13 +53,19 @@ def test_fsdp_maps_sharding(sharding, torch_name):
     assert s.kwargs["auto_wrap_policy"].__class__.__name__ == "ModuleWrapPolicy"  # one unit per Block
 
 
-def test_expert_parallel_is_refused_by_the_trainer_with_the_field():
-    spec = _spec("parallel.devices=2", "parallel.strategy={kind: expert_parallel, ep_size: 2}")
-    for fn in (check_trainable, build_strategy):
+def test_expert_parallel_layouts_not_wired_are_refused_with_the_field():
+    """expert_parallel trains (tests/parallel/test_ep_run.py) with a DDP dense part and no
+    torch.compile; dense: fsdp and compile are refused before anything starts."""
+    ep = "parallel.strategy={kind: expert_parallel, ep_size: 2}"
+    check_trainable(_spec("parallel.devices=2", ep))
+    cases = {
+        "parallel.strategy.dense": _spec("parallel.devices=2", ep[:-1] + ", dense: fsdp}"),
+        "train.compile": _spec("parallel.devices=2", ep, "train.compile=true"),
+    }
+    for path, spec in cases.items():
         with pytest.raises(SpecError) as err:
-            fn(spec)
-        assert err.value.issues[0].path == "parallel.strategy.kind"
-        assert "not wired into training yet" in err.value.issues[0].message
+            check_trainable(spec)
+        assert err.value.issues[0].path == path
 
 
 def test_strategy_registers_the_gloo_destroy_at_exit(monkeypatch):

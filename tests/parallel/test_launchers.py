@@ -136,10 +136,13 @@ def test_plan_prints_the_preflight_and_checks_memory(capsys):
     assert "parallel.strategy.ep_size" in capsys.readouterr().err
 
 
-def test_run_refuses_expert_parallel_before_starting(tmp_path, capsys):
-    ep = ["--set", "parallel.strategy={kind: expert_parallel, ep_size: 2}", "--set", "parallel.devices=2"]
-    assert main(["run", TINY, "--runs-dir", str(tmp_path), *ep]) == 2
-    assert "not wired into training yet" in capsys.readouterr().err
+def test_run_refuses_a_layout_it_cannot_train_before_starting(tmp_path, capsys):
+    """expert_parallel with an FSDP dense part is not trainable yet: exit 2 naming the field,
+    before any process starts. (Called in-process: a layout that did start would make Lightning's
+    subprocess launcher re-run this pytest command as rank 1.)"""
+    ep = "parallel.strategy={kind: expert_parallel, ep_size: 2, dense: fsdp}"
+    assert main(["run", TINY, "--runs-dir", str(tmp_path), "--set", ep, "--set", "parallel.devices=2"]) == 2
+    assert "parallel.strategy.dense" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing was started
 
 
