@@ -33,6 +33,32 @@ def launch_rank(devices_per_node: int, env: dict | None = None) -> int:
     return 0
 
 
+LAUNCHER_ENV = ("RANK", "SLURM_PROCID", "LOCAL_RANK")
+
+
+def local_launch_problem(
+    world_size: int, env: dict | None = None, argv: list[str] | None = None
+) -> str | None:
+    """Why this process cannot start a local multi-process run, or None.
+
+    Lightning's subprocess launcher starts ranks 1..N-1 by re-running this process's own command
+    line. That is right for `moeplat run ...`; from another program (pytest, a notebook, a script
+    calling moeplat.train.run.run) it would start that program again in every rank (a pytest run
+    hung this way). Under torchrun or srun (rank variables set) nothing is re-run."""
+    env = os.environ if env is None else env
+    if world_size == 1 or any(key in env for key in LAUNCHER_ENV):
+        return None
+    argv = sys.argv if argv is None else argv
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if Path(argv[0]).name == "moeplat" or getattr(main_spec, "name", "") == "moeplat.cli.main":
+        return None
+    return (
+        f"{world_size} local processes must be started by the `moeplat run` command (Lightning starts "
+        "the other ranks by re-running this process's command line); run it from a shell, or use "
+        "`moeplat launch --print` (torchrun)"
+    )
+
+
 @contextlib.contextmanager
 def share_run_dir(run_dir: Path, rank: int, world_size: int):
     """Rank 0 of a multi-process run exports its run directory for the ranks it is about to start

@@ -173,10 +173,13 @@ def run(
     srun); they share one run directory ($MOEPLAT_RUN_DIR, set here by rank 0 for the ranks it
     starts) and only rank 0 talks to MLflow (moeplat.parallel.launch)."""
     from moeplat.compile.trainer import check_trainable
-    from moeplat.parallel.launch import launch_rank, rank_logs, share_run_dir
+    from moeplat.parallel.launch import launch_rank, local_launch_problem, rank_logs, share_run_dir
 
     t_start = time.perf_counter()
     check_trainable(loaded.spec)
+    problem = local_launch_problem(loaded.spec.parallel.world_size)
+    if problem:
+        raise SpecError([SpecIssue("parallel.devices", problem)])
     rank = launch_rank(loaded.spec.parallel.devices)
     run_dir, state = _open_run_dir(loaded, Path(runs_root), resume)
     world = loaded.spec.parallel.world_size

@@ -185,3 +185,21 @@ def test_sbatch_script_runs_under_a_fake_srun(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].data.metrics["train/loss"] > 0
+
+
+def test_a_local_multi_process_run_must_come_from_the_moeplat_command():
+    """Lightning re-runs the current command line for ranks 1..N-1: only `moeplat run` may do it."""
+    from moeplat.parallel.launch import local_launch_problem
+
+    assert local_launch_problem(1, env={}, argv=["pytest"]) is None
+    assert local_launch_problem(2, env={}, argv=["/x/.venv/bin/moeplat", "run"]) is None
+    for launched in ({"RANK": "1"}, {"SLURM_PROCID": "0"}, {"LOCAL_RANK": "1"}):
+        assert local_launch_problem(2, env=launched, argv=["pytest"]) is None
+    assert "moeplat run" in local_launch_problem(2, env={}, argv=["/x/bin/pytest", "-q"])
+
+
+def test_run_called_in_process_with_several_devices_exits_2_naming_the_field(tmp_path, capsys):
+    ddp = ["--set", "parallel.strategy.kind=ddp", "--set", "parallel.devices=2"]
+    assert main(["run", TINY, "--runs-dir", str(tmp_path), *ddp]) == 2  # pytest is not moeplat
+    assert "parallel.devices" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
