@@ -64,7 +64,8 @@ def _ffn(spec: Spec, moe_j: int | None) -> tuple[int, int, int, int]:
     moe = m.moe
     mats = ffn_matrices(moe.experts.kind)  # 3 for swiglu/geglu (gate, up, down), 2 for gelu/relu
     # Fine-grained segmentation (granularity m): E*m experts of width d_ff/m, K*m chosen.
-    E, K = moe.shape(moe_j).routed_experts, moe.shape(moe_j).routed_top_k
+    shape = moe.shape(moe_j)
+    E, K = shape.routed_experts, shape.routed_top_k
     expert = mats * d * moe.routed_d_ff
     shared = mats * d * moe.shared_experts.count * (moe.shared_experts.d_ff or moe.experts.d_ff)
     shared += d if moe.shared_experts.gate else 0  # Qwen2-MoE shared-expert gate: a D -> 1 projection

@@ -14,17 +14,13 @@ FSDPStrategy) refuses CPU-only machines, so its run is checked only where CUDA h
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import finish, mlflow_runs, start_run
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "tests" / "fixtures" / "tiny.yaml"
 COMMON = [
     "train.max_steps=4",
     "train.log_every=1",
@@ -33,28 +29,16 @@ COMMON = [
 ]
 
 
-def _start(tmp: Path, name: str, overrides: list[str]) -> subprocess.Popen:
-    args = [sys.executable, "-m", "moeplat.cli.main", "run", str(TINY), "--no-progress"]
-    args += ["--tracking-uri", f"sqlite:///{tmp / name}.db", "--runs-dir", str(tmp / name)]
-    for o in [*COMMON, *overrides]:
-        args += ["--set", o]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MOEPLAT_RUN_DIR")}
-    return subprocess.Popen(
-        args, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def _start(tmp: Path, name: str, overrides: list[str]):
+    return start_run(tmp, name, [*COMMON, *overrides])
 
 
-def _finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=240)  # a rank stuck in a collective would hang: fail instead
-    assert proc.returncode == 0, out[-3000:]
-    return out
+def _finish(proc) -> str:
+    return finish(proc, timeout=240)
 
 
 def _losses(tmp: Path, name: str) -> tuple[list[float], int]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp / name}.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    client, runs = mlflow_runs(tmp, name)
     history = client.get_metric_history(runs[0].info.run_id, "train/loss")
     return [m.value for m in sorted(history, key=lambda m: m.step)], len(runs)
 

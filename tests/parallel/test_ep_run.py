@@ -15,18 +15,14 @@ the prefix of a 6-step one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import finish, mlflow_runs, moeplat, start_run
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "tests" / "fixtures" / "tiny.yaml"
 COMMON = [
     "parallel.accelerator=cpu",
     "train.log_every=1",
@@ -37,38 +33,12 @@ SINGLE = ["train.batch_size=8"]
 EP = ["train.batch_size=4", "parallel.devices=2", "parallel.strategy={kind: expert_parallel, ep_size: 2}"]
 
 
-def _cli(tmp: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MOEPLAT_RUN_DIR")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "moeplat.cli.main", *args],
-        cwd=tmp,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _run(tmp: Path, name: str, overrides: list[str], *extra: str):
+    return start_run(tmp, name, [*COMMON, *overrides], *extra)
 
 
-def _run(tmp: Path, name: str, overrides: list[str], *extra: str) -> subprocess.Popen:
-    args = ["run", str(TINY), "--no-progress", "--tracking-uri", f"sqlite:///{tmp / name}.db"]
-    args += ["--runs-dir", str(tmp / name), *extra]
-    for o in [*COMMON, *overrides]:
-        args += ["--set", o]
-    return _cli(tmp, *args)
-
-
-def _finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=300)  # a rank stuck in a collective would hang: fail instead
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def _mlflow(tmp: Path, name: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp / name}.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return client, runs
+def _finish(proc) -> str:
+    return finish(proc, timeout=300)
 
 
 def _losses(client, run_id: str) -> dict[int, float]:
@@ -86,11 +56,11 @@ def test_expert_parallel_run_matches_one_process_resumes_and_evaluates_on_one_de
         "ep": _run(tmp_path, "ep", [*EP, "train.max_steps=4"]),
     }
     outputs = {name: _finish(p) for name, p in procs.items()}
-    client, runs = _mlflow(tmp_path, "ep")
+    client, runs = mlflow_runs(tmp_path, "ep")
     assert len(runs) == 1  # both ranks, one MLflow run
     run = runs[0]
     ep = _losses(client, run.info.run_id)
-    single_client, single_runs = _mlflow(tmp_path, "single")
+    single_client, single_runs = mlflow_runs(tmp_path, "single")
     single = _losses(single_client, single_runs[0].info.run_id)
     assert sorted(ep) == [0, 1, 2, 3] and sorted(single) == [0, 1, 2, 3, 4, 5]
     torch.testing.assert_close(
@@ -114,7 +84,7 @@ def test_expert_parallel_run_matches_one_process_resumes_and_evaluates_on_one_de
 
     # The model artifact is the single-process layout: eval rebuilds it on one device.
     out = _finish(
-        _cli(tmp_path, "eval", run.info.run_id, "--tracking-uri", f"sqlite:///{tmp_path}/ep.db", "--json")
+        moeplat(tmp_path, "eval", run.info.run_id, "--tracking-uri", f"sqlite:///{tmp_path}/ep.db", "--json")
     )
     result = json.loads(out[out.index("{") :])
     assert result["val/loss"] == pytest.approx(m["val/loss"], rel=1e-5)
@@ -141,7 +111,7 @@ def test_expert_parallel_run_matches_one_process_resumes_and_evaluates_on_one_de
     }
     for name, proc in resumed.items():
         _finish(proc)
-        client, runs = _mlflow(tmp_path, name)
+        client, runs = mlflow_runs(tmp_path, name)
         assert len(runs) == 1  # continued the same MLflow run
         losses = _losses(client, runs[0].info.run_id)
         assert sorted(losses) == [0, 1, 2, 3, 4, 5], name
@@ -166,7 +136,7 @@ def test_expert_grads_are_averaged_over_the_expert_data_parallel_group(tmp_path)
         _finish(p)
     losses = {}
     for name in procs:
-        client, runs = _mlflow(tmp_path, name)
+        client, runs = mlflow_runs(tmp_path, name)
         losses[name] = _losses(client, runs[0].info.run_id)
     assert sorted(losses["edp"]) == [0, 1, 2, 3]
     torch.testing.assert_close(
