@@ -16,7 +16,7 @@ $(BIN)/moeplat: pyproject.toml requirements/cpu.txt
 
 setup: $(BIN)/moeplat
 
-# System packages beyond the venv: the PostgreSQL server the sweep tests start (tests/postgres.py).
+# System packages beyond the venv: PostgreSQL (tests/postgres.py) and Chromium (tests/browser.py).
 # Installs with apt-get when missing (as root); .ci/run calls it. Not a dependency of `test`.
 system-deps:
 	scripts/system-deps.sh
