@@ -4,6 +4,7 @@ train/run.py.)"""
 from __future__ import annotations
 
 import atexit
+import functools
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -11,12 +12,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from moeplat.errors import SpecError, SpecIssue
 from moeplat.spec.root import Spec
 
-# spec fsdp.sharding -> torch.distributed.fsdp.ShardingStrategy name
+# spec fsdp.sharding -> FSDP2 (torch.distributed.fsdp.fully_shard) layout: whether parameters are
+# freed again after the forward pass (reshard_after_forward), and whether the device mesh is the 1D
+# "shard over every rank" or the 2D HSDP mesh (replicate over dim 0, shard over dim 1).
 FSDP_SHARDING = {
-    "full": "FULL_SHARD",
-    "grad_op": "SHARD_GRAD_OP",
-    "hybrid": "HYBRID_SHARD",
-    "no_shard": "NO_SHARD",
+    "full": {"reshard_after_forward": True, "mesh": "shard_all"},  # ZeRO-3
+    "grad_op": {"reshard_after_forward": False, "mesh": "shard_all"},  # ZeRO-2: params kept for backward
+    "hybrid": {"reshard_after_forward": True, "mesh": "nodes_x_devices"},  # shard in a node, replicate across
+    "no_shard": {"reshard_after_forward": True, "mesh": "replicate_all"},  # DDP semantics
 }
 
 EP_FSDP_NOT_WIRED = (
@@ -73,7 +76,7 @@ def build_strategy(spec: Spec):
     """parallel.strategy -> a Lightning strategy ("auto" for one device). expert_parallel's
     strategy lives in moeplat.parallel.lightning (compile may not import parallel): the caller
     passes it to trainer_kwargs."""
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy
 
     par = spec.parallel
     s, backend = par.strategy, process_group_backend(par.accelerator)
@@ -82,20 +85,55 @@ def build_strategy(spec: Spec):
     if s.kind == "ddp":
         return _destroy_at_exit(DDPStrategy)(process_group_backend=backend)
     if s.kind == "fsdp":
-        from moeplat.nn.model import Block
-
-        # one FSDP unit per transformer block: its parameters are gathered only while it runs
-        return _destroy_at_exit(FSDPStrategy)(
-            process_group_backend=backend,
-            sharding_strategy=FSDP_SHARDING[s.sharding],
-            auto_wrap_policy={Block},
-        )
+        return fsdp_strategy(s.sharding, backend, par.devices * par.num_nodes)
     raise SpecError(
         SpecIssue(
             "parallel.strategy.kind",
             "expert_parallel: use moeplat.parallel.lightning.expert_parallel_strategy",
         )
     )
+
+
+def fsdp_strategy(sharding: str, backend: str, world_size: int):
+    """FSDP2 through Lightning's ModelParallelStrategy: the system's configure_model shards each
+    transformer block, then the root (one all-gather per block, freed after use when resharding).
+    FSDP2 runs on CPU with gloo, where torch's FSDP1 refuses ("FSDP needs a non-CPU accelerator").
+    The checkpoint is gathered into one file on rank 0, so it reloads at any world size."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    layout = FSDP_SHARDING[sharding]
+    # Lightning's mesh is (data_parallel, tensor_parallel); we use it as (replicate, shard)
+    sizes = {
+        "shard_all": {"data_parallel_size": world_size, "tensor_parallel_size": 1},
+        "replicate_all": {"data_parallel_size": world_size, "tensor_parallel_size": 1},
+        "nodes_x_devices": {},  # auto: (num_nodes, devices per node)
+    }[layout["mesh"]]
+
+    class FSDP2(_destroy_at_exit(ModelParallelStrategy)):
+        def setup_environment(self) -> None:
+            super().setup_environment()
+            self.lightning_module.parallelize = fsdp_parallelize(self.device_mesh, sharding)
+
+    return FSDP2(save_distributed_checkpoint=False, process_group_backend=backend, **sizes)
+
+
+def fsdp_parallelize(device_mesh, sharding: str):
+    """The function that shards a model for `sharding` on Lightning's (data_parallel,
+    tensor_parallel) mesh, read as (replicate, shard): fully_shard every transformer block, then
+    the rest (embeddings, final norm, head) at the root."""
+    layout = FSDP_SHARDING[sharding]
+    mesh = device_mesh["data_parallel"] if layout["mesh"] == "shard_all" else device_mesh
+    return functools.partial(_shard_blocks, mesh=mesh, reshard_after_forward=layout["reshard_after_forward"])
+
+
+def _shard_blocks(model, mesh, reshard_after_forward: bool) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from moeplat.nn.model import Block
+
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
 def trainer_kwargs(spec: Spec, strategy=None) -> dict:

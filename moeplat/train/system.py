@@ -50,6 +50,14 @@ class LMSystem(L.LightningModule):
         # EP group size when the experts are sharded (set by moeplat.parallel.lightning); > 1 adds
         # the per-rank expert load to the MoE telemetry
         self.expert_shards = 1
+        # set by a strategy that shards the model itself (FSDP2, moeplat.compile.trainer): applied
+        # once to the model in configure_model, after the process group exists, before the optimizer
+        self.parallelize: Callable[[nn.Module], None] | None = None
+
+    def configure_model(self) -> None:
+        if self.parallelize is not None:
+            self.parallelize(self.model)
+            self.parallelize = None
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None):
         return self.model(idx_BS, targets_BS)

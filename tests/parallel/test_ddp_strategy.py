@@ -7,10 +7,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from postgres import free_port
 
 from moeplat.compile.model import build_model
-from moeplat.compile.trainer import build_strategy, check_trainable, process_group_backend, trainer_kwargs
+from moeplat.compile.trainer import (
+    build_strategy,
+    check_trainable,
+    fsdp_parallelize,
+    process_group_backend,
+    trainer_kwargs,
+)
 from moeplat.errors import SpecError
 from moeplat.spec import load_spec
 
@@ -37,20 +44,51 @@ def test_backend_follows_the_accelerator():
     assert process_group_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def test_fsdp_is_fsdp2_on_a_mesh_sized_for_the_sharding():
+    full = build_strategy(_spec("parallel.devices=2", "parallel.num_nodes=3", "parallel.strategy.kind=fsdp"))
+    assert isinstance(full, ModelParallelStrategy) and full.process_group_backend == "gloo"
+    assert (full._data_parallel_size, full._tensor_parallel_size) == (6, 1)  # shard over all 6 ranks
+    hybrid = build_strategy(
+        _spec(
+            "parallel.devices=2", "parallel.num_nodes=3", "parallel.strategy={kind: fsdp, sharding: hybrid}"
+        )
+    )
+    assert (hybrid._data_parallel_size, hybrid._tensor_parallel_size) == ("auto", "auto")  # nodes x devices
+
+
+@pytest.fixture
+def one_rank_mesh(monkeypatch):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    dist.destroy_process_group()
+
+
 @pytest.mark.parametrize(
-    ("sharding", "torch_name"),
+    ("sharding", "placements", "kept_after_forward"),
     [
-        ("full", "FULL_SHARD"),
-        ("grad_op", "SHARD_GRAD_OP"),
-        ("hybrid", "HYBRID_SHARD"),
-        ("no_shard", "NO_SHARD"),
+        ("full", "(Shard(dim=0),)", False),
+        ("grad_op", "(Shard(dim=0),)", True),
+        ("hybrid", "(Replicate(), Shard(dim=0))", False),
+        ("no_shard", "(Replicate(), Shard(dim=0))", False),
     ],
 )
-def test_fsdp_maps_sharding(sharding, torch_name):
-    s = build_strategy(_spec("parallel.devices=2", f"parallel.strategy={{kind: fsdp, sharding: {sharding}}}"))
-    assert isinstance(s, FSDPStrategy) and s.process_group_backend == "gloo"
-    assert s.sharding_strategy.name == torch_name
-    assert s.kwargs["auto_wrap_policy"].__class__.__name__ == "ModuleWrapPolicy"  # one unit per Block
+def test_fsdp_sharding_sets_the_layout(one_rank_mesh, sharding, placements, kept_after_forward):
+    """fsdp.sharding changes how FSDP2 lays the parameters out: the placements (1D shard vs the
+    2D replicate x shard mesh), and whether a block's parameters stay gathered after the forward
+    pass for the backward (grad_op, ZeRO-2) or are freed again."""
+    from torch.distributed.tensor import DTensor
+
+    model = build_model(_spec())
+    fsdp_parallelize(one_rank_mesh, sharding)(model)
+    block = model.blocks[0]
+    assert str(next(block.parameters()).placements) == placements
+    model(torch.zeros(1, 8, dtype=torch.long))
+    assert (not isinstance(next(block.parameters()), DTensor)) == kept_after_forward
 
 
 def test_expert_parallel_layouts_not_wired_are_refused_with_the_field():
