@@ -54,6 +54,16 @@ def flatten(tree: object, prefix: str = "") -> dict[str, str]:
     return {prefix: value}
 
 
+JOB_ID_ENV = "MOEPLAT_JOB_ID"  # set by the job server's worker (moeplat.server.worker)
+JOB_ID_TAG = "moeplat.job_id"
+
+
+def job_tags() -> dict[str, str]:
+    """`moeplat.job_id` on every run a server job creates (sweeps: the parent and each trial)."""
+    job = os.environ.get(JOB_ID_ENV)
+    return {JOB_ID_TAG: job} if job else {}
+
+
 def git_state(path: Path) -> dict[str, str]:
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=10)
@@ -130,10 +140,13 @@ class TrackedRun:
         self.client = MlflowClient(tracking_uri)
         self.spool = Spool(spool) if spool is not None else None
         self._retry_at = 0.0
+        # metrics are written from the logger's sender thread, everything else from the training
+        # thread: one write at a time keeps the spool's order and its file intact
+        self._lock = threading.RLock()
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-            run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags=job_tags()).info.run_id
             self.run_id = run_id
         else:
             self.run_id = run_id
@@ -148,17 +161,18 @@ class TrackedRun:
         from moeplat.track.spool import is_unreachable, send
 
         record = {**record, "run_id": self.run_id}
-        if self.spool is None:
-            return send(self.client, record)
-        if self.spool.pending() and not self.replay_spool():
-            return self.spool.append(record)
-        try:
-            send(self.client, record)
-        except Exception as e:
-            if not is_unreachable(e):
-                raise
-            self._went_away(e)
-            self.spool.append(record)
+        with self._lock:
+            if self.spool is None:
+                return send(self.client, record)
+            if self.spool.pending() and not self.replay_spool():
+                return self.spool.append(record)
+            try:
+                send(self.client, record)
+            except Exception as e:
+                if not is_unreachable(e):
+                    raise
+                self._went_away(e)
+                self.spool.append(record)
 
     def replay_spool(self, force: bool = False) -> bool:
         """Send the spooled writes; True when none are left. Tried at most every RETRY_S seconds
@@ -170,7 +184,8 @@ class TrackedRun:
         if not force and time.monotonic() < self._retry_at:
             return False
         try:
-            n = self.spool.replay(lambda r: send(self.client, r))
+            with self._lock:
+                n = self.spool.replay(lambda r: send(self.client, r))
         except Exception as e:
             if not is_unreachable(e):
                 raise

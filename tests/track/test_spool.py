@@ -79,16 +79,22 @@ def test_unreachable_is_told_from_a_rejected_request():
 def test_writes_during_an_outage_are_spooled_then_replayed_in_order(tracked, run_dir, monkeypatch):
     outage = Outage(tracked.client, monkeypatch)
     logger = BatchedMLflowLogger(tracked, flush_every=2)
+    # logger.flush() waits for the sender thread, so that the metrics and the tags written from
+    # this thread reach the spool in a known order
     logger.log_metrics({"loss": 3.0, "lr": 0.1}, step=0)  # sent
+    logger.flush()
     outage.down = True
     logger.log_metrics({"loss": 2.0, "lr": 0.2}, step=1)  # spooled, no exception
+    logger.flush()
     tracked.set_tags({"phase": "outage"})
     logger.log_metrics({"loss": 1.0, "lr": 0.3}, step=2)  # spooled after the others
+    logger.flush()
     spooled = [r["op"] for r in Spool(run_dir / SPOOL_FILE).records()]
     assert spooled == ["metrics", "tags", "metrics"]
     assert steps(tracked, "loss") == [(0, 3.0)]
     outage.down = False
     logger.log_metrics({"loss": 0.5, "lr": 0.4}, step=3)  # replays the spool first, then sends
+    logger.flush()
     assert steps(tracked, "loss") == [(0, 3.0), (1, 2.0), (2, 1.0), (3, 0.5)]
     assert tracked.client.get_run(tracked.run_id).data.tags["phase"] == "outage"
     assert not (run_dir / SPOOL_FILE).exists()
