@@ -203,3 +203,37 @@ def test_run_called_in_process_with_several_devices_exits_2_naming_the_field(tmp
     assert main(["run", TINY, "--runs-dir", str(tmp_path), *ddp]) == 2  # pytest is not moeplat
     assert "parallel.devices" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_the_printed_torchrun_line_runs(tmp_path, capsys):
+    """The line `moeplat launch --print` prints, executed as printed: torchrun starts 2 CPU
+    processes, Lightning takes torchelastic's environment, and they make one run directory and one
+    MLflow run."""
+    sets = [
+        "parallel.accelerator=cpu",
+        "train.max_steps=3",
+        "train.val_every=3",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    ]
+    args = ["launch", TINY, "--print", "--gpus-per-node", "2", *DDP, "--runs-dir", str(tmp_path / "runs")]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "torchrun " in x)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", RUN_DIR_ENV))
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # torchrun from this environment
+    out = subprocess.run(
+        ["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("run finished") == 1  # rank 1's summary went to its log
+    run_dirs = [p.parent for p in (tmp_path / "runs").glob("tiny/*/run.json")]
+    assert len(run_dirs) == 1 and (run_dirs[0] / "logs" / "rank1.log").is_file()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].data.metrics["train/loss"] > 0
