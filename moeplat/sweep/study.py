@@ -117,6 +117,8 @@ def open_study(
             )
         ) from None
     study.set_user_attr("sweep_file", os.path.abspath(loaded.path))
+    # the objectives' metric names, so optuna-dashboard and our server name the axes (not objective0)
+    study.set_metric_names([o.metric for o in sweep.objectives])
     return study
 
 

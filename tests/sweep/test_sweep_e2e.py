@@ -61,6 +61,7 @@ def test_sweep_runs_trials_as_mlflow_children_and_resume_repeats_nothing(workdir
     study = open_study(loaded, "sqlite:///optuna.db", create=False)
     trials = study.get_trials()
     assert finished_count(study) == len(trials) == 4
+    assert study.metric_names == [o.metric for o in loaded.sweep.objectives]  # axes named in the dashboard
     assert all(set(t.params) == {"model.moe.top_k", "model.moe.losses.load_balancing.coef"} for t in trials)
 
     client = MlflowClient("sqlite:///mlflow.db")
