@@ -22,10 +22,6 @@ FSDP_SHARDING = {
     "no_shard": {"reshard_after_forward": True, "mesh": "replicate_all"},  # DDP semantics
 }
 
-EP_FSDP_NOT_WIRED = (
-    "expert_parallel trains its dense part with ddp; dense: fsdp is validated and planned "
-    "(moeplat plan --devices N) but not wired into training yet: set parallel.strategy.dense: ddp"
-)
 EP_COMPILE = (
     "train.compile with expert_parallel is not supported: the MoE layers are sharded after the model "
     "is built (moeplat.parallel.lightning); set train.compile: false"
@@ -63,13 +59,10 @@ def _destroy_at_exit(strategy_cls):
 
 def check_trainable(spec: Spec) -> None:
     """Refuse, before anything starts, a layout the trainer cannot run yet (exit code 2):
-    expert_parallel with an FSDP dense part, or with train.compile."""
+    expert_parallel with train.compile."""
     s = spec.parallel.strategy
-    if s.kind == "expert_parallel":
-        if s.dense == "fsdp":
-            raise SpecError(SpecIssue("parallel.strategy.dense", EP_FSDP_NOT_WIRED))
-        if spec.train.compile:
-            raise SpecError(SpecIssue("train.compile", EP_COMPILE))
+    if s.kind == "expert_parallel" and spec.train.compile:
+        raise SpecError(SpecIssue("train.compile", EP_COMPILE))
 
 
 def build_strategy(spec: Spec):
@@ -117,23 +110,34 @@ def fsdp_strategy(sharding: str, backend: str, world_size: int):
     return FSDP2(save_distributed_checkpoint=False, process_group_backend=backend, **sizes)
 
 
-def fsdp_parallelize(device_mesh, sharding: str):
+def fsdp_parallelize(device_mesh, sharding: str, ignored_params=None):
     """The function that shards a model for `sharding` on Lightning's (data_parallel,
     tensor_parallel) mesh, read as (replicate, shard): fully_shard every transformer block, then
-    the rest (embeddings, final norm, head) at the root."""
+    the rest (embeddings, final norm, head) at the root. `ignored_params` stay plain, unsharded
+    tensors (expert parallelism's routed experts, sharded over their EP group instead)."""
     layout = FSDP_SHARDING[sharding]
     mesh = device_mesh["data_parallel"] if layout["mesh"] == "shard_all" else device_mesh
-    return functools.partial(_shard_blocks, mesh=mesh, reshard_after_forward=layout["reshard_after_forward"])
+    return functools.partial(
+        _shard_blocks,
+        mesh=mesh,
+        reshard_after_forward=layout["reshard_after_forward"],
+        ignored_params=set(ignored_params or ()),
+    )
 
 
-def _shard_blocks(model, mesh, reshard_after_forward: bool) -> None:
+def _shard_blocks(model, mesh, reshard_after_forward: bool, ignored_params: set | None = None) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from moeplat.nn.model import Block
 
+    opts = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "ignored_params": ignored_params or None,
+    }
     for block in [m for m in model.modules() if isinstance(m, Block)]:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **opts)
+    fully_shard(model, **opts)
 
 
 def trainer_kwargs(spec: Spec, strategy=None) -> dict:

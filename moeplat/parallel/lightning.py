@@ -2,7 +2,9 @@
 strategy whose MoE layers are ExpertParallelMoE (GShard, Lepikhin et al. 2020, sec. 3; the
 gradient and checkpoint conventions of moeplat.parallel.grads / .checkpoint).
 
-ExpertParallelStrategy extends Lightning's DDPStrategy at four points:
+ExpertParallelStrategy extends Lightning's DDPStrategy at these points (all but the DDP-specific
+ignore list live in ExpertParallelMixin, shared with the FSDP2 dense part of
+moeplat.parallel.ep_fsdp):
 
 - setup_environment: once the default process group exists, create the EP/EDP groups, shard every
   MoELayer of the LightningModule (shard_moe_layers) and mark the expert weights ignored by DDP on
@@ -12,6 +14,8 @@ ExpertParallelStrategy extends Lightning's DDPStrategy at four points:
 - optimizer_step: after the closure's backward (every micro-batch) and before
   on_before_optimizer_step and gradient clipping, expert grads are all-reduced over the EDP group
   (sum / W) -- so the clipping norm and the held-group logic see the data-parallel gradient;
+- gradient clipping: by the global norm of the single-process gradient (moeplat.parallel.clip;
+  a rank's own norm would miss the other ranks' experts);
 - state dicts: checkpoints and the model artifact hold the full, single-process layout (expert
   weights gathered over the EP group; Adam's per-parameter state gathered likewise), so they load
   at any ep_size, ep_size 1 (`moeplat eval`, a single-device resume) included;
@@ -27,28 +31,37 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import gc
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from moeplat.compile.optim import partition
 from moeplat.compile.trainer import process_group_backend
-from moeplat.parallel.checkpoint import full_state_dict, load_full_state_dict
+from moeplat.parallel.checkpoint import (
+    full_optimizer_state,
+    full_state_dict,
+    load_full_state_dict,
+    shard_optimizer_state,
+)
+from moeplat.parallel.clip import clip_grad_norm_
 from moeplat.parallel.expert_parallel import ExpertParallelMoE, shard_moe_layers
-from moeplat.parallel.grads import expert_parameters, ignore_expert_params_in_ddp, reduce_expert_grads
+from moeplat.parallel.grads import ignore_expert_params_in_ddp, reduce_expert_grads
 from moeplat.parallel.groups import ExpertParallelGroups, init_expert_parallel_groups
 from moeplat.spec.root import Spec
 
 
-class ExpertParallelStrategy(DDPStrategy):
-    """DDP for the dense part, the routed experts sharded over EP groups of `ep_size` ranks."""
+class ExpertParallelMixin:
+    """The expert-parallel part of a Lightning strategy, whatever shards the dense part: DDP
+    (ExpertParallelStrategy below) or FSDP2 (moeplat.parallel.ep_fsdp). Put it first in the bases;
+    the dense strategy's class follows it in the MRO."""
 
     def __init__(
-        self, *, ep_size: int, dispatcher: str, capacity_scope: str, balance_scope: str = "global", **ddp
+        self, *, ep_size: int, dispatcher: str, capacity_scope: str, balance_scope: str = "global", **dense
     ):
-        super().__init__(**ddp)
+        super().__init__(**dense)
         self.ep_size = ep_size
         self.ep_options = {
             "dispatcher": dispatcher,
@@ -57,23 +70,33 @@ class ExpertParallelStrategy(DDPStrategy):
         }
         self.ep_groups: ExpertParallelGroups | None = None
 
-    def setup_environment(self) -> None:
-        super().setup_environment()  # the default process group exists from here on
+    def _shard_experts(self) -> torch.nn.Module | None:
+        """Once the default process group exists: the EP/EDP groups, then every MoELayer of the
+        LightningModule sharded (its update schedule rebuilt on the new parameters). Returns the
+        LightningModule when it was sharded now."""
         if self.ep_groups is None:
             self.ep_groups = init_expert_parallel_groups(self.ep_size)
             atexit.register(self._release_groups)  # Lightning registers a destroy for NCCL only
         module = self.lightning_module
-        if module is not None and not any(isinstance(m, ExpertParallelMoE) for m in module.modules()):
-            shard_moe_layers(module, self.ep_groups, **self.ep_options)
-            ignore_expert_params_in_ddp(module)  # names relative to the module DDP wraps
-            if getattr(module, "updates", None) is not None:  # holds refer to the new parameters
-                module.updates = dataclasses.replace(module.updates, groups=partition(module))
-            if hasattr(module, "expert_shards"):
-                module.expert_shards = self.ep_size
+        if module is None or any(isinstance(m, ExpertParallelMoE) for m in module.modules()):
+            return None
+        shard_moe_layers(module, self.ep_groups, **self.ep_options)
+        if getattr(module, "updates", None) is not None:  # holds refer to the new parameters
+            module.updates = dataclasses.replace(module.updates, groups=partition(module))
+        if hasattr(module, "expert_shards"):
+            module.expert_shards = self.ep_size
+        return module
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        # clip by the norm of the whole (single-process) gradient, not of this rank's pieces
+        self.precision_plugin.clip_grad_by_norm = functools.partial(
+            clip_grad_norm_, model=self.lightning_module
+        )
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
         def backward_then_reduce():
-            out = closure()  # forward + backward of the last micro-batch (DDP reduces the dense grads)
+            out = closure()  # forward + backward of the last micro-batch (dense grads reduced by then)
             reduce_expert_grads(self.lightning_module)
             return out
 
@@ -82,43 +105,21 @@ class ExpertParallelStrategy(DDPStrategy):
     # --- checkpoints in the full (single-process) layout ---------------------------------------
 
     def lightning_module_state_dict(self) -> dict:
-        """Collective: every rank gathers its EP group's expert weights."""
+        """Collective: every rank gathers its EP group's expert weights (and FSDP2's shards)."""
         return full_state_dict(self.lightning_module)
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
         load_full_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """The optimizer's state_dict with the expert parameters' state (Adam's moments) gathered
-        over the EP group, as the single-process optimizer would hold it. Collective."""
-        state = optimizer.state_dict()
-        for index, (p, layer) in self._expert_indices(optimizer).items():
-            group, n = layer.groups.ep_group, layer.groups.ep_size
-            for key, t in state["state"].get(index, {}).items():
-                if torch.is_tensor(t) and t.shape == p.shape and n > 1:
-                    shards = [torch.empty_like(t) for _ in range(n)]
-                    dist.all_gather(shards, t.contiguous(), group=group)
-                    state["state"][index][key] = torch.cat(shards, dim=0)
-        return state
+        """The optimizer's state_dict as the single-process optimizer would hold it. Collective."""
+        return full_optimizer_state(getattr(optimizer, "_optimizer", optimizer), self.lightning_module)
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        """Slice the full expert state back to this rank's experts, then load as DDP does."""
+        """Cut the full state to this rank's experts (and FSDP2 shards), then load it."""
         for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            for index, (p, layer) in self._expert_indices(optimizer).items():
-                mine = layer.groups.local_experts(layer.num_experts)
-                for key, t in opt_state["state"].get(index, {}).items():
-                    if torch.is_tensor(t) and t.dim() and t.shape[0] == layer.num_experts:
-                        if t.shape[1:] != p.shape[1:]:
-                            raise ValueError(f"optimizer state {key} of an expert weight: {tuple(t.shape)}")
-                        opt_state["state"][index][key] = t[mine.start : mine.stop].clone()
-        super().load_optimizer_state_dict(checkpoint)
-
-    def _expert_indices(self, optimizer) -> dict[int, tuple[torch.nn.Parameter, ExpertParallelMoE]]:
-        """optimizer.state_dict() index -> (expert parameter, its layer) for the sharded weights
-        (state_dict numbers the parameters in param_groups order)."""
-        experts = {id(p): (p, layer) for _, p, layer in expert_parameters(self.lightning_module)}
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        return {i: experts[id(p)] for i, p in enumerate(params) if id(p) in experts}
+            shard_optimizer_state(opt_state, optimizer, self.lightning_module)
+        Strategy.load_optimizer_state_dict(self, checkpoint)
 
     def _release_groups(self) -> None:
         """At exit, while Python is alive: drop every reference to the EP/EDP groups (ours, the
@@ -136,10 +137,26 @@ class ExpertParallelStrategy(DDPStrategy):
         gc.collect()
 
 
-def expert_parallel_strategy(spec: Spec) -> ExpertParallelStrategy:
-    """parallel.strategy {kind: expert_parallel} -> the Lightning strategy (dense: ddp)."""
+class ExpertParallelStrategy(ExpertParallelMixin, DDPStrategy):
+    """DDP for the dense part, the routed experts sharded over EP groups of `ep_size` ranks."""
+
+    def setup_environment(self) -> None:
+        super().setup_environment()  # the default process group exists from here on
+        module = self._shard_experts()
+        if module is not None:
+            ignore_expert_params_in_ddp(module)  # names relative to the module DDP wraps
+
+
+def expert_parallel_strategy(spec: Spec) -> ExpertParallelMixin:
+    """parallel.strategy {kind: expert_parallel} -> the Lightning strategy (dense: ddp or fsdp)."""
     s = spec.parallel.strategy
-    return ExpertParallelStrategy(
+    if s.dense == "fsdp":
+        from moeplat.parallel.ep_fsdp import ExpertParallelFSDPStrategy
+
+        cls = functools.partial(ExpertParallelFSDPStrategy, world_size=spec.parallel.world_size)
+    else:
+        cls = ExpertParallelStrategy
+    return cls(
         process_group_backend=process_group_backend(spec.parallel.accelerator),
         ep_size=s.ep_size,
         dispatcher=s.dispatcher,

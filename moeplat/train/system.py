@@ -6,6 +6,7 @@ moeplat.nn.stats.moe_metrics for the MoE names).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from moeplat.compile.optim import UpdateSchedule, count_trainable
+from moeplat.compile.optim import UpdateSchedule, count_trainable, partition
 from moeplat.nn.stats import moe_metrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class LMSystem(L.LightningModule):
         if self.parallelize is not None:
             self.parallelize(self.model)
             self.parallelize = None
+            if self.updates is not None:  # FSDP2 replaced the parameters: holds refer to the new ones
+                self.updates = dataclasses.replace(self.updates, groups=partition(self.model))
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None):
         return self.model(idx_BS, targets_BS)

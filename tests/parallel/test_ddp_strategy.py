@@ -91,19 +91,41 @@ def test_fsdp_sharding_sets_the_layout(one_rank_mesh, sharding, placements, kept
     assert (not isinstance(next(block.parameters()), DTensor)) == kept_after_forward
 
 
-def test_expert_parallel_layouts_not_wired_are_refused_with_the_field():
-    """expert_parallel trains (tests/parallel/test_ep_run.py) with a DDP dense part and no
-    torch.compile; dense: fsdp and compile are refused before anything starts."""
+def test_fsdp_holds_refer_to_the_sharded_parameters(one_rank_mesh):
+    """fully_shard replaces the parameters: LMSystem.configure_model rebuilds the update schedule
+    (freeze, router warm-up) on the new ones, or holding a group would drop no gradient."""
+    from torch.distributed.tensor import DTensor
+
+    from moeplat.compile.optim import build_update_schedule
+    from moeplat.train.system import LMSystem
+
+    spec = _spec("train.router_frozen_steps=2")
+    model = build_model(spec)
+    system = LMSystem(model, lambda m: None, updates=build_update_schedule(spec.train, model))
+    system.parallelize = fsdp_parallelize(one_rank_mesh, "full")
+    system.configure_model()
+    held = {id(p) for p in system.updates.groups["router"]}
+    routers = [p for n, p in model.named_parameters() if ".router." in n]
+    assert routers and {id(p) for p in routers} == held
+    assert all(isinstance(p, DTensor) for p in routers)
+
+
+def test_expert_parallel_with_compile_is_refused_with_the_field():
+    """expert_parallel trains with a DDP (tests/parallel/test_ep_run.py) or FSDP2
+    (tests/parallel/test_ep_fsdp.py) dense part, but not with torch.compile: refused before
+    anything starts."""
+    from moeplat.parallel.lightning import expert_parallel_strategy
+
     ep = "parallel.strategy={kind: expert_parallel, ep_size: 2}"
-    check_trainable(_spec("parallel.devices=2", ep))
-    cases = {
-        "parallel.strategy.dense": _spec("parallel.devices=2", ep[:-1] + ", dense: fsdp}"),
-        "train.compile": _spec("parallel.devices=2", ep, "train.compile=true"),
-    }
-    for path, spec in cases.items():
-        with pytest.raises(SpecError) as err:
-            check_trainable(spec)
-        assert err.value.issues[0].path == path
+    fsdp = _spec("parallel.devices=2", ep[:-1] + ", dense: fsdp}")
+    for spec in (_spec("parallel.devices=2", ep), fsdp):
+        check_trainable(spec)
+    assert isinstance(expert_parallel_strategy(_spec("parallel.devices=2", ep)), DDPStrategy)
+    s = expert_parallel_strategy(fsdp)
+    assert isinstance(s, ModelParallelStrategy) and s.ep_size == 2 and s._data_parallel_size == 2
+    with pytest.raises(SpecError) as err:
+        check_trainable(_spec("parallel.devices=2", ep, "train.compile=true"))
+    assert err.value.issues[0].path == "train.compile"
 
 
 def test_strategy_registers_the_gloo_destroy_at_exit(monkeypatch):

@@ -137,12 +137,13 @@ def test_plan_prints_the_preflight_and_checks_memory(capsys):
 
 
 def test_run_refuses_a_layout_it_cannot_train_before_starting(tmp_path, capsys):
-    """expert_parallel with an FSDP dense part is not trainable yet: exit 2 naming the field,
-    before any process starts. (Called in-process: a layout that did start would make Lightning's
+    """expert_parallel with train.compile is not trainable: exit 2 naming the field, before any
+    process starts. (Called in-process: a layout that did start would make Lightning's
     subprocess launcher re-run this pytest command as rank 1.)"""
     ep = "parallel.strategy={kind: expert_parallel, ep_size: 2, dense: fsdp}"
-    assert main(["run", TINY, "--runs-dir", str(tmp_path), "--set", ep, "--set", "parallel.devices=2"]) == 2
-    assert "parallel.strategy.dense" in capsys.readouterr().err
+    args = ["--set", ep, "--set", "parallel.devices=2", "--set", "train.compile=true"]
+    assert main(["run", TINY, "--runs-dir", str(tmp_path), *args]) == 2
+    assert "train.compile" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing was started
 
 
