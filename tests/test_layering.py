@@ -41,12 +41,16 @@ ALLOWED = {
         "bench",
         "cli",
     },
+    # the job server sits at the top beside cli (which starts it): it validates and plans specs and
+    # reads results; training happens in worker subprocesses, never in the server's process
+    "server": {"errors", "spec", "track", "sweep", "server"},
 }
 # package -> third-party libraries it must never import
 FORBIDDEN_LIBS = {
     "spec": {"torch", "lightning", "numpy"},  # validation answers in well under a second
     "nn": {"lightning", "omegaconf", "pydantic"},  # pure torch, usable without any spec
     "track": {"torch"},
+    "server": {"torch", "lightning"},  # jobs run in subprocesses; the server stays light
 }
 ONLY_IN = {"mlflow": "track", "optuna": "sweep", "transformers": "interop"}
 

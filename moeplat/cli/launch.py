@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from moeplat.errors import SpecError, SpecIssue
+from moeplat.spec.plan_text import format_preflight
 
 GiB = 1024**3
 
@@ -39,29 +40,6 @@ def detect_device_memory_gib() -> float | None:
         return None
     n = torch.cuda.device_count()
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / GiB
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-def format_preflight(spec, pf) -> str:
-    par = spec.parallel
-    s = par.strategy
-    detail = {k: v for k, v in s.model_dump().items() if k != "kind"}
-    lines = [
-        f"layout          {par.devices} device(s) x {par.num_nodes} node(s) = world {pf.world_size}, "
-        f"strategy {s.kind}"
-        + (f" {detail}" if detail else "")
-        + (", activation checkpointing" if par.activation_checkpointing else ""),
-        f"global batch    {pf.global_batch} sequences/step "
-        f"({spec.train.batch_size} per device x {spec.train.grad_accum} accum x {pf.world_size})",
-        "memory/device   " + ", ".join(f"{k} {_gib(v)}" for k, v in pf.memory_bytes.items()),
-        "comm/device     "
-        + ", ".join(f"{k} {_gib(v)}" for k, v in pf.comm_bytes_per_step.items())
-        + " sent per optimizer step",
-    ]
-    return "\n".join(lines)
 
 
 def preflight_report(spec, p, device_memory_gib: float | None):

@@ -27,7 +27,7 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from moeplat.spec import load_spec
 
-    return load_spec(args.spec, args.overrides)
+    return load_spec(args.spec, args.overrides, as_path=getattr(args, "as_path", None))
 
 
 def cmd_validate(args) -> int:
@@ -49,9 +49,9 @@ def cmd_show(args) -> int:
 
 def cmd_plan(args) -> int:
     from moeplat.cli.launch import layout_overrides, preflight_report, raise_problems
-    from moeplat.cli.report import format_plan
     from moeplat.spec import load_spec
     from moeplat.spec.plan import plan
+    from moeplat.spec.plan_text import format_plan
 
     loaded = load_spec(args.spec, [*args.overrides, *layout_overrides(args)])
     p = plan(loaded.spec)
@@ -140,12 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs-dir", default="runs", help="where run directories and checkpoints go (default: runs)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--as-path",
+        metavar="PATH",
+        help="treat the spec as if it lived at PATH: relative extends/data paths resolve from there "
+        "(the job server runs its copy of a submitted spec this way)",
+    )
     p.set_defaults(fn=cmd_run)
 
-    from moeplat.cli import bench, compare, launch, sweep, sync
+    from moeplat.cli import bench, compare, launch, server, sweep, sync
     from moeplat.cli import eval as eval_cmd
 
     sweep.add_commands(sub)
+    server.add_commands(sub)
     compare.add_commands(sub)
     bench.add_commands(sub)
     launch.add_commands(sub, _spec_args)

@@ -26,7 +26,7 @@ def _open(args, create: bool = False):
         raise SpecError(SpecIssue("", "name a sweep file or --study NAME"))
     if not create and not os.path.isfile(target) and not target.endswith((".yaml", ".yml")):
         target = sweep_file_of(target, args.storage)
-    loaded = load_sweep(target)
+    loaded = load_sweep(target, as_path=getattr(args, "as_path", None))
     url = storage_url(loaded.sweep, args.storage)
     return loaded, url, (None if create else open_study(loaded, url, create=False))
 
@@ -89,6 +89,9 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument(
+        "--as-path", metavar="PATH", help="treat the sweep file as if it lived at PATH (relative extends)"
+    )
     _storage_arg(p)
     p.set_defaults(fn=cmd_sweep)
 

@@ -8,6 +8,7 @@ together in one SpecError.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,10 +44,30 @@ class LoadedSpec:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedSpec:
+def load_spec(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    as_path: str | Path | None = None,
+    text: str | None = None,
+    roots: tuple[Path, ...] | None = None,
+) -> LoadedSpec:
+    """Load and validate the spec file `path`.
+
+    `as_path`: read `path` but treat it as if it lived at `as_path` (relative `extends:` and data
+    paths resolve from there, errors name it); `files[0]` stays `path`. Used to run a job's copy of
+    a spec submitted to the server at its virtual place under a spec root.
+    `text`: the spec's content; `path` then only names where it lives and is not read.
+    `roots`: when given, every `extends:` must resolve (symlinks followed) inside one of these
+    directories; it is an error on `extends` otherwise, and the file is never read.
+    """
+    if as_path is not None and text is None:
+        text = _read_text(Path(path))
+        loaded = load_spec(as_path, overrides, text=text, roots=roots)
+        return dataclasses.replace(loaded, files=[str(path), *loaded.files[1:]])
     path = Path(path)
     origins: dict[Path_, tuple[str | None, int | None]] = {}
-    data, files = _load_chain(path, origins, stack=())
+    data, files = _load_chain(path, origins, stack=(), text=text, roots=roots)
     issues = [i for ov in overrides for i in _apply_override(data, ov, origins)]
     resolved, more = _resolve(data, origins)
     issues += more
@@ -54,6 +75,22 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError(issues)
     spec = validate(resolved, origins)
     return LoadedSpec(spec, resolved, files, list(overrides), _data_base_dir(origins, path))
+
+
+def inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether `path`, symlinks resolved, lies inside one of `roots` (also resolved)."""
+    try:
+        real = Path(os.path.realpath(path))
+    except (OSError, ValueError):  # e.g. a NUL byte in the name
+        return False
+    return any(real.is_relative_to(os.path.realpath(r)) for r in roots)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the file system takes
+        return False
 
 
 def _data_base_dir(origins: dict, path: Path) -> str:
@@ -85,14 +122,20 @@ def _origin_of(origins: dict, path: tuple) -> tuple[str | None, int | None]:
 # --- YAML with line numbers -------------------------------------------------------------------
 
 
-def _read_yaml(path: Path, origins: dict) -> dict:
-    display = str(path)
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as e:
-        raise SpecError(SpecIssue("", f"cannot read spec file: {e.strerror}", display)) from None
+        raise SpecError(SpecIssue("", f"cannot read spec file: {e.strerror}", str(path))) from None
     except UnicodeDecodeError as e:
-        raise SpecError(SpecIssue("", f"not UTF-8 text (byte {e.start})", display)) from None
+        raise SpecError(SpecIssue("", f"not UTF-8 text (byte {e.start})", str(path))) from None
+
+
+def _read_yaml(path: Path, origins: dict, text: str | None = None) -> dict:
+    """`text`: the file's content when it does not come from disk (a spec submitted to the server)."""
+    display = str(path)
+    if text is None:
+        text = _read_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -144,18 +187,30 @@ def _record_lines(node: yaml.Node, path: tuple, file: str, origins: dict) -> Non
 
 
 def _load_chain(
-    path: Path, origins: dict, stack: tuple[Path, ...], via: tuple[str | None, int | None] = (None, None)
+    path: Path,
+    origins: dict,
+    stack: tuple[Path, ...],
+    via: tuple[str | None, int | None] = (None, None),
+    text: str | None = None,
+    roots: tuple[Path, ...] | None = None,
 ) -> tuple[dict, list[str]]:
-    """`via` is the file and line of the `extends:` that named `path`: errors about it point there."""
-    real = path.resolve()
+    """`via` is the file and line of the `extends:` that named `path`: errors about it point there.
+    `text`: the content of `path` (top level only); `roots`: where extends may lead (load_spec)."""
+    try:
+        real = path.resolve()
+    except (OSError, ValueError):  # a NUL byte in an extends path
+        raise SpecError(SpecIssue("extends", "not a usable file name", *via)) from None
     if real in stack:
         cycle = " -> ".join(str(p) for p in (*stack, real))
         raise SpecError(SpecIssue("extends", f"extends cycle: {cycle}", *via))
-    if not real.is_file():
+    if stack and roots is not None and not inside(path, roots):
+        msg = "must name a spec file inside the spec roots (no absolute paths or '..' leading out)"
+        raise SpecError(SpecIssue("extends", msg, *via))
+    if text is None and not _is_file(real):
         where = f"extended by {stack[-1]}" if stack else "given on the command line"
         raise SpecError(SpecIssue("extends" if stack else "", f"spec file not found: {path} ({where})", *via))
     own: dict = {}
-    data = _read_yaml(path, own)
+    data = _read_yaml(path, own, text)
     base_ref = data.pop("extends", None)
     if base_ref is None:
         origins.update(own)
@@ -166,7 +221,7 @@ def _load_chain(
             SpecIssue("extends", "must be a relative path to a base spec", file, line, base_ref, True)
         )
     base_path = Path(os.path.normpath(path.parent / base_ref))
-    base, files = _load_chain(base_path, origins, (*stack, real), own[("extends",)])
+    base, files = _load_chain(base_path, origins, (*stack, real), own[("extends",)], roots=roots)
     _drop_replaced(base, data, (), origins)
     origins.update({k: v for k, v in own.items() if k != ("extends",)})
     return _merge(base, data), [str(path), *files]

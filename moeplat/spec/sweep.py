@@ -6,6 +6,7 @@ moeplat/sweep turns a SweepSpec into an Optuna study.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydantic import Field, PositiveInt, ValidationError, model_validator
 from moeplat.errors import SpecError, SpecIssue
 from moeplat.spec.base import Strict, check
 from moeplat.spec.diagnostics import did_you_mean, fields_at, issues_from_validation, walk
-from moeplat.spec.loader import LoadedSpec, _origin_of, _read_yaml, load_spec
+from moeplat.spec.loader import LoadedSpec, _origin_of, _read_text, _read_yaml, inside, load_spec
 from moeplat.spec.root import Spec
 
 Scalar = bool | int | float | str | None
@@ -220,10 +221,21 @@ def to_override_text(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
 
 
-def load_sweep(path: str | Path) -> LoadedSweep:
+def load_sweep(
+    path: str | Path,
+    *,
+    as_path: str | Path | None = None,
+    text: str | None = None,
+    roots: tuple[Path, ...] | None = None,
+) -> LoadedSweep:
+    """`as_path`, `text`, `roots`: as in load_spec (read `path` as if it lived at `as_path`; the
+    content given as `text`; `extends` confined to `roots`). With `as_path`, `.path` stays `path`."""
+    if as_path is not None and text is None:
+        loaded = load_sweep(as_path, text=_read_text(Path(path)), roots=roots)
+        return dataclasses.replace(loaded, path=str(path))
     path = Path(path)
     origins: dict = {}
-    data = _read_yaml(path, origins) if path.is_file() else None
+    data = _read_yaml(path, origins, text) if text is not None or path.is_file() else None
     if data is None:
         raise SpecError(SpecIssue("", f"sweep file not found: {path}"))
     base_ref = data.pop("extends", None)
@@ -242,7 +254,12 @@ def load_sweep(path: str | Path) -> LoadedSweep:
     if issues:
         raise SpecError(issues)
     base_path = path.parent / base_ref
-    base = load_spec(base_path, [f"{k}={to_override_text(v)}" for k, v in sweep.overrides.items()])
+    if roots is not None and not inside(base_path, roots):
+        file, line = _origin_of(origins, ("extends",))
+        msg = "must name a run spec inside the spec roots (no absolute paths or '..' leading out)"
+        raise SpecError(SpecIssue("extends", msg, file, line))
+    overrides = [f"{k}={to_override_text(v)}" for k, v in sweep.overrides.items()]
+    base = load_spec(base_path, overrides, roots=roots)
     return LoadedSweep(sweep, str(path), str(base_path), base)
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeplat.cli.report import format_plan
 from moeplat.compile.model import build_model, compile_model
 from moeplat.errors import SpecError
 from moeplat.nn import MoELayer
 from moeplat.spec import load_spec
 from moeplat.spec.plan import plan
+from moeplat.spec.plan_text import format_plan
 from moeplat.train.run import run_tags
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny.yaml"

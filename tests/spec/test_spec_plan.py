@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from moeplat.cli.report import format_plan
 from moeplat.spec import load_spec
 from moeplat.spec.plan import plan
+from moeplat.spec.plan_text import format_plan
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 QUICKSTART = SPECS / "quickstart.yaml"

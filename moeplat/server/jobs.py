@@ -1,0 +1,313 @@
+"""The job queue: jobs and their logs in a SQL database (SQLAlchemy 2; SQLite or PostgreSQL).
+
+States: queued -> running -> succeeded | failed | cancelled. A worker claims the oldest queued job
+atomically: on PostgreSQL `SELECT ... FOR UPDATE SKIP LOCKED` inside the claiming transaction; on
+SQLite (one writer at a time) a conditional `UPDATE ... WHERE id = :id AND state = 'queued'` whose
+rowcount says whether this claim won. A claim bumps `attempts`; the claiming worker and attempt
+are the job's `lease`: heartbeats, log appends and the final report of any other lease are refused,
+so a worker that was presumed dead and comes back cannot overwrite its successor's work.
+`reap` requeues (attempts < max_attempts) or fails running jobs whose heartbeat is too old.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "moeplat_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # run | sweep
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    text: Mapped[str] = mapped_column(Text)  # the exact submitted spec
+    filename: Mapped[str] = mapped_column(String(500))  # its virtual place, relative to its spec root
+    root_index: Mapped[int] = mapped_column(Integer, default=0)  # which of settings.spec_roots
+    overrides: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    study: Mapped[str | None] = mapped_column(String(200))
+    storage: Mapped[str | None] = mapped_column(Text)
+    log_size: Mapped[int] = mapped_column(Integer, default=0)  # characters in the log so far
+
+
+class LogChunk(Base):
+    """One appended piece of a job's log; `start` is its character offset in the whole log."""
+
+    __tablename__ = "moeplat_job_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("moeplat_jobs.id"), index=True)
+    start: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+
+
+def _utc(t: datetime | None) -> str | None:
+    if t is None:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat()
+
+
+def job_dict(job: Job) -> dict:
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "name": job.name,
+        "state": job.state,
+        "created_at": _utc(job.created_at),
+        "started_at": _utc(job.started_at),
+        "finished_at": _utc(job.finished_at),
+        "heartbeat_at": _utc(job.heartbeat_at),
+        "worker": job.worker,
+        "exit_code": job.exit_code,
+        "error": job.error,
+        "cancel_requested": bool(job.cancel_requested),
+        "attempts": job.attempts,
+        "study": job.study,
+        "storage": job.storage,
+    }
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who may report on a running job: the worker that claimed it, on that attempt."""
+
+    job_id: int
+    worker: str
+    attempt: int
+
+
+class LeaseLost(Exception):
+    """The job is no longer this worker's (reaped, requeued, or finished)."""
+
+
+def make_engine(url: str):
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _record) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class JobStore:
+    def __init__(self, url: str, heartbeat_timeout_s: float = 60.0, max_attempts: int = 2):
+        self.engine = make_engine(url)
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_attempts = max_attempts
+        Base.metadata.create_all(self.engine)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self.postgres = self.engine.dialect.name == "postgresql"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- submit and read ----------------------------------------------------------------------
+
+    def submit(self, **fields) -> dict:
+        with self.session.begin() as s:
+            job = Job(**fields, state="queued", created_at=now())
+            s.add(job)
+            s.flush()
+            return job_dict(job)
+
+    def get(self, job_id: int) -> dict | None:
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            return job_dict(job) if job else None
+
+    def spec_of(self, job_id: int) -> dict | None:
+        """What a worker needs to run the job: its text, virtual place and overrides."""
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return None
+            keys = ("text", "filename", "root_index", "overrides", "attempts")
+            return {k: getattr(job, k) for k in keys}
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[dict]:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == state)
+        with self.session() as s:
+            return [job_dict(j) for j in s.scalars(q)]
+
+    # --- the worker's side --------------------------------------------------------------------
+
+    def claim(self, worker: str) -> dict | None:
+        """The oldest queued job, now running for `worker`; None when the queue is empty."""
+        self.reap()
+        for _ in range(20):  # SQLite: another claimer won the candidate; take the next one
+            with self.session.begin() as s:
+                q = select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(1)
+                if self.postgres:
+                    q = q.with_for_update(skip_locked=True)
+                job_id = s.scalar(q)
+                if job_id is None:
+                    return None
+                t = now()
+                won = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == "queued")
+                    .values(
+                        state="running",
+                        worker=worker,
+                        started_at=t,
+                        heartbeat_at=t,
+                        attempts=Job.attempts + 1,
+                    )
+                ).rowcount
+            if won == 1:
+                job = self.get(job_id)
+                assert job is not None
+                return job
+        return None
+
+    def _owned(self, s: Session, lease: Lease) -> Job:
+        job = s.get(Job, lease.job_id, with_for_update=self.postgres)
+        if (
+            job is None
+            or job.state != "running"
+            or job.worker != lease.worker
+            or job.attempts != lease.attempt
+        ):
+            raise LeaseLost(f"job {lease.job_id} is not running for {lease.worker} (attempt {lease.attempt})")
+        return job
+
+    def heartbeat(self, lease: Lease) -> bool:
+        """Record that the worker is alive; True when a cancel was asked for."""
+        with self.session.begin() as s:
+            job = self._owned(s, lease)
+            job.heartbeat_at = now()
+            return bool(job.cancel_requested)
+
+    def append_log(self, lease: Lease, text: str, max_chars: int = 20 << 20) -> int:
+        """Append the worker's output to the job's log (also a heartbeat); returns the log's size.
+        Beyond `max_chars` the output is dropped, with one note saying so."""
+        with self.session.begin() as s:
+            job = self._owned(s, lease)
+            job.heartbeat_at = now()
+            if job.log_size >= max_chars:
+                return job.log_size
+            if job.log_size + len(text) > max_chars:
+                text = text[: max_chars - job.log_size] + "\n[moeplat: log limit reached, output dropped]\n"
+            s.add(LogChunk(job_id=job.id, start=job.log_size, text=text))
+            job.log_size += len(text)
+            return job.log_size
+
+    def note(self, job_id: int, text: str) -> None:
+        """A line from the server itself (requeue, cancel) in the job's log."""
+        with self.session.begin() as s:
+            job = s.get(Job, job_id, with_for_update=self.postgres)
+            if job is not None:
+                s.add(LogChunk(job_id=job.id, start=job.log_size, text=text))
+                job.log_size += len(text)
+
+    def finish(self, lease: Lease, exit_code: int, error: str | None = None) -> dict:
+        with self.session.begin() as s:
+            job = self._owned(s, lease)
+            if job.cancel_requested:
+                job.state = "cancelled"
+            else:
+                job.state = "succeeded" if exit_code == 0 else "failed"
+            job.exit_code, job.error, job.finished_at = exit_code, error, now()
+            return job_dict(job)
+
+    # --- log, cancel, reaper ------------------------------------------------------------------
+
+    def read_log(self, job_id: int, offset: int = 0, max_chars: int = 1 << 20) -> tuple[str, int]:
+        """Log text from character `offset` (at most `max_chars`) and the next offset."""
+        offset = max(0, offset)
+        with self.session() as s:
+            chunks = s.scalars(
+                select(LogChunk)
+                .where(LogChunk.job_id == job_id, LogChunk.start + func.length(LogChunk.text) > offset)
+                .order_by(LogChunk.start)
+            ).all()
+        if not chunks:
+            return "", offset
+        text = "".join(c.text for c in chunks)[offset - chunks[0].start :][:max_chars]
+        return text, offset + len(text)
+
+    def cancel(self, job_id: int) -> dict | None:
+        """Queued: cancelled at once. Running: cancel_requested (the worker sees it on its next
+        heartbeat and interrupts the run). Finished: unchanged."""
+        with self.session.begin() as s:
+            job = s.get(Job, job_id, with_for_update=self.postgres)
+            if job is None:
+                return None
+            if job.state == "queued":
+                job.state, job.finished_at = "cancelled", now()
+            elif job.state == "running":
+                job.cancel_requested = True
+            return job_dict(job)
+
+    def reap(self) -> list[int]:
+        """Running jobs silent for longer than the heartbeat timeout: requeued while attempts are
+        left (and no cancel was asked for), else failed (or cancelled). Returns their ids."""
+        cutoff = now() - timedelta(seconds=self.heartbeat_timeout_s)
+        reaped = []
+        with self.session.begin() as s:
+            q = select(Job).where(Job.state == "running", Job.heartbeat_at < cutoff)
+            if self.postgres:
+                q = q.with_for_update(skip_locked=True)
+            for job in s.scalars(q):
+                silent = f"worker {job.worker} sent no heartbeat for {self.heartbeat_timeout_s:g}s"
+                if job.cancel_requested:
+                    job.state, job.error = "cancelled", silent
+                elif job.attempts < self.max_attempts:
+                    job.state, job.worker = "queued", None
+                else:
+                    job.state, job.error = (
+                        "failed",
+                        f"{silent} (attempt {job.attempts} of {self.max_attempts})",
+                    )
+                if job.state != "queued":
+                    job.finished_at = now()
+                note = f"\n[moeplat: {silent}; job {job.state}]\n"
+                s.add(LogChunk(job_id=job.id, start=job.log_size, text=note))
+                job.log_size += len(note)
+                reaped.append(job.id)
+        return reaped

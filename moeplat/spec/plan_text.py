@@ -1,0 +1,75 @@
+"""Human-readable text of `moeplat plan`: counts (format_plan) and the layout preflight
+(format_preflight). Shared by the command line and the server's /api/plan, which must print the same."""
+
+from __future__ import annotations
+
+GiB = 1024**3
+
+
+def _n(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _bytes(x: float) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if x >= div:
+            return f"{x / div:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def _dispatch(spec) -> str:
+    """The dispatch kind, with auto's choice: 'auto -> sorted'."""
+    from moeplat.spec.moe import resolve_dispatch
+
+    kind, built = spec.model.moe.dispatch.kind, resolve_dispatch(spec.model.moe, spec.train.compile)
+    return kind if kind == built else f"{kind} -> {built}"
+
+
+def format_plan(spec, p) -> str:
+    m = spec.model
+    moe = m.moe
+    lines = [
+        f"spec            {spec.name}",
+        f"layers          {m.n_layers} (MoE: {p.moe_layers or 'none'})",
+    ]
+    if moe:
+        lines.append(
+            f"experts         {moe.num_experts} x {moe.experts.kind}(d_ff={moe.experts.d_ff}), top_k={moe.top_k}, "
+            f"shared={moe.shared_experts.count}, router={moe.router.kind}, capacity={moe.capacity.kind}, "
+            f"dispatch={_dispatch(spec)}"
+        )
+    lines += [
+        f"total params    {_n(p.total_params)} ({p.total_params:,})",
+        f"active params   {_n(p.active_params)} per token ({p.active_params / p.total_params:.1%} of total)",
+        f"expert params   {_n(p.expert_params)} routed; embedding {_n(p.embedding_params)}",
+        f"FLOPs/token     {_n(p.flops_per_token_fwd)} forward, {_n(p.flops_per_token_train)} train (fwd+bwd)",
+        f"tokens/step     {p.tokens_per_step:,} -> {_n(p.flops_per_step_train)} FLOP per optimizer step",
+        "memory (est.)   " + ", ".join(f"{k} {_bytes(v)}" for k, v in p.memory_bytes.items()),
+    ]
+    return "\n".join(lines)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def format_preflight(spec, pf) -> str:
+    par = spec.parallel
+    s = par.strategy
+    detail = {k: v for k, v in s.model_dump().items() if k != "kind"}
+    lines = [
+        f"layout          {par.devices} device(s) x {par.num_nodes} node(s) = world {pf.world_size}, "
+        f"strategy {s.kind}"
+        + (f" {detail}" if detail else "")
+        + (", activation checkpointing" if par.activation_checkpointing else ""),
+        f"global batch    {pf.global_batch} sequences/step "
+        f"({spec.train.batch_size} per device x {spec.train.grad_accum} accum x {pf.world_size})",
+        "memory/device   " + ", ".join(f"{k} {_gib(v)}" for k, v in pf.memory_bytes.items()),
+        "comm/device     "
+        + ", ".join(f"{k} {_gib(v)}" for k, v in pf.comm_bytes_per_step.items())
+        + " sent per optimizer step",
+    ]
+    return "\n".join(lines)
