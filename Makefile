@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast lint format clean bench
+.PHONY: setup system-deps demo test test-fast lint format clean bench web
 
 $(BIN)/moeplat: pyproject.toml requirements/cpu.txt
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,25 @@ $(BIN)/moeplat: pyproject.toml requirements/cpu.txt
 	$(BIN)/pip install --quiet -e '.[dev,dashboard]'
 	touch $@
 
-setup: $(BIN)/moeplat
+setup: $(BIN)/moeplat web
+
+# The web UI (web/, docs/web-ui.md), built into web/dist and served by `moeplat serve` at /: npm ci when
+# web/package-lock.json changed, then an esbuild bundle (about a second). Without npm it only warns, and the
+# server shows its "run make setup" page instead of the UI.
+WEB_SRC := $(filter-out web/src/examples.gen.json,$(wildcard web/src/*)) web/build.mjs web/package.json
+web:
+	@if command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory web/dist/index.html; \
+	else \
+		echo "warning: npm not found: the web UI (web/dist) is not built; install Node.js 20 and run 'make web'"; \
+	fi
+
+web/node_modules/.installed: web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	touch $@
+
+web/dist/index.html: web/node_modules/.installed $(WEB_SRC)
+	cd web && npm run --silent build
 
 # System packages beyond the venv: PostgreSQL (tests/postgres.py) and Chromium (tests/browser.py).
 # Installs with apt-get when missing (as root); .ci/run calls it. Not a dependency of `test`.
