@@ -3,7 +3,9 @@
 # - a PostgreSQL server: the sweep, tracking and job-server tests run against a real PostgreSQL
 #   (tests/postgres.py starts a throwaway cluster from it);
 # - Debian's Chromium: the browser tests and the docs screenshots drive it with playwright
-#   (playwright's own browser download does not work on our machines).
+#   (playwright's own browser download does not work on our machines);
+# - Debian's docker-compose (v1, no engine needed): `docker-compose config` checks the team setup's
+#   compose file in tests/deploy (there is no Docker engine to start it here).
 # Idempotent and quiet: installs only what is missing.
 set -euo pipefail
 
@@ -12,10 +14,12 @@ have_initdb() {
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
 }
 have_chromium() { [ -x /usr/bin/chromium ]; }
+have_compose() { command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; }
 
 missing=()
 have_initdb || missing+=(postgresql)
 have_chromium || missing+=(chromium)
+have_compose || missing+=(docker-compose)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
