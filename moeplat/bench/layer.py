@@ -18,7 +18,10 @@ call's inputs and parameters included).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -151,6 +154,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _stderr_fd_silenced():
+    """torch 2.13's kineto writes 'USDT: ... profiler_start/stop' to file descriptor 2 on every
+    profile (no setting turns it off): two lines per candidate drowned the table."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_mib(step: Callable[[], None], device: torch.device) -> float | None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -163,7 +181,10 @@ def peak_memory_mib(step: Callable[[], None], device: torch.device) -> float | N
         from torch.profiler._memory_profiler import MemoryProfileTimeline
 
         acts = [ProfilerActivity.CPU]
-        with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        with (
+            _stderr_fd_silenced(),
+            profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof,
+        ):
             step()
         _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
         return max((sum(s) for s in sizes), default=0) / 2**20
