@@ -3,7 +3,9 @@ parallel): a rank stuck in a collective would hang, so every wait has a timeout.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +47,16 @@ def mlflow_runs(tmp: Path, name: str):
 
     client = MlflowClient(f"sqlite:///{tmp / name}.db")
     return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def copy_run(tmp: Path, src: Path, name: str) -> Path:
+    """A copy of the run directory `src` (made by start_run under tmp/<source>) and of its MLflow
+    store, as tmp/<name>/tiny/<same dir> and tmp/<name>.db: one resume per copy, each continuing
+    its own MLflow run. `src`'s store is the .db beside its runs folder."""
+    dst = tmp / name / "tiny" / src.name
+    shutil.copytree(src, dst)
+    state = json.loads((dst / "run.json").read_text())
+    state["tracking_uri"] = f"sqlite:///{tmp / name}.db"
+    (dst / "run.json").write_text(json.dumps(state))
+    shutil.copy(tmp / f"{src.parents[1].name}.db", tmp / f"{name}.db")
+    return dst

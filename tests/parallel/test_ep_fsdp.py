@@ -14,14 +14,12 @@ uninterrupted single-process losses.
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import ep_helpers as h
 import pytest
 import torch
-from cli_runs import finish, mlflow_runs, start_run
+from cli_runs import copy_run, finish, mlflow_runs, start_run
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -173,13 +171,8 @@ def test_ep_fsdp_run_matches_one_process_and_resumes_at_other_layouts(tmp_path):
     # The checkpoint is the single-process layout: it resumes on 1 device and on 2 EP+FSDP ranks.
     (state,) = (tmp_path / "ep").glob("tiny/*/run.json")
     src = state.parent
-    for name in ("resume1", "resume2"):
-        dst = tmp_path / name / "tiny" / src.name
-        shutil.copytree(src, dst)
-        run_state = json.loads((dst / "run.json").read_text())
-        run_state["tracking_uri"] = f"sqlite:///{tmp_path / name}.db"
-        (dst / "run.json").write_text(json.dumps(run_state))
-        shutil.copy(tmp_path / "ep.db", tmp_path / f"{name}.db")
+    for name in ("resume1", "resume2"):  # two copies of the run directory and its MLflow store
+        copy_run(tmp_path, src, name)
     resumed = {
         name: _run(
             tmp_path,

@@ -15,12 +15,11 @@ the prefix of a 6-step one.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import finish, mlflow_runs, moeplat, start_run
+from cli_runs import copy_run, finish, mlflow_runs, moeplat, start_run
 
 pytestmark = pytest.mark.slow
 COMMON = [
@@ -93,12 +92,7 @@ def test_expert_parallel_run_matches_one_process_resumes_and_evaluates_on_one_de
     # 2 EP ranks; both continue as the uninterrupted single-process run.
     src = _run_dir(tmp_path, "ep")
     for name in ("resume1", "resume2"):  # two copies of the run directory and its MLflow store
-        dst = tmp_path / name / "tiny" / src.name
-        shutil.copytree(src, dst)
-        state = json.loads((dst / "run.json").read_text())
-        state["tracking_uri"] = f"sqlite:///{tmp_path / name}.db"
-        (dst / "run.json").write_text(json.dumps(state))
-        shutil.copy(tmp_path / "ep.db", tmp_path / f"{name}.db")
+        copy_run(tmp_path, src, name)
     resumed = {
         name: _run(
             tmp_path,
