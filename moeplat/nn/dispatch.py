@@ -72,12 +72,18 @@ def dispatch_sorted(
 
     # index_select rather than x_TD[token_N]: same rows, but its backward is one index_add where
     # advanced indexing's is an accumulating index_put (measured ~15% slower on CPU, issue 9).
-    out_ND = _segmented_mlp(experts, x_TD.index_select(0, token_N), counts_E)
+    x_ND = x_TD.index_select(0, token_N)
     acc = _accumulate_dtype(x_TD)
-    weight_N1 = topk_weight_TK.reshape(-1)[slot_N].to(acc).unsqueeze(-1)
+    weight_N1 = topk_weight_TK.reshape(-1)[slot_N].unsqueeze(-1)
+    # The combine weight scales an expert's output, w (h W_down) = (w h) W_down: applied to the
+    # hidden [N, F] when F <= D, it is the smaller multiply, forward and backward (measured -9% of
+    # the layer's fwd+bwd at d=256 f=128 E=64 k=8 on CPU, issue 9), else to the output [N, D].
+    if experts.d_ff <= experts.d_model:
+        out_ND = _segmented_mlp(experts, x_ND, counts_E, weight_N1).to(acc)
+    else:
+        out_ND = _segmented_mlp(experts, x_ND, counts_E).to(acc) * weight_N1.to(acc)
     y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
-    y_TD = y_TD.index_add(0, token_N, out_ND.to(acc) * weight_N1)
-    return y_TD.to(x_TD.dtype)
+    return y_TD.index_add(0, token_N, out_ND).to(x_TD.dtype)
 
 
 def dispatch_capacity(
@@ -138,8 +144,11 @@ def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _segmented_mlp(experts: MLPExperts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Rows of x_ND are grouped by expert, counts_E[e] rows for expert e; returns [N, D].
+def _segmented_mlp(
+    experts: MLPExperts, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N1: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows of x_ND are grouped by expert, counts_E[e] rows for expert e; returns [N, D], each row
+    scaled by weight_N1 when given (applied to the hidden activation on the grouped-GEMM path).
 
     Plain (non-GLU) experts have no gate matrix, so its GEMM is skipped on both paths. Both paths
     take the hidden activation from experts.hidden (expert dropout included), as dispatch_loop does.
@@ -158,8 +167,12 @@ def _segmented_mlp(experts: MLPExperts, x_ND: torch.Tensor, counts_E: torch.Tens
         offs_E = counts_E.cumsum(0).to(torch.int32)  # end offset of each expert's segment
         g_NF = torch._grouped_mm(x, experts.w_gate.to(dtype), offs=offs_E) if gated else None
         u_NF = torch._grouped_mm(x, w_up, offs=offs_E)
-        return torch._grouped_mm(experts.hidden(g_NF, u_NF), w_down, offs=offs_E)
-    return torch.cat([experts(chunk, e) for e, chunk in enumerate(x_ND.split(counts_E.tolist()))])
+        h_NF = experts.hidden(g_NF, u_NF)
+        if weight_N1 is not None:
+            h_NF = h_NF * weight_N1.to(dtype)
+        return torch._grouped_mm(h_NF, w_down, offs=offs_E)
+    out_ND = torch.cat([experts(chunk, e) for e, chunk in enumerate(x_ND.split(counts_E.tolist()))])
+    return out_ND if weight_N1 is None else out_ND * weight_N1.to(out_ND.dtype)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:

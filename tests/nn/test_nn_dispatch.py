@@ -22,9 +22,10 @@ def _routing(T, E, K, seed, unused=1):
 @pytest.mark.parametrize("E", [4, 5, 8])
 @pytest.mark.parametrize("K", [1, 2, 3])
 @pytest.mark.parametrize(("capacity", "policy"), [(None, None), (2, "position"), (2, "probability")])
-def test_sorted_equals_loop_float64(E, K, capacity, policy):
+@pytest.mark.parametrize("F", [12, 6])  # the combine weight scales the output (F > D) or the hidden
+def test_sorted_equals_loop_float64(E, K, capacity, policy, F):
     torch.manual_seed(E * 10 + K)
-    T, D, F = 24, 8, 12
+    T, D = 24, 8
     experts = SwiGLUExperts(E, D, F).double()
     x_TD = torch.randn(T, D, dtype=torch.float64)
     idx, w = _routing(T, E, K, seed=E + K)
@@ -52,14 +53,15 @@ def test_sorted_equals_loop_float64(E, K, capacity, policy):
 
 
 @pytest.mark.parametrize("path", ["grouped_mm", "split"])
-def test_sorted_equals_loop_float32_both_paths(path, monkeypatch):
+@pytest.mark.parametrize("F", [32, 8])  # the combine weight on the output (F > D) or on the hidden
+def test_sorted_equals_loop_float32_both_paths(path, F, monkeypatch):
     """float32 is where torch._grouped_mm may be taken; both segment paths must agree with the loop."""
     if path == "split":
         monkeypatch.setattr(dispatch_mod, "_grouped_mm_works", lambda *a: False)
     elif not _grouped_mm_works(SwiGLUExperts(6, 16, 32), torch.device("cpu"), torch.float32):
         pytest.skip("torch._grouped_mm is unavailable for float32 on this device/torch")
     torch.manual_seed(0)
-    E, K, T, D, F = 6, 2, 40, 16, 32
+    E, K, T, D = 6, 2, 40, 16
     experts = SwiGLUExperts(E, D, F)
     x_TD = torch.randn(T, D)
     idx, w = _routing(T, E, K, seed=1, unused=2)
