@@ -96,7 +96,7 @@ def lightning_loop(spec, datamodule, steps: int, warmup: int, tracked: bool) -> 
     return (marks["end"] - marks["start"]) / steps
 
 
-def step_overhead(spec_file: str, steps: int = 20, warmup: int = 3, rounds: int = 3) -> dict[str, float]:
+def step_overhead(spec_file: str, steps: int = 60, warmup: int = 3, rounds: int = 3) -> dict[str, float]:
     """Seconds per step of the three loops, interleaved round by round (plain, lightning, tracked,
     plain, ...); each loop's fastest round is its figure (the noise floor: these machines are
     shared, and one slow round of 20 steps would otherwise read as overhead)."""

@@ -20,7 +20,9 @@ def add_commands(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     p.add_argument("--spec", metavar="FILE", help="bench this spec's first MoE layer instead of the grid")
     p.add_argument("--step-spec", default=REFERENCE_SPEC, help="spec for step overhead and validate time")
-    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per loop")
+    p.add_argument(
+        "--steps", type=int, default=60, help="measured optimizer steps per loop and round (3 rounds)"
+    )
     p.add_argument("--no-step", action="store_true", help="skip the step-overhead and validate figures")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(fn=cmd_bench)
