@@ -5,8 +5,8 @@ Every statistic is computed from one forward pass (one micro-batch) and detached
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -61,6 +61,55 @@ def routing_stats(
 class _HasStats(Protocol):
     stats: RoutingStats
     losses: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WorldStats:
+    """A layer's statistics and unweighted losses over the whole data-parallel batch (world_stats)."""
+
+    stats: RoutingStats
+    losses: dict[str, torch.Tensor]
+
+
+def world_stats(
+    outputs: Mapping[int, _HasStats], mean: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[int, WorldStats]:
+    """Each layer's statistics over every data-parallel rank's tokens, from each rank's own, where
+    `mean(t)` is the mean of `t` over the ranks (a collective: every rank calls it, once per call
+    here). Ranks hold equal-sized shards, so the load fractions, drop and unrouted fractions, router
+    entropy and losses of the whole batch are the means of the ranks'; load_cv, maxvio and
+    dead_frac are recomputed from that load (a mean of the ranks' maxvio is not the batch's)."""
+    layers = sorted(outputs)
+    if not layers:
+        return {}
+    parts = []
+    for layer in layers:
+        s, losses = outputs[layer].stats, outputs[layer].losses
+        scalars = [s.dropped_frac, s.unrouted_frac, s.router_entropy, *(losses[k] for k in sorted(losses))]
+        parts += [s.load_E.float(), torch.stack([v.float() for v in scalars])]
+    flat = mean(torch.cat(parts))
+    out, at = {}, 0
+    for layer in layers:
+        s, names = outputs[layer].stats, sorted(outputs[layer].losses)
+        E = s.load_E.numel()
+        load_E, (dropped, unrouted, entropy, *loss_values) = (
+            flat[at : at + E],
+            flat[at + E : at + E + 3 + len(names)],
+        )
+        at += E + 3 + len(names)
+        mean_load = load_E.mean().clamp_min(1e-12)
+        stats = replace(
+            s,
+            load_E=load_E,
+            dropped_frac=dropped,
+            unrouted_frac=unrouted,
+            router_entropy=entropy,
+            load_cv=load_E.std(correction=0) / mean_load,
+            maxvio=load_E.max() / mean_load - 1,
+            dead_frac=(load_E == 0).float().mean(),
+        )
+        out[layer] = WorldStats(stats, dict(zip(names, loss_values)))
+    return out
 
 
 def moe_metrics(outputs: Mapping[int, _HasStats]) -> dict[str, float]:

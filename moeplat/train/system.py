@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moeplat.compile.optim import UpdateSchedule, count_trainable, partition
-from moeplat.nn.stats import moe_metrics
+from moeplat.nn.stats import moe_metrics, world_stats
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,13 @@ class LMSystem(L.LightningModule):
 
         Sent to the logger directly at this step: self.log would only reach it at Lightning's
         log_every_n_steps (train.log_every), whatever train.moe_log_every says."""
-        metrics = moe_metrics(moe)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # the whole data-parallel batch's statistics, not rank 0's shard's
+            metrics = moe_metrics(
+                world_stats(moe, lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
+            )
+        else:
+            metrics = moe_metrics(moe)
         if not metrics:
             return
         if self.expert_shards > 1:

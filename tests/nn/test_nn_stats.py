@@ -63,3 +63,43 @@ def test_moe_metrics_names_per_layer_and_means_over_layers():
     assert not any(k.startswith("moe/layer00/bias") for k in m)
     assert sum(m[f"moe/layer00/load/e{e:02d}"] for e in range(4)) == pytest.approx(1.0)
     assert moe_metrics({}) == {}
+
+
+def test_world_stats_are_the_whole_batch_statistics_not_a_mean_of_the_ranks():
+    """Two data-parallel ranks with half the batch each: world_stats gives what one process with
+    the whole batch computes (maxvio, cv and dead experts from the pooled load, not averaged)."""
+    from types import SimpleNamespace
+
+    from moeplat.nn.stats import world_stats
+
+    g = torch.Generator().manual_seed(0)
+    T, E, K = 16, 8, 2
+    probs = torch.rand(T, E, generator=g).softmax(-1)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    idx[: T // 2] %= 4  # rank 0 routes to experts 0-3 only: its own maxvio and dead_frac are far off
+    keep = torch.ones(T, K, dtype=torch.bool)
+    keep[3, 1] = False  # one dropped slot, on rank 0
+
+    def output(rows):
+        stats = routing_stats(probs[rows], idx[rows], keep[rows], E)
+        return {0: SimpleNamespace(stats=stats, losses={"z_loss": probs[rows].max(-1).values.mean()})}
+
+    ranks = [output(slice(0, T // 2)), output(slice(T // 2, T))]
+    packed = []
+    for out in ranks:
+        world_stats(out, lambda t: packed.append(t) or t)
+    pooled = world_stats(ranks[0], lambda t: torch.stack(packed).mean(0))[0]
+    whole = output(slice(0, T))[0]
+    for name in (
+        "load_E",
+        "maxvio",
+        "load_cv",
+        "dead_frac",
+        "router_entropy",
+        "dropped_frac",
+        "unrouted_frac",
+    ):
+        torch.testing.assert_close(getattr(pooled.stats, name), getattr(whole.stats, name).float(), msg=name)
+    torch.testing.assert_close(pooled.losses["z_loss"], whole.losses["z_loss"])
+    assert ranks[0][0].stats.dead_frac.item() == 0.5 and pooled.stats.dead_frac.item() < 0.5
+    assert set(moe_metrics({0: pooled})) == set(moe_metrics({0: whole}))

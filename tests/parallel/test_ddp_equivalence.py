@@ -37,9 +37,9 @@ def _finish(proc) -> str:
     return finish(proc, timeout=240)
 
 
-def _losses(tmp: Path, name: str) -> tuple[list[float], int]:
+def _losses(tmp: Path, name: str, key: str = "train/loss") -> tuple[list[float], int]:
     client, runs = mlflow_runs(tmp, name)
-    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    history = client.get_metric_history(runs[0].info.run_id, key)
     return [m.value for m in sorted(history, key=lambda m: m.step)], len(runs)
 
 
@@ -64,6 +64,11 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     assert len(single) == len(ddp) == 4
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-5, atol=0)
     assert single[-1] < single[0]  # it trained
+    # MoE telemetry is the whole global batch's (moeplat.nn.stats.world_stats), not rank 0's shard
+    for key in ("moe/all/maxvio", "moe/all/router_entropy", "moe/layer00/load/e00"):
+        ddp_k, single_k = _losses(tmp_path, "ddp", key)[0], _losses(tmp_path, "single", key)[0]
+        assert len(ddp_k) == len(single_k) == 4, key
+        torch.testing.assert_close(torch.tensor(ddp_k), torch.tensor(single_k), rtol=1e-4, atol=1e-6)
     assert outputs["ddp"].count("run finished") == 1  # rank 1's summary went to its log
     logs = list((tmp_path / "ddp").glob("tiny/*/logs/rank1.log"))
     assert len(logs) == 1
