@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from moeplat.spec.sweep import LoadedSweep
 from moeplat.sweep.report import summarize_to_mlflow
@@ -17,15 +19,27 @@ from moeplat.sweep.worker import requeue_interrupted, work
 log = logging.getLogger(__name__)
 
 
-def _parent_run(loaded: LoadedSweep, study, tracking_uri: str | None):
+def _parent_run(loaded: LoadedSweep, study, tracking_uri: str | None, runs_root: str):
+    """The sweep's parent MLflow run. Like a run's, its writes spool to disk while the tracking
+    server is away (runs/<sweep>/sweep-parent: `moeplat sync` sends what is left)."""
     from moeplat.track.mlflow_run import TrackedRun, flatten, resolve_tracking_uri
+    from moeplat.track.spool import SPOOL_FILE
 
     spec = loaded.base.spec
     if not spec.tracking.enabled:
         return None
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
     run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-    parent = TrackedRun(uri, spec.tracking.experiment, f"sweep {loaded.sweep.name}", run_id=run_id)
+    parent_dir = Path(runs_root) / loaded.sweep.name / "sweep-parent"
+    parent_dir.mkdir(parents=True, exist_ok=True)
+    parent = TrackedRun(
+        uri,
+        spec.tracking.experiment,
+        f"sweep {loaded.sweep.name}",
+        run_id=run_id,
+        spool=parent_dir / SPOOL_FILE,
+    )
+    (parent_dir / "run.json").write_text(json.dumps({"run_id": parent.run_id, "tracking_uri": uri}, indent=2))
     if run_id is None:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         parent.set_tags({"optuna.study": loaded.sweep.name, "moeplat.kind": "sweep"})
@@ -46,7 +60,7 @@ def run_sweep(
     study = open_study(loaded, storage, create=True, resume=resume)
     if resume and (n := requeue_interrupted(study)):
         log.warning("re-queued %d interrupted trial(s)", n)
-    parent = _parent_run(loaded, study, tracking_uri)
+    parent = _parent_run(loaded, study, tracking_uri, runs_root)
     status = "FAILED"
     try:
         if workers == 1:
@@ -61,6 +75,11 @@ def run_sweep(
         if parent is not None:
             summarize_to_mlflow(study, parent)
             parent.finish(status)
+            if parent.spool_pending():
+                spooled = Path(runs_root) / loaded.sweep.name / "sweep-parent"
+                log.warning(
+                    "tracking server unreachable: send the sweep's summary with `moeplat sync %s`", spooled
+                )
     return study
 
 

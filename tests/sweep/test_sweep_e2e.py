@@ -14,6 +14,7 @@ from moeplat.spec import load_spec
 from moeplat.spec.sweep import load_sweep
 from moeplat.sweep.pruning import PruneOnValidation
 from moeplat.sweep.study import finished_count, open_study
+from moeplat.track.spool import SPOOL_FILE
 from moeplat.train.run import run
 
 pytestmark = pytest.mark.slow
@@ -69,6 +70,10 @@ def test_sweep_runs_trials_as_mlflow_children_and_resume_repeats_nothing(workdir
     parents = [r for r in runs if r.data.tags.get("moeplat.kind") == "sweep"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 4
+    # the parent run spools like a run (moeplat sync runs/tiny-sweep/sweep-parent); nothing was left
+    parent_dir = workdir / "runs" / "tiny-sweep" / "sweep-parent"
+    assert json.loads((parent_dir / "run.json").read_text())["run_id"] == parents[0].info.run_id
+    assert not (parent_dir / SPOOL_FILE).exists()
     parent = parents[0]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == [0, 1, 2, 3]
