@@ -75,7 +75,9 @@ class BatchedMLflowLogger(Logger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        self.flush()
-        if self._sender is not None:
-            self._sender.shutdown(wait=True)
-            self._sender = None
+        try:
+            self.flush()
+        finally:
+            if self._sender is not None:
+                self._sender.shutdown(wait=True)
+                self._sender = None
