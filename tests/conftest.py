@@ -19,3 +19,17 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored():
+    """A test that leaves SIGINT ignored (Lightning ignores it while it shuts down after a Ctrl-C)
+    would make every later subprocess ignore it too, and their Ctrl-C / cancel tests fail."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"the test left the SIGINT handler changed: {before!r} -> {after!r}")

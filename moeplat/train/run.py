@@ -174,6 +174,7 @@ def run(
     starts) and only rank 0 talks to MLflow (moeplat.parallel.launch)."""
     from moeplat.compile.trainer import check_trainable
     from moeplat.parallel.launch import launch_rank, local_launch_problem, rank_logs, share_run_dir
+    from moeplat.train.interrupt import interrupts_recorded
 
     t_start = time.perf_counter()
     check_trainable(loaded.spec)
@@ -183,7 +184,8 @@ def run(
     rank = launch_rank(loaded.spec.parallel.devices)
     run_dir, state = _open_run_dir(loaded, Path(runs_root), resume)
     world = loaded.spec.parallel.world_size
-    with share_run_dir(run_dir, rank, world), rank_logs(run_dir, rank, world):
+    # interrupts_recorded: a Ctrl-C swallowed anywhere in here is raised at the next batch
+    with share_run_dir(run_dir, rank, world), rank_logs(run_dir, rank, world), interrupts_recorded():
         opts = dict(resume=resume, tracking_uri=tracking_uri, progress=progress, callbacks=callbacks)
         return _run(loaded, run_dir, state, rank, t_start, tags=tags, end_tags=end_tags, **opts)
 
@@ -196,6 +198,7 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     from moeplat.compile.optim import build_optimizer, build_scheduler, build_update_schedule
     from moeplat.compile.upcycle import upcycle_from_spec
     from moeplat.train.callbacks import FiniteLoss, Throughput
+    from moeplat.train.interrupt import InterruptGuard
     from moeplat.train.plots import MoEPlots
     from moeplat.train.system import LMSystem
 
@@ -233,9 +236,8 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     )
     guard = FiniteLoss()
     plots = [MoEPlots(tracked, run_dir / "plots")] if tracked and spec.model.moe else []
-    trainer = _trainer(
-        loaded, run_dir, tracked, [throughput, guard, *plots, *callbacks], progress and rank == 0
-    )
+    callbacks = [throughput, guard, InterruptGuard(), *plots, *callbacks]
+    trainer = _trainer(loaded, run_dir, tracked, callbacks, progress and rank == 0)
     status, error = "FAILED", None
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=last_ckpt if resuming else None)
