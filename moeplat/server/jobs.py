@@ -233,8 +233,7 @@ class JobStore:
                 return job.log_size
             if job.log_size + len(text) > max_chars:
                 text = text[: max_chars - job.log_size] + "\n[moeplat: log limit reached, output dropped]\n"
-            s.add(LogChunk(job_id=job.id, start=job.log_size, text=text))
-            job.log_size += len(text)
+            _append(s, job, text)
             return job.log_size
 
     def note(self, job_id: int, text: str) -> None:
@@ -242,8 +241,7 @@ class JobStore:
         with self.session.begin() as s:
             job = s.get(Job, job_id, with_for_update=self.postgres)
             if job is not None:
-                s.add(LogChunk(job_id=job.id, start=job.log_size, text=text))
-                job.log_size += len(text)
+                _append(s, job, text)
 
     def finish(self, lease: Lease, exit_code: int, error: str | None = None) -> dict:
         with self.session.begin() as s:
@@ -306,8 +304,12 @@ class JobStore:
                     )
                 if job.state != "queued":
                     job.finished_at = now()
-                note = f"\n[moeplat: {silent}; job {job.state}]\n"
-                s.add(LogChunk(job_id=job.id, start=job.log_size, text=note))
-                job.log_size += len(note)
+                _append(s, job, f"\n[moeplat: {silent}; job {job.state}]\n")
                 reaped.append(job.id)
         return reaped
+
+
+def _append(s: Session, job: Job, text: str) -> None:
+    """Add `text` at the end of the job's log (in the caller's transaction, on the locked row)."""
+    s.add(LogChunk(job_id=job.id, start=job.log_size, text=text))
+    job.log_size += len(text)
