@@ -60,3 +60,12 @@ def copy_run(tmp: Path, src: Path, name: str) -> Path:
     (dst / "run.json").write_text(json.dumps(state))
     shutil.copy(tmp / f"{src.parents[1].name}.db", tmp / f"{name}.db")
     return dst
+
+
+def resume_copies(tmp: Path, src: Path, layouts: dict[str, list[str]], start) -> dict[str, subprocess.Popen]:
+    """For each name -> overrides: a copy of the run `src` (copy_run) resumed with those overrides,
+    `start(tmp, name, overrides, "--resume", DIR)` being the test's own start_run wrapper."""
+    return {
+        name: start(tmp, name, overrides, "--resume", str(copy_run(tmp, src, name)))
+        for name, overrides in layouts.items()
+    }

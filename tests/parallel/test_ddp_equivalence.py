@@ -43,60 +43,48 @@ def _losses(tmp: Path, name: str, key: str = "train/loss") -> tuple[list[float],
     return [m.value for m in sorted(history, key=lambda m: m.step)], len(runs)
 
 
-def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
-    procs = {
-        "single": _start(tmp_path, "single", ["parallel.accelerator=cpu", "train.batch_size=8"]),
-        "ddp": _start(
-            tmp_path,
-            "ddp",
-            [
-                "parallel.accelerator=cpu",
-                "train.batch_size=4",
-                "parallel.devices=2",
-                "parallel.strategy.kind=ddp",
-            ],
-        ),
-    }
-    outputs = {name: _finish(p) for name, p in procs.items()}
-    single, n_single = _losses(tmp_path, "single")
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The reference: 1 process with the global batch of 8 (run once for both layouts)."""
+    tmp = tmp_path_factory.mktemp("single")
+    _finish(_start(tmp, "single", ["parallel.accelerator=cpu", "train.batch_size=8"]))
+    return tmp
+
+
+def _two_processes(tmp: Path, strategy: str) -> str:
+    """2 CPU processes with per-device batch 4 (the same global batch); their console output."""
+    overrides = ["parallel.accelerator=cpu", "train.batch_size=4", "parallel.devices=2"]
+    return _finish(_start(tmp, strategy, [*overrides, f"parallel.strategy.kind={strategy}"]))
+
+
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, single):
+    output = _two_processes(tmp_path, "ddp")
+    reference, n_single = _losses(single, "single")
     ddp, n_ddp = _losses(tmp_path, "ddp")
     assert n_single == n_ddp == 1  # both ranks, one MLflow run
-    assert len(single) == len(ddp) == 4
-    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-5, atol=0)
-    assert single[-1] < single[0]  # it trained
+    assert len(reference) == len(ddp) == 4
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(reference), rtol=1e-5, atol=0)
+    assert reference[-1] < reference[0]  # it trained
     # MoE telemetry is the whole global batch's (moeplat.nn.stats.world_stats), not rank 0's shard
     for key in ("moe/all/maxvio", "moe/all/router_entropy", "moe/layer00/load/e00"):
-        ddp_k, single_k = _losses(tmp_path, "ddp", key)[0], _losses(tmp_path, "single", key)[0]
+        ddp_k, single_k = _losses(tmp_path, "ddp", key)[0], _losses(single, "single", key)[0]
         assert len(ddp_k) == len(single_k) == 4, key
         torch.testing.assert_close(torch.tensor(ddp_k), torch.tensor(single_k), rtol=1e-4, atol=1e-6)
-    assert outputs["ddp"].count("run finished") == 1  # rank 1's summary went to its log
+    assert output.count("run finished") == 1  # rank 1's summary went to its log
     logs = list((tmp_path / "ddp").glob("tiny/*/logs/rank1.log"))
     assert len(logs) == 1
     assert not list((tmp_path / "ddp").glob("tiny/*/logs/rank0.log"))  # rank 0 keeps the console
     assert len(list((tmp_path / "ddp").glob("tiny/*/run.json"))) == 1  # one shared run directory
 
 
-def test_fsdp_two_processes_match_one_process_with_the_global_batch(tmp_path):
-    procs = {
-        "single": _start(tmp_path, "single", ["parallel.accelerator=cpu", "train.batch_size=8"]),
-        "fsdp": _start(
-            tmp_path,
-            "fsdp",
-            [
-                "parallel.accelerator=cpu",
-                "train.batch_size=4",
-                "parallel.devices=2",
-                "parallel.strategy.kind=fsdp",
-            ],
-        ),
-    }
-    outputs = {name: _finish(p) for name, p in procs.items()}
-    single, _ = _losses(tmp_path, "single")
+def test_fsdp_two_processes_match_one_process_with_the_global_batch(tmp_path, single):
+    output = _two_processes(tmp_path, "fsdp")
+    reference, _ = _losses(single, "single")
     fsdp, n = _losses(tmp_path, "fsdp")
-    assert n == 1 and len(fsdp) == len(single) == 4
-    torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(single), rtol=1e-5, atol=0)
-    assert single[-1] < single[0]
-    assert outputs["fsdp"].count("run finished") == 1
+    assert n == 1 and len(fsdp) == len(reference) == 4
+    torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(reference), rtol=1e-5, atol=0)
+    assert reference[-1] < reference[0]
+    assert output.count("run finished") == 1
     # one checkpoint file gathered on rank 0 (not a folder of shards): it reloads at any world size
     ckpts = list((tmp_path / "fsdp").glob("tiny/*/checkpoints/last.ckpt"))
     assert len(ckpts) == 1 and ckpts[0].is_file()

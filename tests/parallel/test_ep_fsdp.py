@@ -19,7 +19,7 @@ from pathlib import Path
 import ep_helpers as h
 import pytest
 import torch
-from cli_runs import copy_run, finish, mlflow_runs, start_run
+from cli_runs import finish, mlflow_runs, resume_copies, start_run
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -171,18 +171,9 @@ def test_ep_fsdp_run_matches_one_process_and_resumes_at_other_layouts(tmp_path):
     # The checkpoint is the single-process layout: it resumes on 1 device and on 2 EP+FSDP ranks.
     (state,) = (tmp_path / "ep").glob("tiny/*/run.json")
     src = state.parent
-    for name in ("resume1", "resume2"):  # two copies of the run directory and its MLflow store
-        copy_run(tmp_path, src, name)
-    resumed = {
-        name: _run(
-            tmp_path,
-            name,
-            [*layout, "train.max_steps=6"],
-            "--resume",
-            str(tmp_path / name / "tiny" / src.name),
-        )
-        for name, layout in (("resume1", SINGLE), ("resume2", EP_FSDP))
-    }
+    # two copies of the run directory and its MLflow store, each resumed at another layout
+    layouts = {"resume1": [*SINGLE, "train.max_steps=6"], "resume2": [*EP_FSDP, "train.max_steps=6"]}
+    resumed = resume_copies(tmp_path, src, layouts, _run)
     for name, proc in resumed.items():
         finish(proc, timeout=300)
         losses, n_runs = _losses(tmp_path, name)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import copy_run, finish, mlflow_runs, moeplat, start_run
+from cli_runs import finish, mlflow_runs, moeplat, resume_copies, start_run
 
 pytestmark = pytest.mark.slow
 COMMON = [
@@ -91,18 +91,9 @@ def test_expert_parallel_run_matches_one_process_resumes_and_evaluates_on_one_de
     # The ep_size-2 checkpoint (full layout: weights and Adam moments) resumes on one device and on
     # 2 EP ranks; both continue as the uninterrupted single-process run.
     src = _run_dir(tmp_path, "ep")
-    for name in ("resume1", "resume2"):  # two copies of the run directory and its MLflow store
-        copy_run(tmp_path, src, name)
-    resumed = {
-        name: _run(
-            tmp_path,
-            name,
-            [*layout, "train.max_steps=6"],
-            "--resume",
-            str(tmp_path / name / "tiny" / src.name),
-        )
-        for name, layout in (("resume1", SINGLE), ("resume2", EP))
-    }
+    # two copies of the run directory and its MLflow store, each resumed at another layout
+    layouts = {"resume1": [*SINGLE, "train.max_steps=6"], "resume2": [*EP, "train.max_steps=6"]}
+    resumed = resume_copies(tmp_path, src, layouts, _run)
     for name, proc in resumed.items():
         _finish(proc)
         client, runs = mlflow_runs(tmp_path, name)
