@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moeplat.spec.safe_yaml import MAX_SPEC_BYTES
+
 KiB = 1024
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -39,7 +41,7 @@ class ServerSettings:
     sweep_storage: str = "sqlite:///optuna.db"
     mlflow_ui_url: str | None = None
     dashboard_url: str | None = None
-    max_spec_bytes: int = 256 * KiB
+    max_spec_bytes: int = MAX_SPEC_BYTES  # the spec loader's own limit (moeplat.spec.safe_yaml)
     max_request_bytes: int = 1024 * KiB
     web_dir: Path = REPO / "web" / "dist"
     heartbeat_timeout_s: float = 60.0  # a running job silent this long is requeued or failed

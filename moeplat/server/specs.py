@@ -2,9 +2,10 @@
 
 A submitted text is loaded as if it were the file `filename` in the first spec root, so
 `extends: quickstart.yaml` works as it does for a file there. Before the loader sees it, the text
-is checked for what a file on disk written by its owner never needs to be guarded against: size,
-YAML nesting and alias expansion (a "billion laughs" document), OmegaConf resolvers such as
-`${oc.env:MOEPLAT_TOKEN}` (they read the server's environment). After loading, every path the spec
+is checked for its size (the API answers 413) and for OmegaConf resolvers such as
+`${oc.env:MOEPLAT_TOKEN}` (they read the server's environment). The YAML limits (nesting, alias
+expansion, recursive aliases, duplicate keys...) are the loader's own, the same as the CLI's
+(moeplat.spec.safe_yaml), so a file that `moeplat validate` refuses is refused here. After loading, every path the spec
 names (extends chain, data.source.paths, train.init.checkpoint) must resolve, symlinks followed,
 inside the spec roots. Errors are SpecIssues, reported with file names relative to their root.
 """
@@ -16,15 +17,12 @@ import os
 import re
 from pathlib import Path
 
-import yaml
-
 from moeplat.errors import SpecError, SpecIssue
 from moeplat.server.settings import ServerSettings
 from moeplat.spec.loader import LoadedSpec, inside, load_spec
+from moeplat.spec.safe_yaml import decode
 from moeplat.spec.sweep import LoadedSweep, load_sweep
 
-MAX_DEPTH = 40  # YAML nesting; a real spec needs about 6
-MAX_NODES = 50_000  # YAML nodes after alias expansion
 RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.\-]*\s*:")  # ${name:args}; ${a.b} interpolation has no colon
 CONFINED = ("data", "data.source", "train", "train.init")  # sections that hold the paths below
 
@@ -72,13 +70,13 @@ def spec_file(path: str, settings: ServerSettings) -> tuple[int, str, str]:
                 continue
             if file.stat().st_size > settings.max_spec_bytes:
                 raise SpecTooLarge(f"spec file is larger than the limit of {settings.max_spec_bytes} bytes")
-            text = file.read_text(encoding="utf-8", errors="replace")
-            return i, os.path.normpath(candidate), text
+            name = os.path.normpath(candidate)
+            return i, name, decode(file.read_bytes(), name)  # non-UTF-8: an error with its line
     raise SpecError(SpecIssue("path", "no such spec file inside the spec roots", has_value=True, value=path))
 
 
 def precheck(text: str, overrides: list[str], filename: str, settings: ServerSettings) -> list[SpecIssue]:
-    """Size, resolvers, nesting and alias expansion; [] when the loader may have it."""
+    """Encoding, size and resolvers; [] when the loader may have it (it checks the YAML itself)."""
     for what, value in (("text", text), ("filename", filename), *(("overrides", ov) for ov in overrides)):
         try:
             value.encode("utf-8")
@@ -96,39 +94,7 @@ def precheck(text: str, overrides: list[str], filename: str, settings: ServerSet
         for ov in overrides
         if RESOLVER.search(ov)
     ]
-    return issues or _yaml_shape(text, filename)
-
-
-def _yaml_shape(text: str, filename: str) -> list[SpecIssue]:
-    """Nesting depth from the event stream (the parser is not recursive, the composer is), then the
-    node count with aliases expanded, memoised on the composed graph."""
-    depth = 0
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    line = event.start_mark.line + 1
-                    return [SpecIssue("", f"nested deeper than {MAX_DEPTH} levels", filename, line)]
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return []  # the loader reports syntax errors with their line
-    sizes: dict[int, int] = {}
-
-    def size(n: yaml.Node) -> int:
-        if id(n) not in sizes:
-            sizes[id(n)] = 1  # a recursive alias counts once (and then fails in the loader)
-            if isinstance(n, yaml.MappingNode):
-                sizes[id(n)] = 1 + sum(size(k) + size(v) for k, v in n.value)
-            elif isinstance(n, yaml.SequenceNode):
-                sizes[id(n)] = 1 + sum(size(v) for v in n.value)
-        return sizes[id(n)]
-
-    if node is not None and size(node) > MAX_NODES:
-        return [SpecIssue("", f"more than {MAX_NODES} YAML nodes once aliases are expanded", filename)]
-    return []
+    return issues
 
 
 def _display(issue: SpecIssue, vpath: Path, filename: str, roots: tuple[Path, ...]) -> SpecIssue:

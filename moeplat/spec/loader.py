@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from moeplat.errors import SpecError, SpecIssue
 from moeplat.spec.diagnostics import did_you_mean, dotted, fields_at, issues_from_validation, walk
 from moeplat.spec.root import Spec
+from moeplat.spec.safe_yaml import MAX_EXTENDS, check_interpolation_size, compose_checked, read_spec_bytes
 
 Path_ = tuple  # a key path: ("model", "moe", "top_k")
 
@@ -69,6 +70,7 @@ def load_spec(
     origins: dict[Path_, tuple[str | None, int | None]] = {}
     data, files = _load_chain(path, origins, stack=(), text=text, roots=roots)
     issues = [i for ov in overrides for i in _apply_override(data, ov, origins)]
+    check_interpolation_size(data, lambda p: _origin_of(origins, p))
     resolved, more = _resolve(data, origins)
     issues += more
     if issues:
@@ -123,12 +125,7 @@ def _origin_of(origins: dict, path: tuple) -> tuple[str | None, int | None]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError(SpecIssue("", f"cannot read spec file: {e.strerror}", str(path))) from None
-    except UnicodeDecodeError as e:
-        raise SpecError(SpecIssue("", f"not UTF-8 text (byte {e.start})", str(path))) from None
+    return read_spec_bytes(path)  # bounded size, strict UTF-8 (moeplat.spec.safe_yaml)
 
 
 def _read_yaml(path: Path, origins: dict, text: str | None = None) -> dict:
@@ -137,7 +134,7 @@ def _read_yaml(path: Path, origins: dict, text: str | None = None) -> dict:
     if text is None:
         text = _read_text(path)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = compose_checked(text, display)  # every size limit, before any object is built
     except yaml.YAMLError as e:
         raise SpecError(_yaml_issue(e, display)) from None
     if node is None:
@@ -150,6 +147,8 @@ def _read_yaml(path: Path, origins: dict, text: str | None = None) -> dict:
     _record_lines(node, (), display, origins)
     try:
         cfg = OmegaConf.create(text)  # OmegaConf's YAML rules (e.g. 1e-3 is a float)
+    except yaml.YAMLError as e:  # what OmegaConf's loader alone refuses
+        raise SpecError(_yaml_issue(e, display)) from None
     except OmegaConfBaseException as e:  # e.g. a malformed ${...}
         where = (
             tuple(str(getattr(e, "full_key", "") or "").split(".")) if getattr(e, "full_key", None) else ()
@@ -200,6 +199,8 @@ def _load_chain(
         real = path.resolve()
     except (OSError, ValueError):  # a NUL byte in an extends path
         raise SpecError(SpecIssue("extends", "not a usable file name", *via)) from None
+    if len(stack) >= MAX_EXTENDS:
+        raise SpecError(SpecIssue("extends", f"a chain of more than {MAX_EXTENDS} extended files", *via))
     if real in stack:
         cycle = " -> ".join(str(p) for p in (*stack, real))
         raise SpecError(SpecIssue("extends", f"extends cycle: {cycle}", *via))
@@ -304,12 +305,22 @@ def _typed_value(parts: tuple, raw: str):
     `null` still unsets an optional string (`tracking.uri=null`)."""
     _, tp = walk(Spec, parts)
     try:
+        _check_override_value(parts, raw)
         value = OmegaConf.to_container(OmegaConf.create(f"v: {raw}"))["v"]
     except (yaml.YAMLError, OmegaConfBaseException):
         return raw
     if tp is str and not (value is None and _nullable(parts)):
         return raw
     return value
+
+
+def _check_override_value(parts: tuple, raw: str) -> None:
+    """A --set value goes through the same limits as a file (it may come from a job submission)."""
+    try:
+        compose_checked(f"v: {raw}", "")
+    except SpecError as e:
+        where = f"--set {dotted(parts)}=" + (raw if len(raw) <= 40 else raw[:37] + "...")
+        raise SpecError([SpecIssue(dotted(parts), i.message, where, hint=i.hint) for i in e.issues]) from None
 
 
 def _nullable(parts: tuple) -> bool:
