@@ -71,12 +71,18 @@ def _expert_indices(optimizer, model: nn.Module) -> dict[int, tuple[nn.Parameter
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
     """optimizer.state_dict() as the single-process optimizer would hold it: the expert
     parameters' state (Adam's moments) gathered over the EP group, DTensor (FSDP2) state gathered
-    over its mesh. Collective."""
+    over its mesh. Collective.
+
+    The returned dict is the caller's: torch's `state_dict()` hands out the optimizer's own
+    per-parameter dicts (`state["state"][i] is optimizer.state[p]`), so the gathered tensors go
+    into copies of them -- writing into those dicts would swap a rank's [E/ep, ...] moments for
+    the gathered [E, ...] ones (and FSDP2's DTensor moments for plain tensors) in the live
+    optimizer, and the next step would fail or train on the wrong state (issue 14)."""
     state = optimizer.state_dict()
-    for per_param in state["state"].values():
-        for key, t in per_param.items():
-            if isinstance(t, DTensor):
-                per_param[key] = t.full_tensor()
+    state["state"] = {
+        index: {key: t.full_tensor() if isinstance(t, DTensor) else t for key, t in per_param.items()}
+        for index, per_param in state["state"].items()
+    }
     for index, (p, layer) in _expert_indices(optimizer, model).items():
         group, n = layer.groups.ep_group, layer.groups.ep_size
         for key, t in state["state"].get(index, {}).items():

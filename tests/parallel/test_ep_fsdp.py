@@ -104,7 +104,10 @@ def case_grads_clip_checkpoint(rank: int, world: int) -> None:
     for k, v in ref.state_dict().items():
         h._close(full[k], v, f"state {k}", {"rtol": 1e-6, "atol": 1e-9})
     ref_opt = opt_ref.state_dict()["state"]
+    live = {p: dict(s) for p, s in opt_ep.state.items()}
     ep_opt = full_optimizer_state(opt_ep, ep)
+    # gathering leaves the live optimizer's own tensors in place (issue 14)
+    assert all(opt_ep.state[p][k] is t for p, s in live.items() for k, t in s.items())
     for i, per_param in ref_opt.items():
         for key, t in per_param.items():
             h._close(ep_opt["state"][i][key], t, f"optimizer state {i}.{key}", {"rtol": 1e-6, "atol": 1e-9})
@@ -120,6 +123,7 @@ def case_grads_clip_checkpoint(rank: int, world: int) -> None:
     for i, per_param in full_optimizer_state(opt_fresh, fresh)["state"].items():
         for key, t in per_param.items():
             h._close(t, ep_opt["state"][i][key], f"reloaded optimizer {i}.{key}", h.TIGHT)
+    opt_ep.step()  # and it still steps on its own shards
 
 
 def test_ep_fsdp_grads_global_clip_norm_and_full_checkpoint():
