@@ -6,15 +6,19 @@ from __future__ import annotations
 GiB = 1024**3
 
 
+SI = (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3))
+
+
 def _n(x: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    """SI prefixes up to E: DeepSeek-V3's FLOP per optimizer step is 73.70E, not 73702360.35G."""
+    for unit, div in SI:
         if abs(x) >= div:
             return f"{x / div:.2f}{unit}"
     return f"{x:.0f}"
 
 
 def _bytes(x: float) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, div in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if x >= div:
             return f"{x / div:.1f} {unit}"
     return f"{x:.0f} B"

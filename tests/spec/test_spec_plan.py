@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from moeplat.spec import load_spec
 from moeplat.spec.plan import plan
-from moeplat.spec.plan_text import format_plan
+from moeplat.spec.plan_text import _n, format_plan
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 QUICKSTART = SPECS / "quickstart.yaml"
@@ -119,3 +120,29 @@ def test_format_plan_of_a_dense_model():
     text = format_plan(loaded.spec, plan(loaded.spec))
     assert "MoE: none" in text and "experts " not in text
     assert "(100.0% of total)" in text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (999, "999"),
+        (1.5e3, "1.50k"),
+        (2e6, "2.00M"),
+        (3e9, "3.00G"),
+        (4e12, "4.00T"),
+        (7.37e16, "73.70P"),
+        (5e18, "5.00E"),
+        (6e21, "6000.00E"),
+    ],
+)
+def test_counts_use_si_prefixes_up_to_exa(value, text):
+    assert _n(value) == text
+
+
+def test_deepseek_v3_plan_reads_in_si_prefixes():
+    """The full DeepSeek-V3 spec: hundreds of billions of parameters and petaFLOPs per step."""
+    loaded = load_spec(SPECS / "reference" / "deepseek-v3.yaml", ["train.batch_size=64"])
+    text = format_plan(loaded.spec, plan(loaded.spec))
+    assert "total params    671.03G" in text
+    assert re.search(r"-> \d+\.\d\dP FLOP per optimizer step", text), text
+    assert "TiB" in text and re.search(r"\d{5,}\.\d\d[kMGTPE ]", text) is None, text
