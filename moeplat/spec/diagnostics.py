@@ -174,11 +174,27 @@ def issues_from_validation(root: type[BaseModel], err: ValidationError, origin: 
         elif etype == "union_tag_not_found":
             msg, has_value = "needs a 'kind' key choosing the variant", False
             hint = f"expected one of {_tags_at(root, tuple(e['loc']))}"
+            if typo := _kind_typo(root, tuple(e["loc"]), e.get("input")):  # `{kidn: all}`
+                path, msg = (*path, typo), "unknown key"
+                hint = (
+                    f"did you mean 'kind'? It chooses the variant, one of {_tags_at(root, tuple(e['loc']))}"
+                )
+                file, line = origin(path)
         elif isinstance(value, dict | list):
             has_value = False
         issues.append(SpecIssue(dotted(path), msg, file, line, value, has_value, hint))
     # In file order, so a user can fix them top to bottom; --set overrides last.
     return sorted(issues, key=lambda i: (i.line is None, i.file or "", i.line or 0))
+
+
+def _kind_typo(root: type[BaseModel], loc: tuple, given) -> str | None:
+    """The key the user most likely meant as `kind`: an unknown key close to it."""
+    if not isinstance(given, dict):
+        return None
+    known = set(fields_at(root, loc))
+    unknown = [k for k in given if isinstance(k, str) and k not in known]
+    close = difflib.get_close_matches("kind", unknown, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _tags_at(root: type[BaseModel], loc: tuple) -> str:

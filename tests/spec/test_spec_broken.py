@@ -88,6 +88,20 @@ CORPUS: dict[str, list[Want]] = {
         Want("model.moe.router", 18, "needs a 'kind' key", f"expected one of {ROUTER_KINDS}"),
         Want("data.source", 27, "needs a 'kind' key", "expected one of 'python_stdlib', 'text_files'"),
     ],
+    "kind_typo.yaml": [  # the key typed, not "needs a 'kind' key"
+        Want(
+            "model.moe.layers.kidn",
+            17,
+            "unknown key",
+            "did you mean 'kind'? It chooses the variant, one of 'all', 'every', 'first_dense', 'list'",
+        ),
+        Want(
+            "model.moe.router.Kind",
+            18,
+            "unknown key",
+            f"did you mean 'kind'? It chooses the variant, one of {ROUTER_KINDS}",
+        ),
+    ],
     "cross_top_k.yaml": [Want("model.moe.top_k", 5, "top_k (6) must be <= num_experts (4)")],
     "cross_heads_divide_d_model.yaml": [
         Want("model.n_heads", 4, "d_model (130) must be divisible by n_heads (4)")
