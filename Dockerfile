@@ -19,9 +19,12 @@ RUN npm run build
 
 # --- what every Python image shares: an unprivileged user and the state directory it owns
 FROM ${PYTHON_IMAGE} AS python
+# no usage telemetry from MLflow / huggingface_hub (README, "Telemetry": set false to opt in)
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    HF_HUB_DISABLE_TELEMETRY=1
 RUN useradd --create-home --uid 1000 moeplat \
     && mkdir -p /var/lib/moeplat \
     && chown moeplat:moeplat /var/lib/moeplat
@@ -65,7 +68,7 @@ CMD ["moeplat", "worker"]
 # --- mlflow server (PostgreSQL backend, artifacts proxied to S3/MinIO) and optuna-dashboard.
 # Same versions as the clients (tests/deploy checks the pins against the installed packages).
 FROM ${PYTHON_IMAGE} AS tools
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true
 RUN pip install mlflow==3.17.2 optuna==5.0.0 optuna-dashboard==0.21.0 psycopg2-binary==2.9.13 boto3==1.44.5 \
     && useradd --create-home --uid 1000 tools
 USER tools

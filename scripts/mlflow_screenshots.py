@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,8 @@ def start_mlflow(store: str, port: int, artifacts: str) -> subprocess.Popen:
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
         "--default-artifact-root", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}  # no usage telemetry (README, Telemetry)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:

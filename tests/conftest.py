@@ -4,6 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from moeplat.track.telemetry import no_telemetry
+
+# every process a test starts (runs, workers, `mlflow server`) inherits it: no usage telemetry
+no_telemetry()
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "tiny.yaml"
 

@@ -10,6 +10,10 @@ import sys
 import warnings
 
 from moeplat.errors import SpecError
+from moeplat.track.telemetry import no_telemetry
+
+# before any command can import mlflow, and inherited by every process a command starts
+no_telemetry()
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:

@@ -423,3 +423,35 @@ def test_compose_itself_accepts_the_file_and_interpolates_like_this_test(tmp_pat
         assert theirs[name]["environment"] == services()[name]["environment"], name
     for name in ("server", "worker", "mlflow", "optuna-dashboard"):
         assert theirs[name]["command"] == services()[name]["command"], name
+
+
+def _image_env(target: str) -> str:
+    """The ENV instructions a target sees: its own and those of the stages it is built FROM."""
+    stages = _stages()
+    out = []
+    while target in stages:
+        steps = stages[target]
+        out += [s for s in steps if s.startswith("ENV ")]
+        target = steps[0].split()[1]
+    return " ".join(out)
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda", "tools"])
+def test_images_send_no_usage_telemetry(target):
+    """MLflow 3 sends usage telemetry by default; no image of ours does (README, "Telemetry")."""
+    assert "MLFLOW_DISABLE_TELEMETRY=true" in _image_env(target).split()
+
+
+def test_services_send_no_usage_telemetry_unless_env_opts_in():
+    """Every service running mlflow or moeplat turns MLflow's telemetry off; .env's
+    MLFLOW_DISABLE_TELEMETRY=false (the documented opt-in) reaches all of them."""
+    users = {"mlflow", "server", "worker", "worker-cpu"}
+    for name in users:
+        assert services()[name]["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "true", name
+    opted_in = interpolate(raw(), {**env_example(), "MLFLOW_DISABLE_TELEMETRY": "false"})["services"]
+    for name in users:
+        assert opted_in[name]["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "false", name
+    without = {k: v for k, v in env_example().items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    unset = interpolate(raw(), without)["services"]  # an older .env without the line: still off
+    for name in users:
+        assert unset[name]["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "true", name

@@ -8,18 +8,17 @@ run finishes with its writes spooled, restarts it on the same port and database,
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 # tests/ is on sys.path (pytest's default rootdir-relative import of tests/conftest.py).
-from postgres import INSTALL_HINT, Cluster, find_bin_dir, free_port
+from mlflow_server import MlflowServer
+from postgres import INSTALL_HINT, Cluster, find_bin_dir
 
 from moeplat.cli.main import main
 from moeplat.track.spool import SHORT_RETRY_ENV, SPOOL_FILE
@@ -27,49 +26,7 @@ from moeplat.track.spool import SHORT_RETRY_ENV, SPOOL_FILE
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "fixtures" / "tiny.yaml"
-MLFLOW = Path(sys.executable).parent / "mlflow"
 MOEPLAT = Path(sys.executable).parent / "moeplat"
-
-
-class MlflowServer:
-    """`mlflow server` on PostgreSQL with --serve-artifacts, in its own process group."""
-
-    def __init__(self, backend: str, artifacts: Path, log: Path):
-        self.backend, self.artifacts, self.log = backend, artifacts, log
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 90) -> None:
-        cmd = [
-            str(MLFLOW), "server", "--backend-store-uri", self.backend,
-            "--artifacts-destination", self.artifacts.as_uri(), "--serve-artifacts",
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
-        with self.log.open("a") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.kill()
-        pytest.fail(f"mlflow server did not answer /health in {timeout_s}s:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL the server and its workers: no goodbye to the clients."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
 
 
 @pytest.fixture(scope="module")
