@@ -34,20 +34,50 @@ def _load(args):
     return load_spec(args.spec, args.overrides, as_path=getattr(args, "as_path", None))
 
 
+def _sweep(args):
+    """(the loaded sweep, the key that made it one) when args.spec is a sweep file, else
+    (None, None). validate/show/plan read both kinds; they say on stderr how they read a sweep."""
+    from moeplat.errors import SpecIssue
+    from moeplat.spec.sweep import load_sweep
+    from moeplat.spec.sweep_plan import file_kind
+
+    kind, why = file_kind(args.spec)
+    if kind == "run":
+        return None, None
+    print(f"{args.spec}: read as a sweep file (it has `{why}`)", file=sys.stderr)
+    if args.overrides or getattr(args, "devices", None) or getattr(args, "nodes", None):
+        msg = "--set, --devices and --nodes apply to run specs: a sweep sets values in its `overrides`"
+        raise SpecError(SpecIssue("", msg, args.spec))
+    return load_sweep(args.spec), why
+
+
 def cmd_validate(args) -> int:
+    sweep, _ = _sweep(args)
+    if sweep is not None:
+        base = sweep.base
+        print(
+            f"ok: {args.spec} is a valid sweep ({sweep.sweep.name}, {len(sweep.sweep.search)} parameters "
+            f"searched) over the valid run spec {os.path.normpath(sweep.base_path)} "
+            f"({base.spec.name}, hash {base.spec_hash})"
+        )
+        return 0
     loaded = _load(args)
-    print(f"ok: {args.spec} is a valid spec ({loaded.spec.name}, hash {loaded.spec_hash})")
+    print(f"ok: {args.spec} is a valid run spec ({loaded.spec.name}, hash {loaded.spec_hash})")
     return 0
 
 
 def cmd_show(args) -> int:
     import yaml
 
-    loaded = _load(args)
-    if args.json:
-        print(json.dumps(loaded.resolved, indent=2))
+    sweep, _ = _sweep(args)
+    if sweep is not None:  # the sweep as validated (defaults filled in) and its base as trials see it
+        data = {"sweep": sweep.sweep.model_dump(mode="json", exclude_none=True), "base": sweep.base.resolved}
     else:
-        print(yaml.safe_dump(loaded.resolved, sort_keys=False), end="")
+        data = _load(args).resolved
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
     return 0
 
 
@@ -57,6 +87,9 @@ def cmd_plan(args) -> int:
     from moeplat.spec.plan import plan
     from moeplat.spec.plan_text import format_plan
 
+    sweep, why = _sweep(args)
+    if sweep is not None:
+        return _plan_sweep(args, sweep, why)
     loaded = load_spec(args.spec, [*args.overrides, *layout_overrides(args)])
     p = plan(loaded.spec)
     memory = args.device_memory
@@ -70,6 +103,25 @@ def cmd_plan(args) -> int:
     else:
         print(format_plan(loaded.spec, p) + "\n" + text)
     raise_problems(pf)  # exit 2 when the estimate exceeds the device's memory
+    return 0
+
+
+def _plan_sweep(args, sweep, why: str) -> int:
+    """The range of the counts over the search space, then the base spec's own plan."""
+    from moeplat.spec.plan import plan
+    from moeplat.spec.plan_text import format_plan, format_sweep
+    from moeplat.spec.sweep_plan import plan_range
+
+    r = plan_range(sweep)
+    base = plan(sweep.base.spec)
+    if args.json:
+        print(json.dumps({"kind": "sweep", "range": r.to_dict(), "base": base.to_dict()}, indent=2))
+    else:
+        print(
+            format_sweep(sweep, why, r)
+            + "\n\nbase spec (fixed overrides applied)\n"
+            + format_plan(sweep.base.spec, base)
+        )
     return 0
 
 

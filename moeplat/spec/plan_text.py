@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 GiB = 1024**3
 
 
@@ -77,3 +79,38 @@ def format_preflight(spec, pf) -> str:
         + " sent per optimizer step",
     ]
     return "\n".join(lines)
+
+
+def format_sweep(loaded, why: str, r) -> str:
+    """`moeplat plan` of a sweep file: what it was read as, and the range of the counts over its
+    search space (SweepRange from moeplat.spec.sweep_plan)."""
+    how = "every combination of" if r.exhaustive else "one parameter at a time over"
+    lines = [
+        f"sweep           {loaded.sweep.name} (read as a sweep file: it has `{why}`), "
+        f"base {os.path.normpath(loaded.base_path)}",
+        f"search space    {len(loaded.sweep.search)} parameters; planned {r.points} trial specs, {how} "
+        "each range's ends and every categorical choice",
+    ]
+    if r.invalid:
+        lines.append(f"invalid         {r.invalid} of them are refused by the run spec (such trials fail)")
+    if r.over_constraint:
+        lines.append(f"constraints     reject {r.over_constraint} of them before training")
+    labels = {
+        "active_params": "active params",
+        "total_params": "total params",
+        "flops_per_token_train": "FLOPs/token",
+    }
+    for metric, label in labels.items():
+        if metric in r.low:
+            lo, hi = r.low[metric], r.high[metric]
+            lines.append(f"{label:<16}{_n(lo.value)} .. {_n(hi.value)}")
+            if metric == "active_params":
+                lines.append(f"  min at        {_point(lo.point)}")
+                lines.append(f"  max at        {_point(hi.point)}")
+    return "\n".join(lines)
+
+
+def _point(point: dict) -> str:
+    from moeplat.spec.sweep import to_override_text
+
+    return ", ".join(f"{k}={to_override_text(v)}" for k, v in point.items()) or "(the base spec)"

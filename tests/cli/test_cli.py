@@ -29,7 +29,7 @@ def test_validate_ok(capsys):
     assert main(["validate", str(QUICKSTART)]) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    match = re.fullmatch(r"ok: (.+) is a valid spec \(quickstart, hash ([0-9a-f]{12})\)\n", out)
+    match = re.fullmatch(r"ok: (.+) is a valid run spec \(quickstart, hash ([0-9a-f]{12})\)\n", out)
     assert match and match[1] == str(QUICKSTART)
     assert match[2] == load_spec(QUICKSTART).spec_hash
 
