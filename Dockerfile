@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 # moeplat images for the team setup (docker-compose.yml; docs/deploy.md). Targets:
-#   cpu    the job server and CPU workers: torch 2.13.0, CPU build (the version requirements/cpu.txt pins)
+#   cpu    the job server and CPU workers: torch 2.13.0, CPU build (the version requirements/cpu.txt pins);
+#          every other package at the version and hash of requirements/lock.txt (scripts/install-locked.sh)
 #   cuda   GPU workers: torch 2.13.0 from PyPI, whose Linux wheels carry their CUDA libraries
 #          (the host needs an NVIDIA driver and the NVIDIA container toolkit, nothing else)
-#   tools  `mlflow server` and `optuna-dashboard`, at the versions moeplat is tested against
+#   tools  `mlflow server` and `optuna-dashboard`, from the same lock as the clients
 # Build one by hand with e.g. `docker build --target cpu -t moeplat:cpu .`.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -32,11 +33,15 @@ WORKDIR /opt/moeplat
 
 # --- the job server and CPU workers
 FROM python AS cpu
-# torch first, from the CPU index: resolving moeplat's `torch>=2.4` on PyPI would pull the CUDA build
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch first, from the CPU index (resolving moeplat's `torch>=2.4` on PyPI would pull the CUDA build);
+# its dependencies come from the lock with the rest
+RUN pip install --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
+COPY requirements/lock.txt requirements/
+COPY scripts/install-locked.sh scripts/
 COPY moeplat/ moeplat/
-RUN pip install .
+# every other package at the version and hash of requirements/lock.txt, as `make setup` installs them
+RUN scripts/install-locked.sh
 COPY --from=web /src/web/dist/ /opt/moeplat/web/dist/
 ENV MOEPLAT_WEB_DIR=/opt/moeplat/web/dist \
     MOEPLAT_WORK_DIR=/var/lib/moeplat \
@@ -51,10 +56,13 @@ FROM python AS cuda
 # PyPI's torch 2.13.0 for Linux x86_64 is a CUDA build; it brings its CUDA runtime as nvidia-* wheels.
 # For another CUDA version use PyTorch's cu index, e.g. --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
 ARG TORCH_INDEX=https://pypi.org/simple
+# Its nvidia-* dependencies are pinned exactly by torch itself; the rest come from the lock.
 RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md ./
+COPY requirements/lock.txt requirements/
+COPY scripts/install-locked.sh scripts/
 COPY moeplat/ moeplat/
-RUN pip install '.[gpu]'
+RUN scripts/install-locked.sh gpu
 COPY --from=web /src/web/dist/ /opt/moeplat/web/dist/
 ENV MOEPLAT_WEB_DIR=/opt/moeplat/web/dist \
     MOEPLAT_WORK_DIR=/var/lib/moeplat \
@@ -66,10 +74,12 @@ WORKDIR /var/lib/moeplat
 CMD ["moeplat", "worker"]
 
 # --- mlflow server (PostgreSQL backend, artifacts proxied to S3/MinIO) and optuna-dashboard.
-# Same versions as the clients (tests/deploy checks the pins against the installed packages).
+# The versions and files of requirements/lock.txt, the clients' own (pip checks a constraint's hashes).
 FROM ${PYTHON_IMAGE} AS tools
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true
-RUN pip install mlflow==3.17.2 optuna==5.0.0 optuna-dashboard==0.21.0 psycopg2-binary==2.9.13 boto3==1.44.5 \
-    && useradd --create-home --uid 1000 tools
+COPY requirements/lock.txt /tmp/lock.txt
+RUN pip install pip==26.3 \
+    && pip install -c /tmp/lock.txt mlflow optuna optuna-dashboard psycopg2-binary boto3 \
+    && rm /tmp/lock.txt && useradd --create-home --uid 1000 tools
 USER tools
 WORKDIR /home/tools

@@ -4,15 +4,28 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast lint format clean bench web
+.PHONY: setup lock system-deps demo test test-fast lint format clean bench web
 
-$(BIN)/moeplat: pyproject.toml requirements/cpu.txt
+# Installs are locked (requirements/lock.txt, pip-compile --generate-hashes): a fresh clone gets exactly
+# the versions and files the suite was last run with. torch comes first, on its own (requirements/cpu.txt:
+# the CPU build, pinned); scripts/install-locked.sh installs everything else from the lock, by hash.
+$(BIN)/moeplat: pyproject.toml requirements/lock.txt requirements/cpu.txt scripts/install-locked.sh
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU build of torch first (pinned), so that resolving the project does not pull CUDA wheels.
-	$(BIN)/pip install --quiet -r requirements/cpu.txt
-	$(BIN)/pip install --quiet -e '.[dev,dashboard]'
+	$(BIN)/pip install --quiet --no-deps -r requirements/cpu.txt
+	PYTHON=$(BIN)/python scripts/install-locked.sh --editable dev,dashboard,hf
 	touch $@
+
+# Re-resolve the lock on purpose (newest versions within pyproject.toml's bounds), then `make setup` and
+# `make test`, and commit the lock with the result. UPGRADE="-P optuna" upgrades just that package.
+PIP_TOOLS := pip-tools==7.6.2 pip==26.3
+LOCK_VENV := .venv-lock
+lock:
+	$(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet $(PIP_TOOLS)
+	$(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --all-extras --strip-extras \
+		--unsafe-package torch --no-emit-index-url --no-emit-find-links \
+		$(if $(UPGRADE),$(UPGRADE),--upgrade) --output-file requirements/lock.txt \
+		pyproject.toml requirements/lock.in
 
 setup: $(BIN)/moeplat web
 
@@ -66,4 +79,4 @@ format: setup
 	$(BIN)/ruff check --fix moeplat tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs mlruns mlflow.db
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache runs mlruns mlflow.db

@@ -9,7 +9,6 @@ PostgreSQL server. `docker compose config` runs only where a compose plugin exis
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -304,11 +303,13 @@ def test_dockerfile_targets_and_the_pinned_torch():
     )
     for target in ("cpu", "cuda"):
         steps = stages[target]
-        torch = next(i for i, s in enumerate(steps) if f"pip install {pin}" in s)
+        torch = next(i for i, s in enumerate(steps) if "pip install" in s and pin in s.split())
         if target == "cpu":
             assert "--index-url https://download.pytorch.org/whl/cpu" in steps[torch]
-        package = next(i for i, s in enumerate(steps) if re.search(r"pip install '?\.(\[\w+\])?'?$", s))
-        assert torch < package, f"{target}: torch must be installed before moeplat resolves torch>=2.4"
+        package = next(i for i, s in enumerate(steps) if re.match(r"RUN scripts/install-locked\.sh\b", s))
+        assert torch < package, f"{target}: torch must be installed before the lock's torch>=2.4 is met"
+        copied = {s.split()[1] for s in steps[:package] if s.startswith("COPY")}
+        assert {"requirements/lock.txt", "scripts/install-locked.sh"} <= copied, target
         assert any(s.startswith("COPY --from=web") and "web/dist" in s for s in steps)
         assert any(s.startswith("USER ") and "root" not in s for s in steps)
 
@@ -322,13 +323,19 @@ def test_web_stage_builds_the_client_with_the_specs_it_embeds():
     assert copied and Path(copied[0][-1]) == Path(workdir).parent / "specs"
 
 
-def test_tools_image_pins_the_versions_tested_here():
-    (install,) = [s for s in _stages()["tools"] if "pip install" in s]
-    for package in ("mlflow", "optuna", "optuna-dashboard", "psycopg2-binary"):
-        version = importlib.metadata.version(package)
-        assert f"{package}=={version}" in install.split(), (
-            f"{package}: pin {version}, the version tested here"
-        )
+def test_tools_image_installs_from_the_lock():
+    """mlflow server and optuna-dashboard at the clients' versions: the tools image installs them with
+    the lock as a hash-checked constraints file (tests/deploy/test_lock.py checks the lock itself)."""
+    from test_lock import locked
+
+    steps = _stages()["tools"]
+    assert any(s.startswith("COPY requirements/lock.txt /tmp/lock.txt") for s in steps)
+    (install,) = [s for s in steps if "pip install -c" in s]
+    words = install.split()
+    assert "pip==26.3" in words  # hash-checked constraints need a recent pip
+    names = words[words.index("/tmp/lock.txt") + 1 : words.index("&&", words.index("/tmp/lock.txt"))]
+    assert set(names) == {"mlflow", "optuna", "optuna-dashboard", "psycopg2-binary", "boto3"}
+    assert set(names) <= set(locked()), "every package of the tools image is in the lock"
 
 
 def test_build_context_keeps_what_the_dockerfile_copies():
@@ -339,10 +346,13 @@ def test_build_context_keeps_what_the_dockerfile_copies():
     ]
     text = (REPO / "Dockerfile").read_text()
     sources = [src for m in re.finditer(r"^COPY\s+(?!--from)(.+)$", text, re.M) for src in m[1].split()[:-1]]
-    assert {"pyproject.toml", "README.md", "moeplat/", "specs/", "web/"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "moeplat/", "specs/", "web/", "requirements/lock.txt"} <= set(
+        sources
+    )
     for src in sources:
         assert (REPO / src).exists(), src
-        assert src.rstrip("/") not in ignored and src.split("/")[0] not in ignored, (
+        kept = f"!{src}" in ignored  # an exception re-includes one file of an ignored folder
+        assert kept or (src.rstrip("/") not in ignored and src.split("/")[0] not in ignored), (
             f"{src} is in .dockerignore"
         )
 
