@@ -119,3 +119,16 @@ class FiniteLoss(L.Callback):
                 f"training loss is {float(loss)} at step {trainer.global_step}: lower train.optimizer.lr, "
                 "set train.grad_clip, or check the data"
             )
+
+
+class ResumeMetrics(L.Callback):
+    """Tells the tracking logger the step training (re)starts at (moeplat.track.logger): of the
+    metrics an earlier attempt journalled, those of steps before it are kept, the others are trained
+    and logged again."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path and trainer.is_global_zero:
+            print(f"resumed at step {trainer.global_step} from {trainer.ckpt_path}", flush=True)
+        start = getattr(trainer.logger, "start", None)
+        if start is not None:
+            start(trainer.global_step)

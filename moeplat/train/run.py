@@ -18,6 +18,8 @@ from moeplat.spec.moe import resolve_dispatch
 from moeplat.spec.plan import plan
 from moeplat.track.spool import SPOOL_FILE
 
+METRICS_JOURNAL = "metrics-journal.jsonl"  # every metric row, for an exact history on resume
+
 log = logging.getLogger(__name__)
 
 
@@ -142,15 +144,30 @@ def _start_tracking(
     return tracked
 
 
-def _save_state(run_dir: Path, loaded: LoadedSpec, tracked) -> None:
+def _save_state(run_dir: Path, loaded: LoadedSpec, tracked, metrics_through: int = -1) -> None:
+    """run.json; `metrics_through`: the last step whose metrics an attempt that ended by itself sent
+    beyond its last checkpoint (moeplat.track.logger): a resumed attempt does not log them again."""
     state = {
         "run_id": tracked.run_id if tracked else None,
         "tracking_uri": tracked.tracking_uri if tracked else None,
         "spec_hash": loaded.spec_hash,
         "spec_files": loaded.files,
         "overrides": loaded.overrides,
+        "metrics_through": metrics_through,
     }
-    (run_dir / "run.json").write_text(json.dumps(state, indent=2))
+    _write_state(run_dir, state)
+
+
+def _write_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "run.json.tmp"  # replaced in one step: a kill never leaves half a run.json
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, run_dir / "run.json")
+
+
+def _record_metrics_through(run_dir: Path, step: int) -> None:
+    state = json.loads((run_dir / "run.json").read_text())
+    if step > state.get("metrics_through", -1):
+        _write_state(run_dir, {**state, "metrics_through": step})
 
 
 def run(
@@ -197,7 +214,7 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     from moeplat.compile.model import build_model, compile_model
     from moeplat.compile.optim import build_optimizer, build_scheduler, build_update_schedule
     from moeplat.compile.upcycle import upcycle_from_spec
-    from moeplat.train.callbacks import FiniteLoss, Throughput
+    from moeplat.train.callbacks import FiniteLoss, ResumeMetrics, Throughput
     from moeplat.train.interrupt import InterruptGuard
     from moeplat.train.plots import MoEPlots
     from moeplat.train.system import LMSystem
@@ -218,7 +235,7 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
         _start_tracking(loaded, state, tracking_uri, counts, corpus, tags or {}, spool) if rank == 0 else None
     )
     if rank == 0:
-        _save_state(run_dir, loaded, tracked)
+        _save_state(run_dir, loaded, tracked, state.get("metrics_through", -1))
 
     system = LMSystem(
         model,
@@ -236,8 +253,8 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     )
     guard = FiniteLoss()
     plots = [MoEPlots(tracked, run_dir / "plots")] if tracked and spec.model.moe else []
-    callbacks = [throughput, guard, InterruptGuard(), *plots, *callbacks]
-    trainer = _trainer(loaded, run_dir, tracked, callbacks, progress and rank == 0)
+    callbacks = [throughput, guard, InterruptGuard(), ResumeMetrics(), *plots, *callbacks]
+    trainer = _trainer(loaded, run_dir, tracked, callbacks, progress and rank == 0, state)
     status, error = "FAILED", None
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=last_ckpt if resuming else None)
@@ -259,8 +276,8 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
         raise
     finally:  # whatever happened, what was measured reaches MLflow and the run is closed
         if tracked:
-            trainer.logger.flush()
-            _log_summary(tracked, corpus, trainer.global_step, time.perf_counter() - t_start, throughput)
+            wall_s = time.perf_counter() - t_start
+            _log_summary(tracked, trainer.logger, corpus, trainer.global_step, wall_s, throughput)
             final_tags = dict((end_tags or {}).get(status, {}))
             if error:
                 final_tags["moeplat.error"] = error[:5000]
@@ -287,7 +304,7 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     )
 
 
-def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progress: bool):
+def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progress: bool, state: dict):
     import lightning as L
 
     from moeplat.compile.trainer import checkpoint_callback, trainer_kwargs
@@ -301,10 +318,22 @@ def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progre
         strategy = expert_parallel_strategy(loaded.spec)
     return L.Trainer(
         **trainer_kwargs(loaded.spec, strategy),
-        logger=BatchedMLflowLogger(tracked) if tracked else False,
+        logger=BatchedMLflowLogger(tracked, resumable=_resumable(run_dir, state)) if tracked else False,
         callbacks=[*callbacks, checkpoint_callback(loaded.spec, run_dir / "checkpoints"), *progress_bar],
         enable_progress_bar=progress,
         default_root_dir=run_dir,
+    )
+
+
+def _resumable(run_dir: Path, state: dict):
+    """The logger holds each metric row until last.ckpt covers its step (moeplat.track.logger)."""
+    from moeplat.track.logger import Resumable
+
+    return Resumable(
+        journal=run_dir / METRICS_JOURNAL,
+        checkpoint=run_dir / "checkpoints" / "last.ckpt",
+        skip_through=state.get("metrics_through", -1),
+        on_uncovered=lambda step: _record_metrics_through(run_dir, step),
     )
 
 
@@ -320,15 +349,18 @@ def _log_model(trainer, system, tracked, loaded: LoadedSpec, run_dir: Path) -> N
         )
 
 
-def _log_summary(tracked, corpus, step: int, wall_s: float, throughput) -> None:
-    """Run-level figures; val/loss itself was logged by the last validation."""
-    rows = [
-        ("data/unigram_baseline", corpus.unigram_baseline),
-        ("perf/wall_s", wall_s),
-        ("perf/tokens_seen", step * throughput.tokens_per_step),
-    ]
-    now = int(time.time() * 1000)
-    tracked.log_metrics([(k, v, step, now) for k, v in rows])
+def _log_summary(tracked, logger, corpus, step: int, wall_s: float, throughput) -> None:
+    """Run-level figures; val/loss itself was logged by the last validation. Through the logger,
+    which sends what this attempt still holds first (a resumed attempt logs them once more, at
+    its own last step, unless an earlier attempt already did at this step)."""
+    rows = {
+        "data/unigram_baseline": corpus.unigram_baseline,
+        "perf/wall_s": wall_s,
+        "perf/tokens_seen": step * throughput.tokens_per_step,
+    }
+    logger.release()
+    logger.log_metrics(rows, step=step)
+    logger.finalize("success")
     if throughput.device_name:  # known once training started
         tags = {"moeplat.device_name": throughput.device_name}
         if throughput.peak_tflops:
