@@ -14,7 +14,9 @@ def format_summary(spec, r) -> str:
     if r.tokens_per_s:
         lines.append(f"  throughput {r.tokens_per_s:,.0f} tokens/s")
     lines.append(f"  run dir    {r.run_dir}   (resume: --resume {r.run_dir})")
-    if r.run_id:
+    if r.run_id and r.run_id.startswith("local-"):  # moeplat.track.spool: started with the server away
+        lines.append(f"  MLflow run not created yet: {r.tracking_uri} was away; `moeplat sync {r.run_dir}`")
+    elif r.run_id:
         lines.append(f"  MLflow run {r.run_id} at {r.tracking_uri}")
         if r.tracking_uri.startswith("sqlite:///"):
             lines.append(

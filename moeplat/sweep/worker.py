@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 
 import optuna
 
@@ -39,6 +40,7 @@ def make_objective(
     worker: int = 0,
 ):
     from moeplat.track.mlflow_run import set_tags
+    from moeplat.track.spool import SPOOL_FILE
     from moeplat.train.run import run
 
     sweep = loaded.sweep
@@ -85,8 +87,8 @@ def make_objective(
         state = {"optuna.state": "PRUNED" if pruner.pruned_step is not None else "COMPLETE"}
         if pruner.pruned_step is not None:
             state["optuna.pruned_step"] = pruner.pruned_step
-        if result.run_id:
-            set_tags(result.tracking_uri, result.run_id, state)
+        if result.run_id:  # into the trial's spool while its run waits there (server away)
+            set_tags(result.tracking_uri, result.run_id, state, spool=Path(result.run_dir) / SPOOL_FILE)
         if pruner.pruned_step is not None:
             raise optuna.TrialPruned(f"pruned at step {pruner.pruned_step}")
         return objective_values(sweep, result, counts)

@@ -117,7 +117,9 @@ class TrackedRun:
 
     With a `spool` path, a write the server cannot take (unreachable: moeplat.track.spool) goes
     to that file and training goes on; the next write first replays the file, at most once every
-    RETRY_S seconds while the server stays away, and `moeplat sync` sends what is left."""
+    RETRY_S seconds while the server stays away, and `moeplat sync` sends what is left. A run
+    that finds the server away at its start (a quick TCP probe, not MLflow's retries) gets a local
+    id and spools its creation too: the MLflow run is created when the spool is first replayed."""
 
     RETRY_S = float(os.environ.get("MOEPLAT_SPOOL_RETRY_S", "15"))
 
@@ -144,13 +146,49 @@ class TrackedRun:
         # thread: one write at a time keeps the spool's order and its file intact
         self._lock = threading.RLock()
         if run_id is None:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-            run_id = self.client.create_run(exp_id, run_name=run_name, tags=job_tags()).info.run_id
-            self.run_id = run_id
+            self.run_id = self._create(experiment, run_name)
         else:
-            self.run_id = run_id
+            self.run_id = self._known(run_id)
             self._write({"op": "status", "status": "RUNNING"})
+
+    def _up(self) -> bool:
+        from moeplat.track.spool import reachable
+
+        return reachable(self.tracking_uri)
+
+    def _create(self, experiment: str, run_name: str | None) -> str:
+        """The new MLflow run's id; with a spool and no server, a local id and a spooled `create`."""
+        from moeplat.track.spool import is_unreachable, new_local_id
+
+        if self.spool is None or self._up():
+            try:
+                exp = self.client.get_experiment_by_name(experiment)
+                exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+                return self.client.create_run(exp_id, run_name=run_name, tags=job_tags()).info.run_id
+            except Exception as e:
+                if self.spool is None or not is_unreachable(e):
+                    raise
+        run_id = new_local_id()
+        start = int(time.time() * 1000)
+        record = {"op": "create", "run_id": run_id, "experiment": experiment, "run_name": run_name}
+        self.spool.append({**record, "tags": job_tags(), "start_time": start})
+        self._retry_at = time.monotonic() + self.RETRY_S
+        log.warning(
+            "tracking server %s unreachable: training anyway, the run is spooled to %s; "
+            "`moeplat sync %s` creates it in MLflow",
+            self.tracking_uri,
+            self.spool.path,
+            self.spool.path.parent,
+        )
+        return run_id
+
+    def _known(self, run_id: str) -> str:
+        """A local id whose spool was already sent (`moeplat sync`) names an MLflow run by now."""
+        from moeplat.track.spool import find_local, is_local
+
+        if not is_local(run_id) or (self.spool is not None and self.spool.pending()) or not self._up():
+            return run_id
+        return find_local(self.client, run_id) or run_id
 
     @property
     def experiment_id(self) -> str:
@@ -160,12 +198,12 @@ class TrackedRun:
         """Send one write, or spool it while the server is unreachable (keeping the order)."""
         from moeplat.track.spool import is_unreachable, send
 
-        record = {**record, "run_id": self.run_id}
         with self._lock:
             if self.spool is None:
-                return send(self.client, record)
+                return send(self.client, {**record, "run_id": self.run_id})
             if self.spool.pending() and not self.replay_spool():
-                return self.spool.append(record)
+                return self.spool.append({**record, "run_id": self.run_id})
+            record = {**record, "run_id": self.run_id}  # the replay may have created the MLflow run
             try:
                 send(self.client, record)
             except Exception as e:
@@ -183,15 +221,20 @@ class TrackedRun:
             return True
         if not force and time.monotonic() < self._retry_at:
             return False
-        try:
-            with self._lock:
-                n = self.spool.replay(lambda r: send(self.client, r))
-        except Exception as e:
-            if not is_unreachable(e):
-                raise
-            self._went_away(e)
+        if not self._up():  # a refused or unanswered connect: no need to sit through MLflow's retries
+            self._went_away(ConnectionError("no connection"))
             return False
-        log.warning("tracking server back: %d spooled writes sent to MLflow", n)
+        with self._lock:
+            try:
+                n = self.spool.replay(lambda r: send(self.client, r))
+            except Exception as e:
+                if not is_unreachable(e):
+                    raise
+                self._went_away(e)
+                return False
+            finally:  # the run's creation may have gone through before a later write failed
+                self.run_id = self.spool.created.get(self.run_id, self.run_id)
+        log.warning("tracking server back: %d spooled writes sent to MLflow run %s", n, self.run_id)
         return True
 
     def _went_away(self, e: Exception) -> None:
@@ -235,8 +278,13 @@ class TrackedRun:
         """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
         disk, network; system/gpu_* where pynvml finds a GPU) sampled every `every_s` seconds by a
         background thread until finish(). Needs psutil: without it, a warning and False."""
+        from moeplat.track.spool import is_local
+
         if importlib.util.find_spec("psutil") is None:
             log.warning("system metrics need psutil (pip install psutil); not logged")
+            return False
+        if is_local(self.run_id):  # MLflow's sampler needs the run on the server; it is spooled
+            log.info("system metrics: not logged, the run started while the tracking server was away")
             return False
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -297,13 +345,25 @@ def log_spec(run: TrackedRun, resolved: dict, files: list[str], overrides: list[
     run.log_text("\n".join(overrides) + ("\n" if overrides else ""), "spec/overrides.txt")
 
 
-def set_tags(tracking_uri: str, run_id: str, tags: dict[str, object]) -> None:
-    """Tag an existing run without reopening it (e.g. a sweep trial's final state)."""
+def set_tags(
+    tracking_uri: str, run_id: str, tags: dict[str, object], spool: str | Path | None = None
+) -> None:
+    """Tag an existing run without reopening it (e.g. a sweep trial's final state). With the run's
+    `spool`, the tags wait there while the run has writes spooled or the server is away."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
+    from moeplat.track.spool import Spool, is_unreachable, reachable, send
+
+    record = {"op": "tags", "run_id": run_id, "tags": {k: str(v) for k, v in tags.items()}}
+    queue = Spool(spool) if spool is not None else None
+    if queue is not None and (queue.pending() or not reachable(tracking_uri)):
+        return queue.append(record)
+    try:
+        send(MlflowClient(tracking_uri), record)
+    except Exception as e:
+        if queue is None or not is_unreachable(e):
+            raise
+        queue.append(record)
 
 
 def fail_running_runs(
@@ -313,6 +373,11 @@ def fail_running_runs(
     worker was killed and so never closed it), setting `extra` tags first. Returns how many."""
     from mlflow import MlflowClient
 
+    from moeplat.track.spool import reachable
+
+    if not reachable(tracking_uri):  # nothing to close there now; a sweep goes on without it
+        log.warning("tracking server %s unreachable: runs of dead trials stay RUNNING", tracking_uri)
+        return 0
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -11,16 +11,37 @@ plain file store does not deduplicate metric rows; team mode uses a SQL backend.
 
 Artifacts are spooled by local path (the run directory's plots/ and model/), so a later sync
 uploads what is there at that time; texts are spooled inline.
+
+A run started while the server is away has no MLflow run id yet: it gets a local one
+(`local-<uuid>`) and its first spooled line is a `create` (experiment, name, tags, start time).
+Replay creates the MLflow run there, tagged `moeplat.local_run_id`, and sends the later lines to
+the new id; the tag makes the create idempotent (a replay cut short after it finds the run again)
+and lets a sweep trial find its parent run: a `mlflow.parentRunId` naming a local id is resolved
+when the parent exists, and set on the children when the parent is created after them.
+The run's `run.json`, next to the spool, is rewritten with the new id.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 SPOOL_FILE = "mlflow-spool.jsonl"
+LOCAL_ID_PREFIX = "local-"
+LOCAL_ID_TAG = "moeplat.local_run_id"  # on an MLflow run created from a spool: the id it had
+PARENT_LOCAL_TAG = "moeplat.parent_local_run_id"  # a child whose parent run is not created yet
+PARENT_TAG = "mlflow.parentRunId"
+# A TCP connect to an http(s) tracking server before a run counts on it: a dead server is known
+# in this long at most, instead of after MLflow's retries (10 s and more per request).
+PROBE_TIMEOUT_S = float(os.environ.get("MOEPLAT_TRACKING_PROBE_S", "3"))
 # Applied (unless already set) to a TrackedRun with a spool on an http(s) server, so a write to a
 # dead server fails in seconds rather than after MLflow's default of 7 retries with backoff 2 (minutes).
 SHORT_RETRY_ENV = {
@@ -28,6 +49,27 @@ SHORT_RETRY_ENV = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
+
+
+def new_local_id() -> str:
+    return LOCAL_ID_PREFIX + uuid.uuid4().hex
+
+
+def is_local(run_id: str | None) -> bool:
+    return bool(run_id) and run_id.startswith(LOCAL_ID_PREFIX)
+
+
+def reachable(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether an http(s) tracking server accepts a TCP connection; other stores are local: True."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
+        return True
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -48,17 +90,32 @@ def is_unreachable(exc: BaseException) -> bool:
 
 
 class Spool:
-    """Append-only JSON lines of unsent writes, replayed in order."""
+    """Append-only JSON lines of unsent writes, replayed in order. `created` maps the local run
+    ids this spool's replays created MLflow runs for to those runs' ids."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.created: dict[str, str] = {}
 
     def pending(self) -> bool:
         return self.path.is_file() and self.path.stat().st_size > 0
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(self._kept(record)) + "\n")
+
+    def _kept(self, record: dict) -> dict:
+        """An artifact from outside the run directory (a temporary file, e.g. a sweep's plots) is
+        copied next to the spool: it may be gone by the time the spool is sent."""
+        key = {"artifact": "path", "artifacts": "local_dir"}.get(record["op"])
+        if key is None or Path(record[key]).is_relative_to(self.path.parent):
+            return record
+        import shutil
+
+        dest = self.path.parent / "spooled-artifacts" / uuid.uuid4().hex / Path(record[key]).name
+        dest.parent.mkdir(parents=True)
+        (shutil.copytree if key == "local_dir" else shutil.copy2)(record[key], dest)
+        return {**record, key: str(dest)}
 
     def records(self) -> list[dict]:
         if not self.path.is_file():
@@ -74,18 +131,40 @@ class Spool:
                     raise
         return out
 
-    def replay(self, send: Callable[[dict], None]) -> int:
-        """Send every record in order; the file is deleted when all went through. On a failure the
-        unsent records (the failing one first) are written back and the error propagates."""
+    def replay(self, send: Callable[[dict], str | None]) -> int:
+        """Send every record in order (`send` returns the new run id of a `create`); the file is
+        deleted when all went through. On a failure the unsent records (the failing one first) are
+        written back, with the run ids created so far, and the error propagates."""
         records = self.records()
         for i, record in enumerate(records):
+            record = self._mapped(record)
             try:
-                send(record)
+                new_id = send(record)
             except BaseException:
-                self._rewrite(records[i:])
+                self._rewrite([self._mapped(r) for r in records[i:]])
                 raise
+            if record["op"] == "create":
+                self._created(record["run_id"], new_id)
         self.path.unlink(missing_ok=True)
         return len(records)
+
+    def _mapped(self, record: dict) -> dict:
+        real = self.created.get(record["run_id"])
+        return {**record, "run_id": real} if real and record["op"] != "create" else record
+
+    def _created(self, local_id: str, run_id: str) -> None:
+        """Remember the new id, and put it in the run's run.json (next to the spool) so that
+        `--resume` and later syncs continue the MLflow run."""
+        self.created[local_id] = run_id
+        state_file = self.path.parent / "run.json"
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            return
+        if state.get("run_id") == local_id:
+            tmp = state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**state, "run_id": run_id}, indent=2))
+            os.replace(tmp, state_file)
 
     def _rewrite(self, records: list[dict]) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -103,11 +182,17 @@ def sync(path: str | Path, tracking_uri: str) -> int:
     return Spool(path).replay(lambda record: send(client, record))
 
 
-def send(client, record: dict) -> None:
-    """Perform one spooled write with an MlflowClient."""
+def send(client, record: dict) -> str | None:
+    """Perform one spooled write with an MlflowClient; a `create` returns the new run's id."""
     from mlflow.entities import Metric, Param, RunTag
 
     op, run_id = record["op"], record["run_id"]
+    if op == "create":
+        return create_run(client, record)
+    if is_local(run_id):  # its create was sent by an earlier replay
+        run_id = find_local(client, run_id)
+        if run_id is None:
+            raise RuntimeError(f"no MLflow run was created for {record['run_id']}: its spool lost the create")
     if op == "metrics":
         rows = [Metric(k, float(v), int(ts), int(step)) for k, v, step, ts in record["rows"]]
         for i in range(0, len(rows), 1000):  # MLflow's log_batch limit
@@ -117,7 +202,8 @@ def send(client, record: dict) -> None:
         for i in range(0, len(items), 100):
             client.log_batch(run_id, params=items[i : i + 100])
     elif op == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        tags = parent_resolved(client, record["tags"])
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     elif op == "status":
         client.update_run(run_id, status=record["status"])
     elif op == "terminate":
@@ -130,3 +216,52 @@ def send(client, record: dict) -> None:
         client.log_artifacts(run_id, record["local_dir"], record["artifact_path"])
     else:
         raise ValueError(f"unknown spool record op {op!r}")
+    return None
+
+
+def create_run(client, record: dict) -> str:
+    """The MLflow run of a run that started while the server was away; the one an earlier,
+    interrupted replay created if there is one. Children created before it are attached to it."""
+    local = record["run_id"]
+    exp = client.get_experiment_by_name(record["experiment"])
+    exp_id = exp.experiment_id if exp else client.create_experiment(record["experiment"])
+    existing = find_local(client, local, [exp_id])
+    if existing:
+        return existing
+    tags = parent_resolved(client, {**record["tags"], LOCAL_ID_TAG: local})
+    run = client.create_run(exp_id, start_time=record["start_time"], tags=tags, run_name=record["run_name"])
+    for child in _tagged(client, PARENT_LOCAL_TAG, local):
+        client.set_tag(child.info.run_id, PARENT_TAG, run.info.run_id)
+        client.delete_tag(child.info.run_id, PARENT_LOCAL_TAG)
+    return run.info.run_id
+
+
+def parent_resolved(client, tags: dict[str, str]) -> dict[str, str]:
+    """A sweep trial's parent named by its local id: the parent's MLflow run id once it exists;
+    until then the local id waits in PARENT_LOCAL_TAG for the parent's create (above)."""
+    parent = tags.get(PARENT_TAG)
+    if not is_local(parent):
+        return tags
+    tags = dict(tags)
+    real = find_local(client, parent)
+    if real:
+        tags[PARENT_TAG] = real
+    else:
+        tags[PARENT_LOCAL_TAG] = tags.pop(PARENT_TAG)
+    return tags
+
+
+def find_local(client, local_id: str, experiment_ids: list[str] | None = None) -> str | None:
+    """The MLflow run created for `local_id`, if any."""
+    runs = _tagged(client, LOCAL_ID_TAG, local_id, experiment_ids)
+    return runs[0].info.run_id if runs else None
+
+
+def _tagged(client, key: str, value: str, experiment_ids: list[str] | None = None) -> list:
+    from mlflow.entities import ViewType
+
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    if not experiment_ids:
+        return []
+    return client.search_runs(experiment_ids, f"tags.`{key}` = '{value}'", run_view_type=ViewType.ALL)
