@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt
 
-from moeplat.spec.base import Strict
+from moeplat.spec.base import Seed, Strict
 
 
 class _Router(Strict):
@@ -67,7 +67,7 @@ class HashRouter(_Router):
     Top-1, weight 1, no router weights (so no router losses)."""
 
     kind: Literal["hash"]
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
 
 
 class RandomRouter(_Router):

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from moeplat.spec.base import Strict, check
+from moeplat.spec.base import Seed, Strict, check
 
 # --- data ------------------------------------------------------------------------------------
 
@@ -53,7 +53,7 @@ class DataSpec(Strict):
     tokenizer: Tokenizer = ByteTokenizer(kind="byte")
     seq_len: PositiveInt
     val_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.05
-    split_seed: int = Field(0, description="Seed of the document-level train/validation split.")
+    split_seed: Seed = Field(0, description="Seed of the document-level train/validation split.")
     num_workers: Annotated[int, Field(ge=0)] = 0
 
 
@@ -114,7 +114,7 @@ class UpcycleInit(Strict):
     kind: Literal["upcycle"]
     checkpoint: Annotated[str, Field(min_length=1)]
     noise: Annotated[float, Field(ge=0)] = 0.0
-    seed: int = 0
+    seed: Seed = 0
 
 
 Init = Annotated[ScratchInit | UpcycleInit, Field(discriminator="kind")]
@@ -134,7 +134,7 @@ class Alternate(Strict):
 
 
 class TrainSpec(Strict):
-    seed: int = 0
+    seed: Seed = 0
     max_steps: PositiveInt
     batch_size: PositiveInt = Field(description="Sequences per micro-batch per device.")
     grad_accum: PositiveInt = 1

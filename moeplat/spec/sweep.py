@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from moeplat.errors import SpecError, SpecIssue
-from moeplat.spec.base import Strict, check
+from moeplat.spec.base import Seed, Strict, check
 from moeplat.spec.diagnostics import did_you_mean, fields_at, issues_from_validation, walk
 from moeplat.spec.loader import LoadedSpec, _origin_of, _read_text, _read_yaml, inside, load_spec
 from moeplat.spec.root import Spec
@@ -187,7 +187,7 @@ class SweepSpec(Strict):
     ]
     sampler: Sampler = TPE(kind="tpe")
     pruner: Pruner = MedianPruner(kind="median")
-    seed: int = 0
+    seed: Seed = 0
     trials: Trials
     storage: str | None = Field(None, description="Optuna storage URL; null = sqlite:///optuna.db here.")
 

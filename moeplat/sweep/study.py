@@ -47,8 +47,9 @@ def make_storage(url: str, sweep: SweepSpec) -> RDBStorage:
 
 def make_sampler(sweep: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
     """Each worker gets its own seed (sweep.seed for worker 0): workers with one seed would
-    propose the very same configurations in parallel."""
-    s, seed = sweep.sampler, sweep.seed + 7919 * worker
+    propose the very same configurations in parallel. Modulo 2**32, numpy's seed range: the
+    worker index defaults to the process id, and 7919 * pid passes it."""
+    s, seed = sweep.sampler, (sweep.seed + 7919 * worker) % 2**32
     if s.kind == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=s.multivariate, n_startup_trials=s.n_startup_trials
