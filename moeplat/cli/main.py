@@ -133,11 +133,12 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
+    loaded = _load(args)  # before the seconds of torch/Lightning imports: a bad spec is refused at once
+    quiet_lightning(args)
     from moeplat.cli.launch import run_preflight
     from moeplat.cli.report import format_summary
     from moeplat.train.run import run
 
-    loaded = _load(args)
     run_preflight(loaded.spec)  # moeplat.cli.launch: the same checks as `moeplat plan --devices`
     result = run(
         loaded,
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAINING_COMMANDS = {"run", "sweep", "sweep-worker", "bench", "eval"}
+# `run` and `sweep` call quiet_lightning themselves, once their spec is loaded.
+TRAINING_COMMANDS = {"sweep-worker", "bench", "eval"}
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -237,6 +239,11 @@ def _quiet_lightning() -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def quiet_lightning(args) -> None:
+    if not args.verbose:
+        _quiet_lightning()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,23 +19,29 @@ def _open(args, create: bool = False):
     study in the storage, whose sweep file was recorded when it was created."""
     from moeplat.errors import SpecError, SpecIssue
     from moeplat.spec.sweep import load_sweep
-    from moeplat.sweep.study import open_study, storage_url, sweep_file_of
 
     target = getattr(args, "study", None) or args.sweep
     if not target:
         raise SpecError(SpecIssue("", "name a sweep file or --study NAME"))
     if not create and not os.path.isfile(target) and not target.endswith((".yaml", ".yml")):
+        from moeplat.sweep.study import sweep_file_of
+
         target = sweep_file_of(target, args.storage)
-    loaded = load_sweep(target, as_path=getattr(args, "as_path", None))
+    loaded = load_sweep(target, as_path=getattr(args, "as_path", None))  # before optuna is imported
+    from moeplat.sweep.study import open_study, storage_url
+
     url = storage_url(loaded.sweep, args.storage)
     return loaded, url, (None if create else open_study(loaded, url, create=False))
 
 
 def cmd_sweep(args) -> int:
+    from moeplat.cli.main import quiet_lightning
+
+    loaded, url, _ = _open(args, create=True)
+    quiet_lightning(args)  # after loading: a bad sweep is refused before the training imports
     from moeplat.sweep.launch import run_sweep
     from moeplat.sweep.report import format_status, status
 
-    loaded, url, _ = _open(args, create=True)
     study = run_sweep(
         loaded,
         url,
