@@ -51,6 +51,15 @@ def load_documents(data: DataSpec, base_dir: str) -> list[Document]:
         raise SpecError(SpecIssue("data.source.paths", str(e))) from None
 
 
+def step_group(spec: Spec) -> int:
+    """Micro-batches the training loader looks ahead over: train.grad_accum when global-batch
+    load balancing must count a whole step before its first backward (moeplat.nn.balance), else 1."""
+    moe = spec.model.moe
+    lb = moe.losses.load_balancing if moe is not None else None
+    global_batch = lb is not None and lb.coef > 0 and lb.scope == "global_batch"
+    return spec.train.grad_accum if global_batch else 1
+
+
 def build_data(spec: Spec, base_dir: str = ".") -> tuple[LMDataModule, CorpusInfo]:
     d = spec.data
     docs = load_documents(d, base_dir)
@@ -87,5 +96,6 @@ def build_data(spec: Spec, base_dir: str = ".") -> tuple[LMDataModule, CorpusInf
         batch_size=spec.train.batch_size,
         seed=spec.train.seed,
         num_workers=min(d.num_workers, os.cpu_count() or 1),
+        step_group=step_group(spec),
     )
     return dm, info

@@ -75,6 +75,7 @@ def build_moe_layer(
         min_capacity=drops[0],
         drop_policy=drops[1],
         balance_coef=_coef(moe.losses.load_balancing),
+        balance_loss_scope=balance_loss_scope(moe),
         z_loss_coef=_coef(moe.losses.z_loss),
         importance_coef=_coef(moe.losses.importance),
         load_coef=_coef(moe.losses.load),
@@ -92,6 +93,12 @@ def build_moe_layer(
 
 def _coef(loss) -> float:
     return loss.coef if loss is not None else 0.0
+
+
+def balance_loss_scope(moe: MoESpec | None) -> str:
+    """losses.load_balancing.scope (micro_batch when the loss is off)."""
+    lb = moe.losses.load_balancing if moe is not None else None
+    return lb.scope if lb is not None else "micro_batch"
 
 
 def build_attention(m: ModelSpec) -> nn.Module:

@@ -29,7 +29,10 @@ class LMDataModule(L.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         val_batch_size: int | None = None,
+        step_group: int = 1,
     ):
+        """`step_group` > 1: training batches look ahead over each optimizer step's micro-batches
+        (moeplat.data.resumable), for global-batch load balancing."""
         super().__init__()
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -48,6 +51,7 @@ class LMDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.step_group = step_group
 
     @property
     def train_tokens(self) -> int:
@@ -63,7 +67,11 @@ class LMDataModule(L.LightningDataModule):
         # Every fit with the same seed sees the same batch order; each epoch gets a new
         # permutation; a resumed fit continues where the checkpoint left off (resumable.py).
         return ResumableLoader(
-            self.train_set, batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
+            self.train_set,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            step_group=self.step_group,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -9,6 +9,12 @@ Data parallel: rank r of W takes positions r, r + W, r + 2W, ... of the same glo
 (DistributedSampler semantics, the tail cut to a multiple of W), so with a per-rank batch of B the
 W ranks' k-th batches together are exactly the k-th batch of W x B that one process would draw:
 a DDP run sees the same global batches as a single-device run with the batch W times larger.
+
+Look-ahead (`step_group` A > 1, for global-batch load balancing with A accumulation
+micro-batches, moeplat.nn.balance): the micro-batches at epoch positions kA, ..., kA + A - 1 form
+one optimizer step (Lightning's accumulation counts from the epoch start too); the first of them
+comes as (x, y, ahead_ABS), ahead_ABS the inputs of all of the step's micro-batches, stacked
+(fewer in an epoch's last, shorter step). The others come as (x, y), as without look-ahead.
 """
 
 from __future__ import annotations
@@ -67,7 +73,11 @@ class ResumableLoader(DataLoader):
         num_workers: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        step_group: int = 1,
     ):
+        if step_group < 1:
+            raise ValueError(f"step_group must be >= 1, got {step_group}")
+        self.step_group = step_group
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -84,7 +94,10 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         self._epoch = self.sampler.epoch
         self._consumed = self.sampler.skip // self.batch_size
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        if self.step_group > 1:
+            batches = _with_look_ahead(batches, self.step_group, self._consumed)
+        for batch in batches:
             self._consumed += 1
             yield batch
 
@@ -94,3 +107,26 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         self.sampler.epoch = state["epoch"]
         self.sampler.skip = state["batches"] * self.batch_size
+
+
+def _with_look_ahead(batches, group: int, position: int):
+    """(x, y, ahead_ABS) for the first micro-batch of each step of `group`, (x, y) otherwise;
+    `position`: the epoch position of the first batch (a resumed epoch starts at a step's start)."""
+    pending: list = []
+    for batch in batches:
+        pending.append(batch)
+        if (position + len(pending)) % group == 0:
+            yield from _grouped(pending, group, position)
+            position, pending = position + len(pending), []
+    yield from _grouped(pending, group, position)
+
+
+def _grouped(pending: list, group: int, position: int):
+    if not pending:
+        return
+    if position % group:  # not a step's start (an epoch resumed mid-step): no look-ahead
+        yield from pending
+        return
+    ahead_ABS = torch.stack([batch[0] for batch in pending])
+    yield (*pending[0], ahead_ABS)
+    yield from pending[1:]

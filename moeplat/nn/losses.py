@@ -13,13 +13,26 @@ def expert_load(
     Routed slots are all T*K slots, or those marked in `valid_TK` (routers that assign a varying
     number of experts per token); 0 everywhere if none is routed.
     """
+    counts_E = routed_counts(topk_idx_TK, num_experts, valid_TK)
+    return counts_E / counts_E.sum().clamp_min(1)
+
+
+def routed_counts(
+    topk_idx_TK: torch.Tensor, num_experts: int, valid_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Routed token-slots per expert (all T*K, or those marked in `valid_TK`), float32 [E], before
+    any capacity drop. Not differentiable. Counts, not fractions: counts of several micro-batches
+    or ranks add up (global-batch balancing, moeplat.nn.balance)."""
     idx_N = topk_idx_TK.reshape(-1) if valid_TK is None else topk_idx_TK[valid_TK]
-    counts_E = torch.bincount(idx_N, minlength=num_experts)
-    return counts_E.float() / max(1, idx_N.numel())
+    return torch.bincount(idx_N, minlength=num_experts).float()
 
 
 def load_balancing_loss(
-    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, valid_TK: torch.Tensor | None = None
+    probs_TE: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    num_experts: int,
+    valid_TK: torch.Tensor | None = None,
+    load_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer auxiliary loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
@@ -31,10 +44,15 @@ def load_balancing_loss(
     Dividing f by T*K (as Megatron-LM's switch_load_balancing_loss does) makes the loss exactly
     1.0 at perfect balance (f_i = P_i = 1/E) for every K. Hand check: E=2, T=2, K=1, tokens to
     experts [0, 0], probs [[.75, .25], [.25, .75]] -> f=[1, 0], P=[.5, .5] -> 2 * (1*.5) = 1.0.
+
+    `load_E`: f of a larger batch than these T tokens (global-batch balancing, Qiu et al. 2025,
+    eq. 3: f over the whole optimizer step, P still over this micro-batch); None = f of this batch.
+    Computed in float32, or float64 for float64 probabilities.
     """
-    f_E = expert_load(topk_idx_TK, num_experts, valid_TK)
-    P_E = probs_TE.float().mean(dim=0)
-    return num_experts * (f_E * P_E).sum()
+    dtype = torch.promote_types(probs_TE.dtype, torch.float32)
+    f_E = expert_load(topk_idx_TK, num_experts, valid_TK) if load_E is None else load_E
+    P_E = probs_TE.to(dtype).mean(dim=0)
+    return num_experts * (f_E.to(dtype) * P_E).sum()
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moeplat.nn.attention import CausalSelfAttention
+from moeplat.nn.balance import StepLoad
 from moeplat.nn.experts import DenseFFN, MLPExperts
 from moeplat.nn.mla import MultiHeadLatentAttention
-from moeplat.nn.moe import MoELayer, MoEOutput
+from moeplat.nn.moe import MoELayer, MoEOutput, StepLoadArg
 from moeplat.nn.routers import Router
 
 
@@ -40,13 +41,14 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None
+        self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None, step_load: StepLoadArg = None
     ) -> tuple[torch.Tensor, MoEOutput | None]:
-        """token_ids_BS (optional) is passed on to an MoE FFN, whose router may route by token id."""
+        """token_ids_BS (optional) is passed on to an MoE FFN, whose router may route by token id;
+        step_load (optional) too, for its global-batch balancing loss (MoELayer.forward)."""
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
         # an MoELayer, or one sharded by moeplat.parallel (ExpertParallelMoE, same signature)
         if isinstance(self.ffn, MoELayer) or getattr(self.ffn, "shards_moe_layer", False):
-            out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS)
+            out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, step_load=step_load)
         else:
             out = self.ffn(self.ffn_norm(h_BSD))
         moe = out if isinstance(out, MoEOutput) else None
@@ -140,14 +142,22 @@ class TransformerLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_embedding else n
 
-    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> LMOutput:
+    def forward(
+        self,
+        idx_BS: torch.Tensor,
+        targets_BS: torch.Tensor | None = None,
+        step_load: StepLoad | None = None,
+    ) -> LMOutput:
+        """`step_load`: the optimizer step's expert frequencies per MoE layer, for layers with
+        balance_loss_scope "global_batch" (moeplat.nn.balance); None = this batch is the step."""
         x_BSD = self.emb_drop(self.tok_emb(idx_BS))
         moe: dict[int, MoEOutput] = {}
         for i, block in enumerate(self.blocks):
+            kw = {"token_ids_BS": idx_BS, "step_load": None if step_load is None else step_load.layer(i)}
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x_BSD, moe_out = checkpoint(block, x_BSD, token_ids_BS=idx_BS, use_reentrant=False)
+                x_BSD, moe_out = checkpoint(block, x_BSD, use_reentrant=False, **kw)
             else:
-                x_BSD, moe_out = block(x_BSD, token_ids_BS=idx_BS)
+                x_BSD, moe_out = block(x_BSD, **kw)
             if moe_out is not None:
                 moe[i] = moe_out
         logits_BSV = self.lm_head(self.norm(x_BSD))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,11 +18,17 @@ from moeplat.nn.losses import (
     load_balancing_loss,
     load_loss,
     probability_variance_loss,
+    routed_counts,
     router_z_loss,
     sequence_balance_loss,
 )
 from moeplat.nn.routers import ReinforceRouter, Router, RouterOutput, TopKRouter
 from moeplat.nn.stats import RoutingStats, routing_stats
+
+# Over which tokens the Switch loss's expert frequencies f_i are counted (MoELayer balance_loss_scope)
+BALANCE_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
+# What forward's step_load may be: the step's f_E itself, or routed counts [E] -> the step's f_E
+StepLoadArg = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,9 @@ class MoEOutput:
     #   (policy routers, once rewarded)
     stats: RoutingStats  # detached routing statistics (moeplat.nn.stats)
     policy_logprob_T: torch.Tensor | None = None  # policy routers in training: awaits the reward
+    # float32 [E] routed slots per expert before capacity drops, of the tokens the losses saw
+    # (global-batch balancing sums them over micro-batches and ranks: moeplat.nn.balance)
+    routed_E: torch.Tensor | None = None
 
     @property
     def load_E(self) -> torch.Tensor:
@@ -72,6 +82,12 @@ class MoELayer(nn.Module):
     `residual_coef` mixes routed and shared output by learned per-token softmax coefficients
     instead of adding them (DeepSpeed-MoE's Residual MoE, Rajbhandari et al. 2022, sec. 4.1.1:
     y = c_0 * routed + c_1 * shared, c = softmax(x W_c + b_c), W_c a D x 2 projection with bias).
+
+    `balance_loss_scope` says over which tokens the load-balancing loss counts f_i:
+    "micro_batch" (this forward's tokens), "sequence" (per sequence, averaged: the same function
+    as sequence_balance, DeepSeek-V3 eq. 17-20) or "global_batch" (the optimizer step's tokens on
+    every rank, Qiu et al. 2025: passed to forward as `step_load`, see moeplat.nn.balance;
+    without it, this forward is the whole batch).
     """
 
     def __init__(
@@ -101,6 +117,7 @@ class MoELayer(nn.Module):
         num_devices: int = 0,
         max_devices: int = 1,
         residual_coef: bool = False,
+        balance_loss_scope: str = "micro_batch",
         dispatch: str = "sorted",
         activation: str = "swiglu",
         expert_dropout: float = 0.0,
@@ -118,6 +135,11 @@ class MoELayer(nn.Module):
             raise ValueError("dispatch 'capacity' needs capacity_factor_train and capacity_factor_eval")
         if min_capacity < 1 or drop_policy not in DROP_POLICIES:
             raise ValueError(f"need min_capacity >= 1 and drop_policy in {DROP_POLICIES}")
+        if balance_loss_scope not in BALANCE_LOSS_SCOPES:
+            raise ValueError(
+                f"balance_loss_scope must be one of {BALANCE_LOSS_SCOPES}, got {balance_loss_scope!r}"
+            )
+        self.balance_loss_scope = balance_loss_scope
         self.loss_coefs = {
             "load_balancing": balance_coef,
             "z_loss": z_loss_coef,
@@ -189,8 +211,12 @@ class MoELayer(nn.Module):
             topk_weight_TK=topk_weight_TK,
         )
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
-        """x: [..., D]; token_ids: the token ids of x's positions, [...] (needed by hash routing)."""
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, step_load: StepLoadArg = None
+    ) -> MoEOutput:
+        """x: [..., D]; token_ids: the token ids of x's positions, [...] (needed by hash routing);
+        step_load: the optimizer step's expert frequencies for balance_loss_scope "global_batch"
+        (f_E, or a function of this forward's routed counts [E], moeplat.nn.balance.StepLoad)."""
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
         keep_TK = self.keep_mask(route.topk_idx_TK, route.valid_TK, route.topk_weight_TK)
@@ -208,27 +234,29 @@ class MoELayer(nn.Module):
             else:
                 y_TD = y_TD + shared_TD
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
-        aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S))
+        aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load)
         stats = routing_stats(
             route.probs_TE, route.topk_idx_TK, keep_TK, self.num_experts, route.valid_TK, route.bias_E
         )
-        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T)
+        routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
+        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T, routed_E)
 
     def _losses(
-        self, route: RouterOutput, batch_seq: tuple[int, int]
+        self, route: RouterOutput, batch_seq: tuple[int, int], step_load: StepLoadArg = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(aux loss = sum of coef * loss over the switched-on losses, unweighted detached losses)."""
         E, (B, S) = self.num_experts, batch_seq
         idx_TK, valid_TK = route.topk_idx_TK, route.valid_TK
+        sequence_balance = sequence_balance_loss(
+            route.probs_TE.reshape(B, S, E),
+            idx_TK.reshape(B, S, -1),
+            E,
+            None if valid_TK is None else valid_TK.reshape(B, S, -1),
+        )
         values = {
-            "load_balancing": load_balancing_loss(route.probs_TE, idx_TK, E, valid_TK),
+            "load_balancing": self._balance_loss(route, sequence_balance, step_load),
             "importance": importance_loss(route.topk_weight_TK, idx_TK, E, valid_TK),
-            "sequence_balance": sequence_balance_loss(
-                route.probs_TE.reshape(B, S, E),
-                idx_TK.reshape(B, S, -1),
-                E,
-                None if valid_TK is None else valid_TK.reshape(B, S, -1),
-            ),
+            "sequence_balance": sequence_balance,
         }
         values["variance"] = probability_variance_loss(route.probs_TE)
         if self.num_devices:
@@ -246,6 +274,22 @@ class MoELayer(nn.Module):
             if self.loss_coefs[name]:
                 aux_loss = aux_loss + self.loss_coefs[name] * value
         return aux_loss, {name: value.detach() for name, value in values.items()}
+
+    def _balance_loss(
+        self, route: RouterOutput, sequence_balance: torch.Tensor, step_load: StepLoadArg
+    ) -> torch.Tensor:
+        """The Switch loss E * sum_i f_i P_i with f counted over balance_loss_scope's tokens."""
+        E, idx_TK, valid_TK = self.num_experts, route.topk_idx_TK, route.valid_TK
+        if self.balance_loss_scope == "sequence":  # f_i and P_i per sequence, averaged
+            return sequence_balance
+        load_E = None
+        if self.balance_loss_scope == "global_batch" and step_load is not None:
+            load_E = (
+                step_load
+                if isinstance(step_load, torch.Tensor)
+                else step_load(routed_counts(idx_TK, E, valid_TK))
+            )
+        return load_balancing_loss(route.probs_TE, idx_TK, E, valid_TK, load_E)
 
     def add_policy_loss(self, out: MoEOutput, token_loss_T: torch.Tensor) -> MoEOutput:
         """Reward a policy router with the per-token task loss (reward = -loss); see ReinforceRouter.
@@ -276,5 +320,6 @@ class MoELayer(nn.Module):
             f"capacity_factor_train={self.capacity_factor_train}, "
             f"capacity_factor_eval={self.capacity_factor_eval}, min_capacity={self.min_capacity}, "
             f"drop_policy={self.drop_policy!r}, loss_coefs=({coefs}), "
+            f"balance_loss_scope={self.balance_loss_scope!r}, "
             f"dispatch={self.dispatch!r}"
         )

@@ -37,7 +37,8 @@ from torch import nn
 
 from moeplat.nn.dispatch import _accumulate_dtype, _segmented_mlp, dispatch_sorted
 from moeplat.nn.experts import MLPExperts
-from moeplat.nn.moe import MoELayer, MoEOutput
+from moeplat.nn.losses import routed_counts
+from moeplat.nn.moe import MoELayer, MoEOutput, StepLoadArg
 from moeplat.nn.routers import RouterOutput
 from moeplat.nn.stats import routing_stats
 from moeplat.parallel.all_to_all import (
@@ -105,8 +106,16 @@ class ExpertParallelMoE(nn.Module):
         self._moe.train(mode)
         return self
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
-        """x: [..., D], this rank's tokens; token_ids as MoELayer.forward."""
+    @property
+    def losses_over_world(self) -> bool:
+        """Whether the losses and MoEOutput.routed_E are the data-parallel world's (balance_scope
+        "global"): global-batch balancing then needs no further reduction of the counts."""
+        return self.balance_scope == "global"
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, step_load: StepLoadArg = None
+    ) -> MoEOutput:
+        """x: [..., D], this rank's tokens; token_ids and step_load as MoELayer.forward."""
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
         keep_TK = self._keep_mask(route)
@@ -126,11 +135,12 @@ class ExpertParallelMoE(nn.Module):
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]
         if self.balance_scope == "global":
             route, keep_TK = _gather_route(route, keep_TK, self.groups.dp_group)
-        aux_loss, losses = self._moe._losses(route, (route.probs_TE.shape[0] // S, S))
+        aux_loss, losses = self._moe._losses(route, (route.probs_TE.shape[0] // S, S), step_load)
         stats = routing_stats(
             route.probs_TE, route.topk_idx_TK, keep_TK, self.num_experts, route.valid_TK, route.bias_E
         )
-        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T)
+        routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
+        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T, routed_E)
 
     def _keep_mask(self, route: RouterOutput) -> torch.Tensor:
         """Rank scope: MoELayer's mask of the local tokens. Global: MoELayer's mask of the EP

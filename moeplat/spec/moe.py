@@ -125,10 +125,24 @@ class LossCoef(Strict):
     coef: Annotated[float, Field(ge=0)]
 
 
+class LoadBalancing(LossCoef):
+    """The Switch loss E * sum_i f_i * P_i, and over which tokens f_i (the routed fraction) counts."""
+
+    scope: Literal["micro_batch", "global_batch", "sequence"] = Field(
+        "micro_batch",
+        description="micro_batch: f and P over each forward's tokens (Switch, GShard). "
+        "global_batch: f over the whole optimizer step, every data-parallel rank and every "
+        "train.grad_accum micro-batch (Qiu et al. 2025, 'Demons in the Detail'); exact, and with "
+        "grad_accum > 1 it routes the step's micro-batches once more without gradients first. "
+        "sequence: f and P per sequence, averaged (the same loss as sequence_balance).",
+    )
+
+
 class Losses(Strict):
     """Auxiliary router losses, combinable, each with its coefficient; omit one (or null) to switch it off.
 
-    load_balancing: Switch Transformer eq. 4, E * sum_i f_i * P_i (1.0 at perfect balance).
+    load_balancing: Switch Transformer eq. 4, E * sum_i f_i * P_i (1.0 at perfect balance); its
+        `scope` (micro_batch | global_batch | sequence) is the set of tokens f_i is counted over.
     z_loss: ST-MoE eq. 5, mean over tokens of logsumexp(logits)^2.
     importance: Shazeer et al. 2017 eq. 6-7, CV^2 of each expert's summed gate values.
     load: Shazeer et al. 2017 eq. 8-11, CV^2 of the smooth load estimate (router kind noisy_topk).
@@ -142,7 +156,7 @@ class Losses(Strict):
     devices one token reaches) defaults to the router's topk_groups, else min(top_k, D).
     """
 
-    load_balancing: LossCoef | None = None
+    load_balancing: LoadBalancing | None = None
     z_loss: LossCoef | None = None
     importance: LossCoef | None = None
     load: LossCoef | None = None

@@ -214,6 +214,30 @@ def test_combinable_balance_losses_are_weighted_into_the_aux_loss(name, router):
     torch.testing.assert_close(out_off.aux_loss, 0.001 * out_off.losses["z_loss"])
 
 
+@pytest.mark.parametrize("scope", ["micro_batch", "global_batch", "sequence"])
+def test_load_balancing_scope_reaches_the_layer_and_the_loader(scope):
+    """losses.load_balancing.scope is the layer's balance_loss_scope; with global_batch and
+    train.grad_accum 2 the training loader looks ahead over each step's 2 micro-batches."""
+    from moeplat.compile.data import step_group
+
+    lb = f"model.moe.losses.load_balancing={{coef: 0.01, scope: {scope}}}"
+    assert _layer(lb).balance_loss_scope == scope
+    assert step_group(_spec(lb, "train.grad_accum=2")) == (2 if scope == "global_batch" else 1)
+    assert step_group(_spec(lb)) == 1
+    x = _x().reshape(4, 16, 32)
+    values = {
+        s: _layer(f"model.moe.losses.load_balancing={{coef: 0.01, scope: {s}}}")(x)
+        for s in ("micro_batch", "sequence")
+    }
+    assert values["sequence"].losses["load_balancing"] != values["micro_batch"].losses["load_balancing"]
+
+
+def test_load_balancing_scope_defaults_to_micro_batch_and_rejects_unknown_scopes():
+    assert _layer("model.moe.losses.load_balancing={coef: 0.01}").balance_loss_scope == "micro_batch"
+    with pytest.raises(SpecError, match="scope"):
+        _spec("model.moe.losses.load_balancing={coef: 0.01, scope: global}")
+
+
 def test_model_aux_loss_sums_the_weighted_losses_of_every_moe_layer():
     model = _model("model.moe.losses={load_balancing: {coef: 0.03}, z_loss: {coef: 0.002}}")
     out = model(_tokens())

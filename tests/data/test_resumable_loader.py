@@ -50,3 +50,38 @@ def test_iterating_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
     _stream(_loader(), 4)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def _pairs(n: int = 10):
+    """A dataset of (x, y) pairs, as PackedSequences yields: x = [i, i], y = [i + 100]."""
+    return [(torch.tensor([i, i]), torch.tensor([i + 100])) for i in range(n)]
+
+
+def test_step_group_looks_ahead_over_each_steps_micro_batches():
+    """step_group 2 (global-batch balancing with grad_accum 2): positions 0, 2, 4 of the epoch's
+    5 batches carry the inputs of their step, the last step being the single batch 4; the
+    batches themselves and the resume state are those of a plain loader."""
+    plain = ResumableLoader(_pairs(), batch_size=2, seed=1)
+    grouped = ResumableLoader(_pairs(), batch_size=2, seed=1, step_group=2)
+    batches, reference = list(grouped), list(plain)
+    assert [len(b) for b in batches] == [3, 2, 3, 2, 3]
+    for b, r in zip(batches, reference, strict=True):
+        assert torch.equal(b[0], r[0]) and torch.equal(b[1], r[1])
+    for start, size in ((0, 2), (2, 2), (4, 1)):
+        ahead = batches[start][2]
+        assert ahead.shape == (size, 2, 2)
+        for j in range(size):
+            assert torch.equal(ahead[j], batches[start + j][0])
+    assert grouped.state_dict() == plain.state_dict()
+
+
+def test_step_group_resumed_at_a_step_start_looks_ahead_again():
+    first = ResumableLoader(_pairs(), batch_size=2, seed=1, step_group=2)
+    it = iter(first)
+    next(it), next(it)  # one step of 2 micro-batches
+    second = ResumableLoader(_pairs(), batch_size=2, seed=1, step_group=2)
+    second.load_state_dict(first.state_dict())
+    assert [len(b) for b in second] == [3, 2, 3]  # positions 2, 3, 4
+    third = ResumableLoader(_pairs(), batch_size=2, seed=1, step_group=2)
+    third.load_state_dict({"epoch": 0, "batches": 1})  # mid-step: no look-ahead until the next step
+    assert [len(b) for b in third] == [2, 3, 2, 3]
