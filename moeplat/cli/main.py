@@ -133,6 +133,13 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from moeplat.errors import SpecIssue
+    from moeplat.spec.sweep_plan import file_kind
+
+    kind, why = file_kind(args.spec)
+    if kind == "sweep":  # read as a run spec, its sweep keys would be so many "unknown key" errors
+        msg = f"a sweep file (it has `{why}`), not a run spec: run it with `moeplat sweep {args.spec}`"
+        raise SpecError(SpecIssue("", msg, args.spec))
     loaded = _load(args)  # before the seconds of torch/Lightning imports: a bad spec is refused at once
     quiet_lightning(args)
     from moeplat.cli.launch import run_preflight

@@ -128,3 +128,10 @@ def test_plan_of_a_large_space_varies_one_parameter_at_a_time(tmp_path, capsys):
     assert main(["plan", str(path), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)["range"]
     assert not r["exhaustive"] and r["points"] <= 8 + 6 + 2 + 3 + 2
+
+
+def test_run_refuses_a_sweep_file_and_names_the_command_that_runs_it(capsys):
+    assert main(["run", str(K_CAPACITY)]) == 2
+    err = capsys.readouterr().err
+    assert f"a sweep file (it has `search`), not a run spec: run it with `moeplat sweep {K_CAPACITY}`" in err
+    assert "unknown key" not in err
