@@ -95,8 +95,12 @@ def _summaries(client, runs, ui_url: str | None) -> list[dict]:
 def _get_run(client, run_id: str):
     from mlflow.exceptions import MlflowException
 
+    from moeplat.track.spool import find_local, is_local
+
     if client is None:
         raise NotFound(f"unknown run id {run_id!r}")
+    if is_local(run_id):  # a run (e.g. a sweep trial) that started while the server was down
+        run_id = find_local(client, run_id) or run_id
     try:
         return client.get_run(run_id)
     except MlflowException as e:
@@ -148,7 +152,7 @@ def runs_of_experiment(
 def metric_history(tracking_uri: str, run_id: str, keys: list[str] = CURVES) -> dict[str, list[list]]:
     """key -> [[step, value], ...] sorted by step (then time); [] for a key the run never logged."""
     client = _open(tracking_uri)
-    _get_run(client, run_id)
+    run_id = _get_run(client, run_id).info.run_id
     out = {}
     for key in dict.fromkeys(keys):
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
@@ -161,6 +165,7 @@ def expert_load(tracking_uri: str, run_id: str) -> dict:
     of the layer's routed token-slots each expert received) and the step it was logged at."""
     client = _open(tracking_uri)
     run = _get_run(client, run_id)
+    run_id = run.info.run_id
     load_LE, layers = _final_load(run.data.metrics)
     step = None
     if layers:

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from postgres import free_port
 
 from moeplat.cli.main import main
+from moeplat.track import query
 from moeplat.track import spool as spool_mod
 from moeplat.track.mlflow_run import TrackedRun, set_tags
 from moeplat.track.spool import LOCAL_ID_TAG, PARENT_LOCAL_TAG, PARENT_TAG, SHORT_RETRY_ENV, SPOOL_FILE, Spool
@@ -69,6 +70,11 @@ def test_a_run_with_its_server_away_starts_on_a_local_id_and_sync_creates_it(
     assert [(m.step, m.value) for m in history] == [(s, 2.0 - s / 10) for s in range(5)]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == ["notes/hi.txt"]
     assert json.loads((run_dir / "run.json").read_text())["run_id"] == run.info.run_id
+    # the local id a sweep's study recorded for the trial still finds it (server API, compare)
+    assert [r["run_id"] for r in query.runs_by_ids(store, [tracked.run_id])] == [run.info.run_id]
+    assert [step for step, _ in query.metric_history(store, tracked.run_id, ["loss"])["loss"]] == list(
+        range(5)
+    )
 
 
 def test_a_replay_cut_after_the_creation_does_not_create_twice(dead_uri, store, tmp_path):
