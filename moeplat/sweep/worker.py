@@ -70,10 +70,14 @@ def make_objective(
         }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
+        # every attempt of one configuration shares a run directory: a retry resumes from its checkpoint
+        trial_runs = f"{runs_root}/trial-{_first_attempt(trial)}"
+        earlier = any(Path(trial_runs).glob("*/*/run.json"))
         try:
             result = run(
                 loaded_run,
-                runs_root=runs_root,
+                runs_root=trial_runs,
+                resume="last" if earlier else None,
                 tracking_uri=tracking_uri,
                 progress=False,
                 callbacks=(pruner,),
@@ -101,6 +105,22 @@ def make_objective(
             raise
 
     return interruptible
+
+
+def _first_attempt(trial: optuna.Trial) -> int:
+    """The number of the first trial of this configuration. A trial retried because its worker
+    died (Optuna's failed_trial) or re-queued after a Ctrl-C (retry_of) continues that trial's run
+    from its last checkpoint, in the same MLflow run (retagged with this trial's number)."""
+    trials = trial.study.get_trials(deepcopy=False)
+    number, seen = trial.number, set()
+    while number not in seen:
+        seen.add(number)
+        t = trials[number]
+        earlier = t.system_attrs.get("failed_trial", t.user_attrs.get("retry_of"))
+        if earlier is None:
+            break
+        number = earlier
+    return number
 
 
 def _short(override: str) -> str:
