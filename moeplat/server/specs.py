@@ -13,6 +13,7 @@ inside the spec roots. Errors are SpecIssues, reported with file names relative 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -184,9 +185,22 @@ def plan_text(kind: str, text: str, overrides: list[str], filename: str, setting
     spec = loaded.base.spec if isinstance(loaded, LoadedSweep) else loaded.spec
     p = plan(spec)
     pf = preflight(spec, p, None)
-    return {
+    out = {
         "ok": True,
         "errors": [],
         "plan": {**p.to_dict(), "preflight": pf.to_dict()},
         "text": format_plan(spec, p) + "\n" + format_preflight(spec, pf),
     }
+    if isinstance(loaded, LoadedSweep):  # as `moeplat plan SWEEP`: the range over the search space
+        from moeplat.spec.plan_text import format_sweep
+        from moeplat.spec.sweep_plan import plan_range
+
+        r = plan_range(loaded)
+        out["plan"]["sweep_range"] = r.to_dict()
+        base = os.path.normpath(loaded.base_path)
+        for root in settings.spec_roots:  # never show where the spec roots are on the server
+            base = base.removeprefix(str(root) + os.sep)
+        shown = dataclasses.replace(loaded, base_path=base)
+        head = format_sweep(shown, None, r) + "\n\nbase spec (fixed overrides applied)\n"
+        out["text"] = head + out["text"]
+    return out

@@ -81,13 +81,14 @@ def format_preflight(spec, pf) -> str:
     return "\n".join(lines)
 
 
-def format_sweep(loaded, why: str, r) -> str:
-    """`moeplat plan` of a sweep file: what it was read as, and the range of the counts over its
-    search space (SweepRange from moeplat.spec.sweep_plan)."""
+def format_sweep(loaded, why: str | None, r) -> str:
+    """`moeplat plan` of a sweep file: what it was read as (`why`: the key that made it a sweep;
+    None when the caller said it is one), and the range of the counts over its search space
+    (SweepRange from moeplat.spec.sweep_plan)."""
     how = "every combination of" if r.exhaustive else "one parameter at a time over"
+    read_as = f" (read as a sweep file: it has `{why}`)" if why else ""
     lines = [
-        f"sweep           {loaded.sweep.name} (read as a sweep file: it has `{why}`), "
-        f"base {os.path.normpath(loaded.base_path)}",
+        f"sweep           {loaded.sweep.name}{read_as}, base {os.path.normpath(loaded.base_path)}",
         f"search space    {len(loaded.sweep.search)} parameters; planned {r.points} trial specs, {how} "
         "each range's ends and every categorical choice",
     ]

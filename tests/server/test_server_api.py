@@ -71,6 +71,22 @@ def test_plan_matches_cli_json(client, spec_root, monkeypatch, capsys):  # noqa:
     assert bad["ok"] is False and bad["plan"] is None and bad["errors"]
 
 
+def test_plan_of_a_sweep_has_the_range_over_its_search_space(client, spec_root):  # noqa: F811
+    sweep = (
+        "extends: tiny.yaml\nname: s\ntrials: {n_trials: 2}\n"
+        "search:\n  model.moe.top_k: {kind: int, low: 1, high: 3}\n"
+    )
+    out = client.post("/api/plan", json={"text": sweep, "kind": "sweep", "filename": "s.yaml"}).json()
+    r = out["plan"]["sweep_range"]
+    assert out["ok"] and r["points"] == 2 and r["exhaustive"]
+    assert r["active_params"]["min"]["point"] == {"model.moe.top_k": 1}
+    assert r["active_params"]["max"]["point"] == {"model.moe.top_k": 3}
+    assert (
+        r["active_params"]["min"]["value"] < out["plan"]["active_params"] < r["active_params"]["max"]["value"]
+    )
+    assert out["text"].startswith("sweep           s, base tiny.yaml") and str(spec_root) not in out["text"]
+
+
 def test_submit_list_get_cancel(client, spec_root):  # noqa: F811
     r = client.post("/api/jobs", json={"text": _tiny(spec_root), "filename": "tiny.yaml", "name": "first"})
     assert r.status_code == 201
