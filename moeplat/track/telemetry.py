@@ -3,10 +3,11 @@
 MLflow 3 sends usage telemetry by default: `import mlflow` builds its telemetry client, which
 fetches a config from config.mlflow-telemetry.io and posts usage events, unless at import time
 `MLFLOW_DISABLE_TELEMETRY` is true, `DO_NOT_TRACK` is "true", or it believes it runs in CI
-(mlflow/telemetry/utils.py: is_telemetry_disabled, set_telemetry_client). huggingface_hub (used
-by `data.source.kind: hf` and interop/) sends telemetry with its downloads unless
-`HF_HUB_DISABLE_TELEMETRY` (or DO_NOT_TRACK) is set. Optuna, optuna-dashboard's server, Lightning
-and torch send none.
+(mlflow/telemetry/utils.py: is_telemetry_disabled, set_telemetry_client). huggingface_hub (which
+the `hf` extra installs with transformers, for interop/) sends telemetry with its downloads unless
+`HF_HUB_DISABLE_TELEMETRY` (or DO_NOT_TRACK) is set: moeplat downloads nothing from the Hub itself,
+but user code in the same process might. Optuna, optuna-dashboard's server, Lightning and torch
+send none (their sources have no such call).
 
 So the variables are set before mlflow can be imported: moeplat.track (the only package that
 imports mlflow) calls `no_telemetry()` when it is first imported, and so does the CLI entry, so
