@@ -12,11 +12,18 @@ data paths resolve from the spec's virtual place under the spec root (on another
 job log in batches; a heartbeat thread says the worker is alive and learns of a cancel, which
 interrupts the run with SIGINT and, after `grace_s`, SIGKILL. A 409 from the server means the job
 is no longer ours (it was reaped): the run is stopped the same way and the result discarded.
+
+A job's runs go to `WORK_DIR/runs/job-<id>/`, the same for every attempt. A job requeued because
+its worker died (its run dies with it: PR_SET_PDEATHSIG) and claimed again by a worker with that
+work directory (the same worker restarted, or another sharing the directory) resumes: a run with
+`--resume last` from its last checkpoint into the same MLflow run, a sweep with `--resume`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import platform
@@ -111,12 +118,16 @@ class Worker:
 
     def command(self, c: dict, spec_file: Path) -> list[str]:
         job, root = c["job"], Path(self.spec_root or c["spec_root"])
+        runs = self.work_dir / "runs" / f"job-{job['id']}"
         cmd = [self.python, "-m", "moeplat.cli.main", job["kind"], str(spec_file)]
         cmd += ["--as-path", str(root / c["filename"]), "--tracking-uri", c["tracking_uri"]]
-        cmd += ["--runs-dir", str(self.work_dir / "runs")]
-        if job["kind"] == "sweep":
-            return [*cmd, "--storage", c["sweep_storage"]]
-        return [*cmd, "--no-progress", *(f"--set={o}" for o in c["overrides"])]
+        cmd += ["--runs-dir", str(runs)]
+        if job["kind"] == "sweep":  # an earlier attempt created the study: continue it
+            return [*cmd, "--storage", c["sweep_storage"], *(["--resume"] if c["attempt"] > 1 else [])]
+        earlier = any(runs.glob("*/*/run.json"))  # an earlier attempt's run directory, here
+        return [*cmd, "--no-progress", *(f"--set={o}" for o in c["overrides"])] + (
+            ["--resume", "last"] if earlier else []
+        )
 
     def run(self, c: dict) -> int | None:
         """Run one claimed job to its end; its exit code, or None when the job was lost."""
@@ -138,6 +149,7 @@ class Worker:
             text=True,
             errors="replace",
             start_new_session=True,  # signals reach the run and whatever it starts, not us
+            preexec_fn=functools.partial(_die_with, os.getpid()),
         )
         run = _Running(proc, self.grace_s)
         try:
@@ -190,6 +202,31 @@ class Worker:
             except httpx.HTTPError as e:
                 log.warning("job %d: cannot report its end yet: %s", job_id, e)
                 time.sleep(min(10, 1 + i))
+
+
+def _prctl():
+    """libc's prctl, looked up here in the worker: the job's child process only calls it (no
+    dlopen between fork and exec, where another thread may have held the loader's lock)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(worker_pid: int) -> None:
+    """In the job's process, before exec: SIGKILL when the worker dies. Otherwise a `kill -9` of
+    the worker leaves its run training on, unwatched, while the requeued job trains the same run
+    again (here: two processes on one run directory and MLflow run). Linux only; elsewhere the run
+    outlives its worker as before."""
+    if _PRCTL is None:
+        return
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != worker_pid:  # the worker died before prctl: nobody will send it
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Running:

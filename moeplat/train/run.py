@@ -117,7 +117,8 @@ def _start_tracking(
     spool: Path | None = None,
 ):
     """One MLflow run per run directory: created on the first start, continued on --resume.
-    `tags` may carry mlflow.parentRunId: a sweep trial is a child of its sweep's run. Writes the
+    `tags` may carry mlflow.parentRunId: a sweep trial is a child of its sweep's run. Resumed, the
+    run gets `tags` again (the trial that now continues it). Writes the
     server cannot take go to the `spool` file (moeplat.track.spool) until it is back."""
     from moeplat.track.mlflow_run import TrackedRun, log_spec, resolve_tracking_uri
 
@@ -139,6 +140,8 @@ def _start_tracking(
                 **corpus.as_params(),
             }
         )
+    elif tags:  # a sweep trial's retry continues the run of the trial it retries: now it is its run
+        tracked.set_tags(tags)
     if spec.tracking.system_metrics:
         tracked.start_system_metrics(spec.tracking.system_metrics_every_s, resume=bool(state.get("run_id")))
     return tracked

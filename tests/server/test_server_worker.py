@@ -8,6 +8,8 @@ shell script (one that ignores SIGINT, one that just sleeps); the cancel test ru
 from __future__ import annotations
 
 import contextlib
+import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -16,7 +18,9 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 from mlflow import MlflowClient
+from resume_checks import assert_exact_history, trained_through, wait_until_past
 from server_helpers import live_server, settings_for, spec_root, wait_for  # noqa: F401
 
 from moeplat.server.worker import Worker
@@ -133,3 +137,64 @@ def test_a_killed_worker_leaves_its_job_requeued_and_another_finishes_it(tmp_pat
         assert "worker doomed sent no heartbeat" in log
         assert f"ran -m moeplat.cli.main run {tmp_path}/rescuer/jobs/{job['id']}-2/tiny.yaml" in log
         assert f"--as-path {spec_root}/tiny.yaml" in log
+
+
+def _job_processes(marker: str) -> list[int]:
+    """Pids whose command line contains `marker` (the job's own spec file path)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_workers_training_job_resumes_from_its_checkpoint(tmp_path, spec_root, monkeypatch):  # noqa: F811
+    """kill -9 of a worker while its job trains (past a step drawn from a seeded RNG): the job's
+    run dies with it, the job is requeued, and a worker with the same work directory resumes it
+    from its last checkpoint into the same MLflow run, whose history has each step once."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the tiny model: more threads only contend
+    max_steps, val_every = 24, 4
+    overrides = [
+        f"train.max_steps={max_steps}", "train.checkpoint_every=2", "train.log_every=1",
+        f"train.val_every={val_every}", "train.val_batches=1",
+    ]  # fmt: skip
+    kill_after = random.Random(15).randint(2, max_steps - 8)
+    work = tmp_path / "worker"
+    s = settings_for(tmp_path, heartbeat_timeout_s=2.0, reap_every_s=0.3)
+    with live_server(s) as url:
+        job = httpx.post(f"{url}/api/jobs", json={"path": "tiny.yaml", "overrides": overrides}).json()
+        code = f"from moeplat.server.worker import Worker; Worker({url!r}, name='doomed', work_dir={str(work)!r}, poll_s=0.2).serve()"
+        doomed = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            runs = work / "runs"  # the run directory: runs/job-<id>/tiny/<timestamp>
+            run_dir = wait_until_past(
+                lambda: list(runs.glob("**/tiny/*")), kill_after, lambda: doomed.poll() is None
+            )
+            doomed.kill()
+            doomed.wait()
+        finally:
+            doomed.kill()
+        # the run dies with its worker: it cannot race the attempt that resumes it
+        marker = str(work / "jobs" / f"{job['id']}-1")
+        wait_for(lambda: not _job_processes(marker), 30, 0.2, "the orphaned run to die")
+        assert trained_through(run_dir) < max_steps - 1  # it did not train on to the end unwatched
+        requeued = wait_for(
+            lambda: (j := _job(url, job["id"]))["state"] == "queued" and j, 30, 0.2, "requeue"
+        )
+        assert requeued["attempts"] == 1
+        rescuer = Worker(url, name="rescuer", work_dir=work, poll_s=0.2)
+        assert rescuer.serve(once=True) == 1
+        done = _job(url, job["id"])
+        log = httpx.get(f"{url}/api/jobs/{job['id']}/log").json()["text"]
+    assert done["state"] == "succeeded" and done["attempts"] == 2, log[-3000:]
+    resumed_at = int(re.search(r"resumed at step (\d+)", log).group(1))
+    assert 2 <= resumed_at <= kill_after + 2 and resumed_at % 2 == 0, log[-3000:]
+    client = MlflowClient(s.tracking_uri)
+    exp = client.get_experiment_by_name("tiny-tests")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`moeplat.job_id` = '{job['id']}'")
+    assert run.info.status == "FINISHED"
+    assert_exact_history(client, run.info.run_id, max_steps, list(range(val_every - 1, max_steps, val_every)))
