@@ -52,9 +52,12 @@ def save_model_artifact(
 def load_model_artifact(model_dir: str | Path) -> tuple[Spec, torch.nn.Module, dict]:
     """(spec, model with the run's final weights, meta) from a downloaded model/ directory."""
     from moeplat.compile.model import build_model
+    from moeplat.spec.safe_yaml import compose_checked, read_spec_bytes
 
     model_dir = Path(model_dir)
-    spec = validate(yaml.safe_load((model_dir / "spec.yaml").read_text()))
+    text = read_spec_bytes(model_dir / "spec.yaml")  # a downloaded model is input like any spec:
+    compose_checked(text, str(model_dir / "spec.yaml"))  # the same limits before it is built
+    spec = validate(yaml.safe_load(text))
     meta = json.loads((model_dir / "meta.json").read_text())
     model = build_model(spec)
     model.load_state_dict(torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=True))

@@ -299,3 +299,15 @@ def test_a_hostile_override_is_refused_by_the_cli_and_the_server(corpus, client,
     assert message in err and f"--set {override[:20]}" in err
     answer = client.post("/api/jobs", json={"path": "tiny.yaml", "overrides": [override]})
     assert answer.status_code == 422 and message in answer.json()["errors"][0]["message"]
+
+
+def test_a_downloaded_model_artifact_goes_through_the_same_reader(corpus, tmp_path):
+    """`moeplat eval` / interop load a model/ directory from MLflow: its spec.yaml is input too."""
+    from moeplat.train.model_artifact import load_model_artifact
+
+    shutil.copy(corpus / "alias_bomb.yaml", tmp_path / "spec.yaml")
+    with pytest.raises(SpecError) as info:
+        load_model_artifact(tmp_path)
+    (issue,) = info.value.issues
+    assert WANT["alias_bomb.yaml"].message in issue.message and issue.line == WANT["alias_bomb.yaml"].line
+    assert issue.file == str(tmp_path / "spec.yaml")
