@@ -7,6 +7,7 @@ moeplat.nn.stats.moe_metrics for the MoE names).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from moeplat.compile.optim import UpdateSchedule, count_trainable, partition
+from moeplat.nn.balance import StepLoad, count_step_load
 from moeplat.nn.stats import moe_metrics, world_stats
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,9 @@ class LMSystem(L.LightningModule):
         self._val_sum = 0.0
         self._val_n = 0
         self._step_load: dict[int, torch.Tensor] = {}  # layer -> routed load summed over this step
+        # global-batch load balancing with accumulation: this step's expert frequencies, counted
+        # by the routing pre-pass at its first micro-batch (moeplat.nn.balance)
+        self._balance_plan: StepLoad | None = None
         # EP group size when the experts are sharded (set by moeplat.parallel.lightning); > 1 adds
         # the per-rank expert load to the MoE telemetry
         self.expert_shards = 1
@@ -66,8 +71,9 @@ class LMSystem(L.LightningModule):
         return self.model(idx_BS, targets_BS)
 
     def training_step(self, batch, batch_idx):
-        x_BS, y_BS = batch
-        out = self.model(x_BS, y_BS)
+        x_BS, y_BS, *ahead = batch  # ahead: the step's inputs, at its first micro-batch (step_group)
+        step_load = self._global_step_load(batch_idx, ahead)
+        out = self.model(x_BS, y_BS) if step_load is None else self.model(x_BS, y_BS, step_load=step_load)
         loss = out.loss + out.aux_loss
         # sync_dist: under data parallelism the logged loss is the global batch's (mean of the ranks'
         # equal-sized shards), not rank 0's shard; a no-op on one device.
@@ -97,6 +103,34 @@ class LMSystem(L.LightningModule):
         if self._step_load and "router" not in self._held and hasattr(self.model, "after_optimizer_step"):
             self.model.after_optimizer_step(self._step_load)
         self._step_load = {}
+        self._balance_plan = None
+
+    def _global_step_load(self, batch_idx: int, ahead: list) -> StepLoad | None:
+        """The expert frequencies of this optimizer step for layers whose load-balancing loss has
+        scope global_batch (moeplat.nn.balance), None without such layers. One micro-batch per
+        step: reduced over the ranks inside the forward. Several: the first one brings the step's
+        inputs (the loader's look-ahead, moeplat.data.resumable), routed once without gradients."""
+        layers = _global_balance_layers(self.model)
+        if not layers:
+            return None
+        trainer = self._trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        world_counts = any(getattr(m, "losses_over_world", False) for m in layers)
+        reduce = None
+        if trainer is not None and trainer.world_size > 1 and not world_counts:
+            reduce = functools.partial(trainer.strategy.reduce, reduce_op="sum")
+        if accumulate == 1:
+            return StepLoad(reduce=reduce)
+        starts = batch_idx % accumulate == 0
+        if ahead and starts:
+            self._balance_plan = count_step_load(self.model, ahead[0], reduce)
+        elif ahead or starts or self._balance_plan is None:
+            raise RuntimeError(
+                "global-batch load balancing with train.grad_accum > 1 needs each step's micro-batches "
+                "up front: build the training loader with step_group = grad_accum "
+                "(moeplat.compile.data.step_group)"
+            )
+        return self._balance_plan
 
     def _log_moe(self, moe: dict) -> None:
         """Per-layer router telemetry and its means over layers (moeplat.nn.stats.moe_metrics).
@@ -163,6 +197,18 @@ class LMSystem(L.LightningModule):
         total = sum(p.numel() for p in self.model.parameters())
         log.info("training %d of %d parameters", self.trainable_params, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _global_balance_layers(model: nn.Module) -> list[nn.Module]:
+    """The MoE layers (plain, or sharded: ExpertParallelMoE keeps its MoELayer as _moe) whose
+    switched-on load-balancing loss counts f over the global batch."""
+    found = []
+    for m in model.modules():
+        layer = getattr(m, "_moe", m)
+        coefs = getattr(layer, "loss_coefs", {})
+        if getattr(layer, "balance_loss_scope", None) == "global_batch" and coefs.get("load_balancing"):
+            found.append(m)
+    return found
 
 
 def _ep_rank_load(moe: dict, ep_size: int) -> dict[str, float]:
