@@ -121,18 +121,18 @@ class _Expanded:
 
     def visit(self, node: yaml.Node, depth: int) -> int:
         """Expanded node count under `node`, which sits at nesting `depth`; raises past a limit.
-        The recursion stops at MAX_DEPTH, so it is bounded whatever the graph."""
+        Document order visits an anchor before its aliases (YAML allows no forward reference), so
+        an alias is found memoised; the recursion is bounded by MAX_DEPTH whatever the graph."""
+        too_deep = f"nested deeper than {MAX_DEPTH} levels once aliases are expanded"
+        if depth > MAX_DEPTH and not isinstance(node, yaml.ScalarNode):
+            raise _issue(self.display, too_deep, node.start_mark)
         if id(node) in self.memo:
             size, height = self.memo[id(node)]
         else:
             size, height = self._measure(node, depth)
             self.memo[id(node)] = (size, height)
-        if depth + height - 1 > MAX_DEPTH:
-            raise _issue(
-                self.display,
-                f"nested deeper than {MAX_DEPTH} levels once aliases are expanded",
-                node.start_mark,
-            )
+        if depth + height - 1 > MAX_DEPTH:  # the deepest mapping or list under this node
+            raise _issue(self.display, too_deep, node.start_mark)
         if size > MAX_NODES:
             msg = f"more than {MAX_NODES} YAML nodes once aliases are expanded"
             raise _issue(self.display, msg, node.start_mark, hint="a real spec has a few hundred")
