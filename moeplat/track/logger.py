@@ -16,7 +16,9 @@ step N-1: they are covered too). Rows not yet covered are held; `kill -9` drops 
 logs them again. Every row is also appended to a journal file before anything depends on it, so a
 covered row killed before it reached MLflow is sent by the resumed run (MLflow's SQL stores ignore
 a row they already have). An attempt that ends by itself (finished, failed, Ctrl-C) sends what it
-held and records the last step it sent (`on_uncovered`): its resumption skips those steps.
+held and records, per metric, the last step it sent (`on_uncovered`): its resumption does not
+log those steps of that metric again (a summary logged at the last step, perf/tokens_seen, must not
+hide the loss a resumed run logs at that step).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning.pytorch.loggers import Logger
@@ -42,15 +44,15 @@ class Resumable:
     """How a resumable run's logger keeps its history exact across attempts.
 
     `journal`: the file every row is appended to (in the run directory). `checkpoint`: the
-    checkpoint file --resume reads; only its writes cover steps. `skip_through`: the last step an
-    earlier attempt sent beyond its checkpoint (rows up to it are not logged again).
-    `on_uncovered(step)`: called, before rows beyond the last checkpoint are sent, with their
-    highest step, so the run directory can record it for the next attempt's `skip_through`."""
+    checkpoint file --resume reads; only its writes cover steps. `skip_through`: per metric, the
+    last step an earlier attempt sent beyond its checkpoint (rows up to it are not logged again).
+    `on_uncovered(through)`: called, before rows beyond the last checkpoint are sent, with their
+    highest step per metric, so the run directory can record it for the next `skip_through`."""
 
     journal: Path
     checkpoint: Path
-    skip_through: int = -1
-    on_uncovered: Callable[[int], None] | None = None
+    skip_through: dict[str, int] = field(default_factory=dict)
+    on_uncovered: Callable[[dict[str, int]], None] | None = None
 
 
 class Journal:
@@ -115,10 +117,12 @@ class BatchedMLflowLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         step = step or 0
-        if self.resumable and step <= self.resumable.skip_through:
-            return  # an earlier attempt sent this step already
+        skip = self.resumable.skip_through if self.resumable else {}
         now = int(time.time() * 1000)
-        rows = [(k, float(v), step, now) for k, v in metrics.items() if k != "epoch"]
+        # a step an earlier attempt already sent is not logged again
+        rows = [
+            (k, float(v), step, now) for k, v in metrics.items() if k != "epoch" and step > skip.get(k, -1)
+        ]
         if not rows:
             return
         if self._journal:
@@ -132,9 +136,9 @@ class BatchedMLflowLogger(Logger):
     def start(self, step: int) -> None:
         """Training (re)starts at global step `step` (from a checkpoint at `step`): of the rows the
         earlier attempts journalled, those it covers are sent again, the rest will be trained again."""
-        keep = self.resumable.skip_through if self.resumable else -1
+        keep = self.resumable.skip_through if self.resumable else {}
         earlier, self._earlier = self._earlier, []
-        self._buffer.extend(r for r in earlier if r[2] < step or r[2] <= keep)
+        self._buffer.extend(r for r in earlier if r[2] < step or r[2] <= keep.get(r[0], -1))
         self._sync_journal()
 
     @rank_zero_only
@@ -165,9 +169,13 @@ class BatchedMLflowLogger(Logger):
     def _release(self, rows: list[Row]) -> None:
         if not rows:
             return
-        top = max(r[2] for r in rows)
-        if top >= self._covered and self.resumable and self.resumable.on_uncovered:
-            self.resumable.on_uncovered(top)  # before they can reach MLflow
+        if self.resumable and self.resumable.on_uncovered:
+            through: dict[str, int] = {}
+            for k, _, step, _ in rows:
+                if step >= self._covered:
+                    through[k] = max(step, through.get(k, step))
+            if through:
+                self.resumable.on_uncovered(through)  # before they can reach MLflow
         self._buffer.extend(rows)
         if len(self._buffer) >= self.flush_every:
             self.flush(wait=False)

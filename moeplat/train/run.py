@@ -147,8 +147,8 @@ def _start_tracking(
     return tracked
 
 
-def _save_state(run_dir: Path, loaded: LoadedSpec, tracked, metrics_through: int = -1) -> None:
-    """run.json; `metrics_through`: the last step whose metrics an attempt that ended by itself sent
+def _save_state(run_dir: Path, loaded: LoadedSpec, tracked, metrics_through: dict | None = None) -> None:
+    """run.json; `metrics_through`: per metric, the last step an attempt that ended by itself sent
     beyond its last checkpoint (moeplat.track.logger): a resumed attempt does not log them again."""
     state = {
         "run_id": tracked.run_id if tracked else None,
@@ -156,7 +156,7 @@ def _save_state(run_dir: Path, loaded: LoadedSpec, tracked, metrics_through: int
         "spec_hash": loaded.spec_hash,
         "spec_files": loaded.files,
         "overrides": loaded.overrides,
-        "metrics_through": metrics_through,
+        "metrics_through": metrics_through or {},
     }
     _write_state(run_dir, state)
 
@@ -167,10 +167,12 @@ def _write_state(run_dir: Path, state: dict) -> None:
     os.replace(tmp, run_dir / "run.json")
 
 
-def _record_metrics_through(run_dir: Path, step: int) -> None:
+def _record_metrics_through(run_dir: Path, through: dict[str, int]) -> None:
     state = json.loads((run_dir / "run.json").read_text())
-    if step > state.get("metrics_through", -1):
-        _write_state(run_dir, {**state, "metrics_through": step})
+    recorded = dict(state.get("metrics_through") or {})
+    for key, step in through.items():
+        recorded[key] = max(step, recorded.get(key, step))
+    _write_state(run_dir, {**state, "metrics_through": recorded})
 
 
 def run(
@@ -238,7 +240,7 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
         _start_tracking(loaded, state, tracking_uri, counts, corpus, tags or {}, spool) if rank == 0 else None
     )
     if rank == 0:
-        _save_state(run_dir, loaded, tracked, state.get("metrics_through", -1))
+        _save_state(run_dir, loaded, tracked, state.get("metrics_through"))
 
     system = LMSystem(
         model,
@@ -335,8 +337,8 @@ def _resumable(run_dir: Path, state: dict):
     return Resumable(
         journal=run_dir / METRICS_JOURNAL,
         checkpoint=run_dir / "checkpoints" / "last.ckpt",
-        skip_through=state.get("metrics_through", -1),
-        on_uncovered=lambda step: _record_metrics_through(run_dir, step),
+        skip_through=state.get("metrics_through") or {},
+        on_uncovered=lambda through: _record_metrics_through(run_dir, through),
     )
 
 

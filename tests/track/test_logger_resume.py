@@ -85,20 +85,24 @@ def test_the_next_attempt_sends_what_the_killed_one_covered_and_retrains_the_res
 def test_an_attempt_that_ends_by_itself_sends_what_it_held_and_says_how_far(tracked, tmp_path):
     recorded = []
 
-    def record(step):  # called before the rows can reach MLflow
-        recorded.append((step, history(tracked)))
+    def record(through):  # called before the rows can reach MLflow
+        recorded.append((through, history(tracked)))
 
     logger = BatchedMLflowLogger(tracked, flush_every=1, resumable=resumable(tmp_path, on_uncovered=record))
     for step in range(4):
         logger.log_metrics({"loss": float(step)}, step=step)
     logger.cover(2)
     logger.finalize("failed")  # Ctrl-C or an error: what was measured reaches MLflow
-    assert recorded == [(3, [(0, 0.0), (1, 1.0)])]
+    assert recorded == [({"loss": 3}, [(0, 0.0), (1, 1.0)])]
     assert [s for s, _ in history(tracked)] == [0, 1, 2, 3]
 
-    again = BatchedMLflowLogger(tracked, flush_every=1, resumable=resumable(tmp_path, skip_through=3))
+    again = BatchedMLflowLogger(
+        tracked, flush_every=1, resumable=resumable(tmp_path, skip_through={"loss": 3})
+    )
     again.start(2)
     for step in range(2, 6):
-        again.log_metrics({"loss": 10.0 + step}, step=step)
+        again.log_metrics({"loss": 10.0 + step, "lr": 0.1}, step=step)
     again.finalize("success")
     assert history(tracked) == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+    # per metric: a metric the first attempt did not send at those steps is logged at all of them
+    assert [s for s, _ in history(tracked, "lr")] == [2, 3, 4, 5]

@@ -57,3 +57,16 @@ def test_kill_9_at_a_random_step_then_resume_logs_every_step_once(tmp_path, one_
     assert runs[0].info.status == "FINISHED"
     val_steps = list(range(VAL_EVERY - 1, MAX_STEPS, VAL_EVERY))
     assert_exact_history(client, run_id, MAX_STEPS, val_steps)
+
+
+def test_a_finished_run_resumed_for_more_steps_logs_each_step_once(tmp_path, one_thread):
+    """The first attempt ended by itself: it sent everything, its summary (perf/tokens_seen at its
+    last step) included; the resumed attempt logs that step's loss but not the summary's metric again."""
+    first = [s for s in SETS if not s.startswith("train.max_steps")] + ["train.max_steps=8"]
+    finish(start_run(tmp_path, "f", first), timeout=300)
+    out = finish(start_run(tmp_path, "f", SETS, "--resume", "last"), timeout=300)
+    assert "resumed at step 8" in out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'f'}.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny-tests").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert_exact_history(client, run.info.run_id, MAX_STEPS, list(range(VAL_EVERY - 1, MAX_STEPS, VAL_EVERY)))
