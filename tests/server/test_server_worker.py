@@ -198,3 +198,29 @@ def test_a_killed_workers_training_job_resumes_from_its_checkpoint(tmp_path, spe
     (run,) = client.search_runs([exp.experiment_id], f"tags.`moeplat.job_id` = '{job['id']}'")
     assert run.info.status == "FINISHED"
     assert_exact_history(client, run.info.run_id, max_steps, list(range(val_every - 1, max_steps, val_every)))
+
+
+def test_a_requeued_job_resumes_where_its_earlier_attempt_left_its_runs(tmp_path):
+    """The command a worker runs: each job has one runs directory for all its attempts; a run job
+    resumes when an earlier attempt left a run there, a sweep job continues its study."""
+    worker = Worker("http://127.0.0.1:9", name="w", work_dir=tmp_path)
+    claim = {
+        "job": {"id": 7, "kind": "run", "name": "tiny"},
+        "attempt": 2,
+        "filename": "tiny.yaml",
+        "spec_root": str(tmp_path / "specs"),
+        "overrides": ["train.max_steps=4"],
+        "tracking_uri": "sqlite:///m.db",
+        "sweep_storage": "sqlite:///o.db",
+    }
+    runs = tmp_path / "runs" / "job-7"
+    cmd = worker.command(claim, tmp_path / "tiny.yaml")
+    assert (
+        cmd[cmd.index("--runs-dir") + 1] == str(runs) and "--resume" not in cmd
+    )  # it died before its run began
+    (runs / "tiny" / "20260101-000000-000000").mkdir(parents=True)
+    (runs / "tiny" / "20260101-000000-000000" / "run.json").write_text("{}")
+    assert worker.command(claim, tmp_path / "tiny.yaml")[-2:] == ["--resume", "last"]
+    sweep = {**claim, "job": {**claim["job"], "kind": "sweep"}}
+    assert worker.command(sweep, tmp_path / "s.yaml")[-1] == "--resume"
+    assert "--resume" not in worker.command({**sweep, "attempt": 1}, tmp_path / "s.yaml")
