@@ -156,15 +156,20 @@ def test_checkpointing_counts_once_and_gives_the_same_gradients():
         torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=0, msg=name)
 
 
-def test_pre_pass_replays_the_random_state():
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_pre_pass_replays_the_random_state(device):
     """With dropout and router jitter, the pre-pass routes each micro-batch exactly as its
     training forward then does (the RNG is restored after it), and leaves the state untouched."""
-    x, y = _batch()
-    model = _lm("global_batch", dropout=0.2, jitter=0.3)
+    x, y = (t.to(device) for t in _batch())
+    model = _lm("global_batch", dropout=0.2, jitter=0.3).to(device)
+    get_state = torch.get_rng_state if device == "cpu" else torch.cuda.get_rng_state
     torch.manual_seed(11)
-    before = torch.get_rng_state()
+    before = get_state()
     plan = count_step_load(model, x.chunk(2))
-    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(get_state(), before)
     counts = {}
     for x_mb, y_mb in zip(x.chunk(2), y.chunk(2), strict=True):
         out = model(x_mb, y_mb, step_load=plan)
