@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +38,8 @@ LOCAL_ID_PREFIX = "local-"
 LOCAL_ID_TAG = "moeplat.local_run_id"  # on an MLflow run created from a spool: the id it had
 PARENT_LOCAL_TAG = "moeplat.parent_local_run_id"  # a child whose parent run is not created yet
 PARENT_TAG = "mlflow.parentRunId"
-# A TCP connect to an http(s) tracking server before a run counts on it: a dead server is known
-# in this long at most, instead of after MLflow's retries (10 s and more per request).
+# One request to an http(s) tracking server before a run counts on it: a dead server is known in
+# this long at most, instead of after MLflow's retries (10 s and more per request).
 PROBE_TIMEOUT_S = float(os.environ.get("MOEPLAT_TRACKING_PROBE_S", "3"))
 # Applied (unless already set) to a TrackedRun with a spool on an http(s) server, so a write to a
 # dead server fails in seconds rather than after MLflow's default of 7 retries with backoff 2 (minutes).
@@ -59,16 +58,28 @@ def is_local(run_id: str | None) -> bool:
     return bool(run_id) and run_id.startswith(LOCAL_ID_PREFIX)
 
 
-def reachable(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether an http(s) tracking server accepts a TCP connection; other stores are local: True."""
-    parts = urlsplit(tracking_uri)
-    if parts.scheme not in ("http", "https"):
+def reachable(tracking_uri: str, timeout_s: float | None = None) -> bool:
+    """Whether an http(s) tracking server answers a request within `timeout_s` (any HTTP answer
+    below 500, even a 404 or 401 from a proxy in front of it, or a TLS handshake MLflow may be told
+    to accept);
+    other stores are local: True. A refused connection answers at once; a server that accepts
+    connections but never answers costs the timeout, not MLflow's retries of every request."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
         return True
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+        with urllib.request.urlopen(
+            tracking_uri.rstrip("/") + "/health", timeout=timeout_s or PROBE_TIMEOUT_S
+        ):
             return True
-    except (OSError, ValueError):
+    except urllib.error.HTTPError as e:  # a proxy's 502/503/504: the tracking server behind it is away
+        return e.code < 500
+    except urllib.error.URLError as e:
+        return isinstance(e.reason, ssl.SSLError)
+    except (OSError, ValueError):  # timed out, reset, a malformed URI
         return False
 
 

@@ -183,3 +183,43 @@ def test_a_spooled_artifact_from_a_temporary_directory_is_kept(dead_uri, store, 
     assert main(["sync", str(run_dir), "--tracking-uri", store]) == 0
     client, run = _only_run(store)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "sweep/plots")] == ["sweep/plots/plot.png"]
+
+
+def test_a_server_that_accepts_but_never_answers_counts_as_away(tmp_path, monkeypatch):
+    """The probe is a request with a short timeout, not a connect: a hung server is not waited on
+    for MLflow's timeout times its retries."""
+    import socket
+
+    monkeypatch.setattr(spool_mod, "PROBE_TIMEOUT_S", 0.5)
+    with socket.socket() as hung:  # the kernel completes connections in its backlog; nobody reads
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        assert not spool_mod.reachable(uri)
+        tracked = _started_away(uri, tmp_path / "run")
+    assert tracked.run_id.startswith("local-")
+    assert [r["op"] for r in tracked.spool.records()] == ["create"]
+
+
+def test_the_probe_takes_any_answer_below_500_as_the_server_being_there(monkeypatch):
+    import http.server
+    import threading
+
+    codes = iter([200, 404, 401, 503])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(next(codes))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        assert [spool_mod.reachable(uri) for _ in range(4)] == [True, True, True, False]
+    finally:
+        server.shutdown()
+        server.server_close()
