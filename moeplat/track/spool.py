@@ -119,7 +119,7 @@ class Spool:
         """An artifact from outside the run directory (a temporary file, e.g. a sweep's plots) is
         copied next to the spool: it may be gone by the time the spool is sent."""
         key = {"artifact": "path", "artifacts": "local_dir"}.get(record["op"])
-        if key is None or Path(record[key]).is_relative_to(self.path.parent):
+        if key is None or Path(record[key]).resolve().is_relative_to(self.path.parent.resolve()):
             return record
         import shutil
 

@@ -7,6 +7,7 @@ The end-to-end case with a real `mlflow server` is tests/track/test_outage_start
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import requests
@@ -170,10 +171,15 @@ def test_trials_find_their_parent_whichever_is_synced_first(dead_uri, store, tmp
         assert tags["optuna.state"] == "COMPLETE"
 
 
-def test_a_spooled_artifact_from_a_temporary_directory_is_kept(dead_uri, store, tmp_path):
-    """The sweep's summary plots are written to a temporary directory and logged from there."""
-    run_dir = tmp_path / "run"
+def test_a_spooled_artifact_from_a_temporary_directory_is_kept(dead_uri, store, tmp_path, monkeypatch):
+    """The sweep's summary plots are written to a temporary directory and logged from there; the
+    run's own plots/ and model/ are not copied (sent as they are at sync time)."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("runs") / "r"  # relative, as `moeplat run` names it
     tracked = _started_away(dead_uri, run_dir)
+    (run_dir / "model").mkdir()
+    (run_dir / "model" / "weights.pt").write_bytes(b"w")
+    tracked.log_artifacts(str(run_dir / "model"), "model")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "plot.png").write_bytes(b"png")
@@ -183,6 +189,8 @@ def test_a_spooled_artifact_from_a_temporary_directory_is_kept(dead_uri, store, 
     assert main(["sync", str(run_dir), "--tracking-uri", store]) == 0
     client, run = _only_run(store)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "sweep/plots")] == ["sweep/plots/plot.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/weights.pt"]
+    assert [p.name for p in (run_dir / "spooled-artifacts").rglob("*") if p.is_file()] == ["plot.png"]
 
 
 def test_a_server_that_accepts_but_never_answers_counts_as_away(tmp_path, monkeypatch):
