@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 SPOOL_FILE = "mlflow-spool.jsonl"
+KEPT_DIR = "spooled-artifacts"  # copies of artifacts from outside the run directory, until sent
 LOCAL_ID_PREFIX = "local-"
 LOCAL_ID_TAG = "moeplat.local_run_id"  # on an MLflow run created from a spool: the id it had
 PARENT_LOCAL_TAG = "moeplat.parent_local_run_id"  # a child whose parent run is not created yet
@@ -121,9 +123,7 @@ class Spool:
         key = {"artifact": "path", "artifacts": "local_dir"}.get(record["op"])
         if key is None or Path(record[key]).resolve().is_relative_to(self.path.parent.resolve()):
             return record
-        import shutil
-
-        dest = self.path.parent / "spooled-artifacts" / uuid.uuid4().hex / Path(record[key]).name
+        dest = self.path.parent / KEPT_DIR / uuid.uuid4().hex / Path(record[key]).name
         dest.parent.mkdir(parents=True)
         (shutil.copytree if key == "local_dir" else shutil.copy2)(record[key], dest)
         return {**record, key: str(dest)}
@@ -157,6 +157,7 @@ class Spool:
             if record["op"] == "create":
                 self._created(record["run_id"], new_id)
         self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.path.parent / KEPT_DIR, ignore_errors=True)  # every copy is sent
         return len(records)
 
     def _mapped(self, record: dict) -> dict:

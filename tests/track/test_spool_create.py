@@ -186,11 +186,12 @@ def test_a_spooled_artifact_from_a_temporary_directory_is_kept(dead_uri, store, 
     tracked.log_artifact(str(scratch / "plot.png"), "sweep/plots")
     (scratch / "plot.png").unlink()
     tracked.finish("FINISHED")
+    assert [p.name for p in (run_dir / "spooled-artifacts").rglob("*") if p.is_file()] == ["plot.png"]
     assert main(["sync", str(run_dir), "--tracking-uri", store]) == 0
     client, run = _only_run(store)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "sweep/plots")] == ["sweep/plots/plot.png"]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/weights.pt"]
-    assert [p.name for p in (run_dir / "spooled-artifacts").rglob("*") if p.is_file()] == ["plot.png"]
+    assert not (run_dir / "spooled-artifacts").exists()  # sent: the copies go
 
 
 def test_a_server_that_accepts_but_never_answers_counts_as_away(tmp_path, monkeypatch):
