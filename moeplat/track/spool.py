@@ -10,7 +10,8 @@ params are re-sent with the same value, tags and status overwrite, artifacts ove
 plain file store does not deduplicate metric rows; team mode uses a SQL backend.)
 
 Artifacts are spooled by local path (the run directory's plots/ and model/), so a later sync
-uploads what is there at that time; texts are spooled inline.
+uploads what is there at that time; one from outside the run directory (a spec file, a temporary
+plot) is copied to `spooled-artifacts/` first. Texts are spooled inline.
 
 A run started while the server is away has no MLflow run id yet: it gets a local one
 (`local-<uuid>`) and its first spooled line is a `create` (experiment, name, tags, start time).
