@@ -123,6 +123,12 @@ class LMSystem(L.LightningModule):
             return StepLoad(reduce=reduce)
         starts = batch_idx % accumulate == 0
         if ahead and starts:
+            if not getattr(self, "_announced_pre_pass", False):
+                self._announced_pre_pass = True
+                log.info(
+                    "global-batch load balancing: a routing pre-pass over each step's %d micro-batches",
+                    accumulate,
+                )
             self._balance_plan = count_step_load(self.model, ahead[0], reduce)
         elif ahead or starts or self._balance_plan is None:
             raise RuntimeError(
