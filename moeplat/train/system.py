@@ -53,6 +53,7 @@ class LMSystem(L.LightningModule):
         # global-batch load balancing with accumulation: this step's expert frequencies, counted
         # by the routing pre-pass at its first micro-batch (moeplat.nn.balance)
         self._balance_plan: StepLoad | None = None
+        self._announced_pre_pass = False
         # EP group size when the experts are sharded (set by moeplat.parallel.lightning); > 1 adds
         # the per-rank expert load to the MoE telemetry
         self.expert_shards = 1
@@ -123,7 +124,7 @@ class LMSystem(L.LightningModule):
             return StepLoad(reduce=reduce)
         starts = batch_idx % accumulate == 0
         if ahead and starts:
-            if not getattr(self, "_announced_pre_pass", False):
+            if not self._announced_pre_pass:
                 self._announced_pre_pass = True
                 log.info(
                     "global-batch load balancing: a routing pre-pass over each step's %d micro-batches",
