@@ -25,15 +25,12 @@ The run's `run.json`, next to the spool, is rewritten with the new id.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
-
-log = logging.getLogger(__name__)
 
 SPOOL_FILE = "mlflow-spool.jsonl"
 KEPT_DIR = "spooled-artifacts"  # copies of artifacts from outside the run directory, until sent
@@ -62,11 +59,10 @@ def is_local(run_id: str | None) -> bool:
 
 
 def reachable(tracking_uri: str, timeout_s: float | None = None) -> bool:
-    """Whether an http(s) tracking server answers a request within `timeout_s` (any HTTP answer
-    below 500, even a 404 or 401 from a proxy in front of it, or a TLS handshake MLflow may be told
-    to accept);
-    other stores are local: True. A refused connection answers at once; a server that accepts
-    connections but never answers costs the timeout, not MLflow's retries of every request."""
+    """Whether an http(s) tracking server answers a request within `timeout_s`: any HTTP answer
+    below 500 (a 404 or 401 from a proxy in front of it too), or a TLS handshake MLflow may be told
+    to accept. Other stores are local: True. A refused connection answers at once; a server that
+    accepts connections but never answers costs the timeout, not MLflow's retries of every request."""
     import ssl
     import urllib.error
     import urllib.request
@@ -124,7 +120,7 @@ class Spool:
         key = {"artifact": "path", "artifacts": "local_dir"}.get(record["op"])
         if key is None or Path(record[key]).resolve().is_relative_to(self.path.parent.resolve()):
             return record
-        dest = self.path.parent / KEPT_DIR / uuid.uuid4().hex / Path(record[key]).name
+        dest = self.path.parent.resolve() / KEPT_DIR / uuid.uuid4().hex / Path(record[key]).name
         dest.parent.mkdir(parents=True)
         (shutil.copytree if key == "local_dir" else shutil.copy2)(record[key], dest)
         return {**record, key: str(dest)}
