@@ -7,6 +7,7 @@ at once (in the other order they are attached when the parent is created: moepla
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from moeplat.errors import SpecError, SpecIssue
@@ -23,7 +24,7 @@ def _run_dirs(path: Path) -> list[Path]:
 
 
 def cmd_sync(args) -> int:
-    from moeplat.track.spool import SPOOL_FILE, Spool, sync
+    from moeplat.track.spool import SPOOL_FILE, Spool, reachable, sync
 
     path = Path(args.run_dir)
     if not path.is_dir() or (not (path / "run.json").is_file() and not any(path.rglob("run.json"))):
@@ -40,6 +41,12 @@ def cmd_sync(args) -> int:
             raise SpecError(
                 SpecIssue("", f"sync {run_dir}: run.json names no tracking URI; pass --tracking-uri")
             )
+        if not reachable(uri):  # one quick request, not MLflow's minutes of retries
+            print(
+                f"error: tracking server {uri} unreachable: nothing sent from {run_dir}; sync again later",
+                file=sys.stderr,
+            )
+            return 1
         n = sync(run_dir / SPOOL_FILE, uri)
         run_id = json.loads((run_dir / "run.json").read_text()).get("run_id")
         print(f"synced {n} spooled writes of {run_dir} to {uri} (MLflow run {run_id})")

@@ -62,6 +62,8 @@ def test_a_run_with_its_server_away_starts_on_a_local_id_and_sync_creates_it(
     ops = [r["op"] for r in Spool(run_dir / SPOOL_FILE).records()]
     assert ops == ["create", "params", "metrics", "text", "terminate"]
 
+    assert main(["sync", str(run_dir)]) == 1  # its server is still away: said at once, nothing lost
+    assert Spool(run_dir / SPOOL_FILE).records()[0]["op"] == "create"
     assert main(["sync", str(run_dir), "--tracking-uri", store]) == 0
     client, run = _only_run(store)
     assert run.info.run_name == "r" and run.info.status == "FINISHED"
