@@ -111,11 +111,23 @@ def test_mlflow_tracking_uri_env_is_respected(workdir, tiny_spec_path, monkeypat
     assert store.exists() and not (workdir / "mlflow.db").exists()
 
 
-def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(workdir, tiny_spec_path):
+# Global-batch load balancing with accumulation: the loader's look-ahead restarts at the checkpoint's
+# step and the routing pre-pass replays dropout and router jitter.
+GLOBAL_BATCH = [
+    "train.batch_size=4",
+    "train.grad_accum=2",
+    "model.moe.router.jitter_eps=0.1",
+    "model.moe.losses.load_balancing={coef: 0.1, scope: global_batch}",
+]
+
+
+@pytest.mark.parametrize("options", [[], GLOBAL_BATCH], ids=["default", "global_batch_accum2"])
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(workdir, tiny_spec_path, options):
     """Model, optimizer, schedule, data position and RNG all come back: the resumed run ends with
     exactly the validation loss of the run that was never interrupted."""
     loaded = load_spec(
-        tiny_spec_path, ["train.checkpoint_every=6", "tracking.enabled=false", "model.dropout=0.1"]
+        tiny_spec_path,
+        ["train.checkpoint_every=6", "tracking.enabled=false", "model.dropout=0.1", *options],
     )
     straight = run(loaded, runs_root="a", progress=False)
 
