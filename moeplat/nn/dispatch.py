@@ -208,7 +208,14 @@ def _grouped_mm_works(experts: MLPExperts, device: torch.device, dtype: torch.dt
 def _probe_grouped_mm(D: int, Fh: int, device: torch.device, dtype: torch.dtype) -> bool:
     offs = [0, 5, 16]  # an empty group and groups of unaligned length, as real routing produces
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        # Identity saved-tensor hooks shadow any outer ones: the probe runs once per process, so
+        # inside an activation-checkpointed block its saved tensors would make the forward and its
+        # recomputation save different numbers of tensors (torch.utils.checkpoint.CheckpointError).
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+        ):
             x = torch.randn(offs[-1], D, device=device, dtype=dtype, requires_grad=True)
             w_up = torch.randn(3, D, Fh, device=device, dtype=dtype, requires_grad=True)
             w_down = torch.randn(3, Fh, D, device=device, dtype=dtype, requires_grad=True)

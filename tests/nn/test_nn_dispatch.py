@@ -84,6 +84,22 @@ def test_grouped_mm_probe_rejects_float64_and_is_cached():
     assert _GROUPED_MM_OK[("cpu", torch.float64, 8, 8)] is False
 
 
+def test_first_grouped_mm_probe_inside_a_checkpointed_block(monkeypatch):
+    """The probe runs on the first forward of a process; inside torch.utils.checkpoint its own saved
+    tensors must not count, or the recomputation saves fewer (CheckpointError in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(dispatch_mod, "_GROUPED_MM_OK", {})  # as in a fresh process
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(4, 16, 16)
+    x_TD = torch.randn(8, 16, requires_grad=True)
+    idx, w = _routing(8, 4, 2, seed=1)
+    keep = torch.ones(8, 2, dtype=torch.bool)
+    y = checkpoint(dispatch_sorted, experts, x_TD, idx, w.float(), keep, use_reentrant=False)
+    y.sum().backward()
+    assert dispatch_mod._GROUPED_MM_OK and x_TD.grad is not None
+
+
 def test_sorted_equals_loop_under_bf16_autocast():
     """Mixed precision: float32 weights and inputs, matmuls in bfloat16 on both paths."""
     torch.manual_seed(4)
