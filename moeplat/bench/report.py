@@ -1,10 +1,12 @@
-"""The benchmark table: times, ratios and peak memory, one line per candidate."""
+"""The benchmark tables: times, ratios and peak memory, one line per candidate; plan vs measured memory."""
 
 from __future__ import annotations
 
 import math
 
 from moeplat.bench.layer import Row
+
+MiB = 2**20
 
 
 def _x(v: float | None) -> str:
@@ -39,3 +41,21 @@ def format_overhead(o: dict[str, float]) -> str:
             f"tracking {o['tracking_overhead']:+.1%} vs Lightning (target <= 2%)",
         ]
     )
+
+
+def format_memory(rows: list) -> str:
+    """Plan vs measured memory (moeplat.bench.memory.MemoryRow), one line per spec."""
+    head = f"{'spec':<26} {'plan MiB':>9} {'measured MiB':>13} {'plan/meas':>10}  plan: act / weights+grads+opt MiB"
+    lines = [
+        "",
+        "== plan vs measured memory, one training step (target: plan/meas within 0.75x..1.25x)",
+        head,
+    ]
+    for r in rows:
+        e = r.estimate
+        state = (e["weights"] + e["grads"] + e["optimizer"]) / MiB
+        lines.append(
+            f"{r.spec:<26} {r.estimate_bytes / MiB:>9.1f} {r.measured_bytes / MiB:>13.1f} {r.ratio:>9.2f}x"
+            f"  {e['activations'] / MiB:.1f} / {state:.1f}"
+        )
+    return "\n".join(lines)

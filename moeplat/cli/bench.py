@@ -1,11 +1,14 @@
 """`moeplat bench`: MoE layer speed and memory vs its dense equivalent and transformers, the
-training loop's overhead vs a plain loop, and `moeplat validate`'s wall time."""
+training loop's overhead vs a plain loop, `moeplat validate`'s wall time, and `moeplat plan`'s
+memory estimate vs the measured peak of a training step."""
 
 from __future__ import annotations
 
 import json
 
 REFERENCE_SPEC = "specs/quickstart.yaml"
+# plan vs measured memory: the quick-start and every reference mini (globs, from the repo root)
+MEMORY_SPECS = ("specs/quickstart.yaml", "specs/reference/*-mini.yaml")
 
 
 def add_commands(sub) -> None:
@@ -24,6 +27,15 @@ def add_commands(sub) -> None:
         "--steps", type=int, default=60, help="measured optimizer steps per loop and round (3 rounds)"
     )
     p.add_argument("--no-step", action="store_true", help="skip the step-overhead and validate figures")
+    p.add_argument(
+        "--memory-spec",
+        action="append",
+        metavar="FILE",
+        help="plan vs measured memory for this spec (repeatable; default: the quick-start and the "
+        "reference minis)",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip plan vs measured memory")
+    p.add_argument("--no-layers", action="store_true", help="skip the MoE layer table")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(fn=cmd_bench)
 
@@ -57,7 +69,9 @@ def cmd_bench(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    if args.spec:
+    if args.no_layers:
+        points = []
+    elif args.spec:
         points = [_spec_point(args)]
     else:
         points = [(replace(p, tokens=args.tokens) if args.tokens else p, None) for p in GRIDS[args.grid]]
@@ -81,6 +95,22 @@ def cmd_bench(args) -> int:
         if not args.json:
             print(format_overhead(result["step"]))
             print(f"\nmoeplat validate {args.step_spec}: {result['validate_s']:.2f} s wall (target < 0.5 s)")
+    if not args.no_memory:
+        result["memory"] = _memory(args, device)
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     return 0
+
+
+def _memory(args, device) -> list[dict]:
+    """Plan's memory estimate vs the measured peak of one training step, per spec."""
+    import glob
+
+    from moeplat.bench.memory import compare
+    from moeplat.bench.report import format_memory
+
+    files = args.memory_spec or [f for pattern in MEMORY_SPECS for f in sorted(glob.glob(pattern))]
+    rows = [compare(f, device) for f in files]
+    if not args.json:
+        print(format_memory(rows), flush=True)
+    return [r.to_dict() for r in rows]

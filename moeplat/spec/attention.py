@@ -2,7 +2,8 @@
 
 The head counts stay where they always were: `model.n_heads` (query heads, both kinds) and
 `model.n_kv_heads` (key/value heads, gqa only). This module also counts the attention's
-parameters, forward FLOPs and stored activations per token for moeplat.spec.plan.
+parameters and forward FLOPs per token for moeplat.spec.plan (its stored activations:
+moeplat.spec.plan_memory, which follows the attention kernel that runs).
 """
 
 from __future__ import annotations
@@ -114,13 +115,3 @@ def attention_flops(attn: Attention, d: int, h: int, kv_heads: int, seq_len: int
         return 2 * _mla_matrices(attn, d, h) + 2 * seq_len * h * (qk + attn.v_head_dim)
     hd = gqa_head_dim(attn, d, h)
     return 2 * (2 * d * h * hd + 2 * d * kv_heads * hd) + 2 * 2 * seq_len * h * hd
-
-
-def attention_activations(attn: Attention, d: int, h: int, kv_heads: int, seq_len: int) -> int:
-    """Values per token stored for backward: q, k, v (and MLA's latents) and S attention
-    probabilities per head (moeplat.spec.plan.memory_estimate adds the residual inputs)."""
-    if isinstance(attn, MLA):
-        qk = attn.qk_nope_head_dim + attn.qk_rope_head_dim
-        latents = (attn.q_lora_rank or 0) + attn.kv_lora_rank + attn.qk_rope_head_dim
-        return latents + h * (2 * qk + attn.v_head_dim) + h * seq_len
-    return (h + 2 * kv_heads) * gqa_head_dim(attn, d, h) + h * seq_len

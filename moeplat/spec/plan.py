@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from moeplat.spec.attention import attention_activations, attention_flops, attention_params
+from moeplat.spec.attention import attention_flops, attention_params
 from moeplat.spec.ffn import ffn_matrices
+from moeplat.spec.plan_memory import activation_bytes
 from moeplat.spec.root import Spec
 from moeplat.spec.routers import router_params
 
@@ -115,44 +116,24 @@ def plan(spec: Spec) -> Plan:
 
 
 def memory_estimate(spec: Spec, total_params: int) -> dict:
-    """Training memory per device, in bytes. An estimate for planning, not a measurement.
+    """Training memory per device, in bytes. An estimate for planning, checked against a measured
+    step peak by `moeplat bench --memory` (tests/bench/test_memory.py: within 25% for the
+    quick-start and the reference minis on CPU).
 
     weights, grads: 4 bytes/param (fp32 master weights, also under mixed precision);
     optimizer: AdamW keeps two fp32 moments (8 bytes/param);
-    activations: stored for backward per micro-batch. Per layer and token we count the residual
-    stream inputs of attention and FFN, q/k/v/attention output, the FFN hidden activations of the
-    active experts (3 x top_k x d_ff for GLU kinds: gate, up, product; 2 x for gelu/relu: pre- and
-    post-activation) and the S x S attention
-    probabilities per head; plus logits and their softmax (2 x vocab) at the end.
+    activations: what autograd keeps for backward in one micro-batch, block by block, with the
+    attention kernel that runs (a fused SDPA kernel keeps no S x S scores), plus the LM head's
+    logits and loss gradients at the start of backward (moeplat.spec.plan_memory).
+    The total adds them all: every gradient and every activation at once is the upper bound of the
+    step's peak (in backward, gradients appear while activations are freed).
     """
-    m, t = spec.model, spec.train
-    act_bytes = 2 if t.precision != "32-true" else 4
-    s, b = spec.data.seq_len, t.batch_size
-    attn = 4 * m.d_model + attention_activations(m.attention, m.d_model, m.n_heads, m.kv_heads, s)
-    per_token = 0
-    moe_pos = {layer: j for j, layer in enumerate(m.moe_layers)}
-    for i in range(m.n_layers):
-        if i in moe_pos:
-            moe = m.moe
-            shape = moe.shape(moe_pos[i])
-            ffn_hidden = shape.routed_top_k * moe.routed_d_ff + moe.shared_experts.count * (
-                moe.shared_experts.d_ff or moe.experts.d_ff
-            )
-            ffn_hidden = (
-                ffn_matrices(moe.experts.kind) * ffn_hidden
-                + shape.routed_experts
-                + m.d_model * shape.routed_top_k
-            )  # + router, dispatched copies
-        else:
-            ffn_hidden = ffn_matrices(m.dense_ffn.kind) * m.dense_ffn.d_ff
-        per_token += attn + ffn_hidden
-    per_token += 2 * m.vocab_size
-    activations = per_token * s * b * act_bytes
+    blocks, head = activation_bytes(spec)
     mem = {
         "weights": 4 * total_params,
         "grads": 4 * total_params,
         "optimizer": 8 * total_params,
-        "activations": activations,
+        "activations": sum(blocks) + head,
     }
     mem["total"] = sum(mem.values())
     return mem

@@ -34,6 +34,16 @@ def _dispatch(spec) -> str:
     return kind if kind == built else f"{kind} -> {built}"
 
 
+def _kernel(spec) -> str:
+    """The attention kernel the activation estimate assumes (moeplat.spec.plan_memory)."""
+    from moeplat.spec.plan_memory import attention_kernel
+
+    where = {"auto": "planned as a GPU", "gpu": "GPU", "cpu": "CPU"}[spec.parallel.accelerator]
+    if attention_kernel(spec) == "fused":
+        return f"fused attention kernel ({where}: no S x S scores kept)"
+    return f"math attention kernel ({where}: softmax(QK^T) kept, S x S per head)"
+
+
 def format_plan(spec, p) -> str:
     m = spec.model
     moe = m.moe
@@ -54,6 +64,8 @@ def format_plan(spec, p) -> str:
         f"FLOPs/token     {_n(p.flops_per_token_fwd)} forward, {_n(p.flops_per_token_train)} train (fwd+bwd)",
         f"tokens/step     {p.tokens_per_step:,} -> {_n(p.flops_per_step_train)} FLOP per optimizer step",
         "memory (est.)   " + ", ".join(f"{k} {_bytes(v)}" for k, v in p.memory_bytes.items()),
+        f"activations     per micro-batch of {spec.train.batch_size} x {spec.data.seq_len} tokens, "
+        f"{_kernel(spec)}",
     ]
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ Memory per device, bytes (an estimate for planning, as moeplat.spec.plan.memory_
   and optimizer 1/world (fsdp grad_op: ZeRO-2); 1/devices (fsdp hybrid: sharded within a node).
   expert_parallel: routed experts / ep_size, the rest as its `dense` strategy (ddp or fsdp full).
   activations: plan's per-micro-batch estimate; with activation checkpointing only each block's
-  input (D per token) is stored, plus one block's activations recomputed at a time and the logits.
+  input (D float32 values per token) is stored, plus the largest block's activations recomputed
+  at a time and the head's (moeplat.spec.plan_memory).
   all-to-all buffers (expert_parallel): one MoE layer's send and receive buffers at a time,
   2 x tokens x top_k x D (all_to_all) or ep_size x tokens x D gathered plus tokens x D (all_gather).
 Communication per device and optimizer step (bytes sent):
@@ -25,6 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from moeplat.spec.plan import Plan
+from moeplat.spec.plan_memory import activation_bytes
 from moeplat.spec.root import Spec
 from moeplat.spec.sections import ExpertParallel
 
@@ -65,12 +67,10 @@ def _activation_bytes(spec: Spec, p: Plan) -> float:
     full = p.memory_bytes["activations"]
     if not spec.parallel.activation_checkpointing:
         return full
-    m, t = spec.model, spec.train
-    act = 2 if t.precision != "32-true" else 4
-    tokens = spec.data.seq_len * t.batch_size
-    head = 2 * m.vocab_size * tokens * act
-    one_block = (full - head) / m.n_layers
-    return m.n_layers * m.d_model * tokens * act + one_block + head
+    blocks, head = activation_bytes(spec)
+    tokens = spec.data.seq_len * spec.train.batch_size
+    # each block's input (the float32 residual stream), one block recomputed at a time, the head
+    return spec.model.n_layers * spec.model.d_model * tokens * 4 + max(blocks) + head
 
 
 def _moe_top_ks(spec: Spec) -> list[int]:

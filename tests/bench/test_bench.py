@@ -11,7 +11,19 @@ import pytest
 from moeplat.cli.main import main
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny.yaml"
-QUICK = ["bench", "--grid", "quick", "--tokens", "64", "--repeats", "1", "--warmup", "0", "--no-step"]
+QUICK = [
+    "bench",
+    "--grid",
+    "quick",
+    "--tokens",
+    "64",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--no-memory",
+    "--no-step",
+]
 MOEPLAT = {"moeplat:loop", "moeplat:sorted", "moeplat:capacity"}
 
 
