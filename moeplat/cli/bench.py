@@ -37,6 +37,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip plan vs measured memory")
     p.add_argument("--no-layers", action="store_true", help="skip the MoE layer table")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE (the tables still print)")
     p.set_defaults(fn=cmd_bench)
 
 
@@ -99,6 +100,9 @@ def cmd_bench(args) -> int:
         result["memory"] = _memory(args, device)
     if args.json:
         print(json.dumps(result, indent=2, default=float))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2, default=float)
     return 0
 
 
