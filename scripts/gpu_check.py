@@ -77,7 +77,7 @@ def dispatch(out: Path, device: str) -> None:
             for a, b in zip(*outs, strict=True)
         )
         name = str(dtype).removeprefix("torch.")
-        grouped = _GROUPED_MM_OK.get((str(dev), dtype, D, F), False)
+        grouped = _GROUPED_MM_OK.get((str(x.device), dtype, D, F), False)  # the key the probe used
         results[name] = {"max_rel_diff": worst, "tolerance": tol, "grouped_mm": grouped}
         ok &= worst <= tol
     _write(out, "dispatch", {"device": device, "ok": ok, **results})

@@ -9,7 +9,9 @@ measured (the steady state the estimate describes).
 Measured peak, bytes live at the step's highest point, everything included (weights, RoPE tables,
 moments, the batch, activations, gradients, temporaries):
 - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (what the caching allocator
-  handed out; its cached-but-free blocks are not counted, nor is the CUDA context).
+  handed out; its cached-but-free blocks are not counted, nor is the CUDA context), less what was
+  allocated before the step that is no tensor of the model, optimizer or batch (the cuBLAS and
+  attention workspaces the first step left: tens of MiB, which would swamp the minis' figures).
 - CPU: the bytes live when the step starts (every parameter, buffer, optimizer state and batch
   tensor, unique storages) plus the highest running sum of torch.profiler's allocation events
   (profile_memory=True: each allocation and free of torch's CPU allocator during the step, in
@@ -149,10 +151,12 @@ def measure_step_peak(spec, device: torch.device) -> int:
     step()  # creates AdamW's moments
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        # allocated but no tensor of the model, optimizer or batch: cuBLAS / attention workspaces
+        workspaces = torch.cuda.memory_allocated(device) - live_bytes(held())
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device) - max(workspaces, 0)
     return live_bytes(held()) + profiled_peak_delta(step)
 
 
