@@ -167,7 +167,8 @@ def test_team_topology_postgres_and_mlflow_server(tmp_path, postgres_url):  # no
         headers = {"Authorization": f"Bearer {token}"}
         _check_job(url, job_id, tracking, headers, "team")
         assert httpx.get(f"{url}/api/jobs/{job_id}", headers=headers).json()["worker"] == "gpu-box"
-        assert (worker_dir / ".moeplat" / "worker" / "runs" / "tiny").is_dir()
+        runs = worker_dir / ".moeplat" / "worker" / "runs"
+        assert (runs / f"job-{job_id}" / "tiny").is_dir()  # one runs directory per job
     finally:
         for p in (worker, server, mlflow):
             if p:
