@@ -60,16 +60,19 @@ def test_a_trial_killed_mid_run_is_retried_from_its_checkpoint_into_the_same_run
     study = open_study(load_sweep(path), storage, create=False)
     trials = study.get_trials()
     assert [t.state for t in trials] == [State.FAIL, State.COMPLETE, State.COMPLETE]
-    retry = trials[1]
-    assert retry.system_attrs["failed_trial"] == 0 and retry.params == trials[0].params
+    # the dead trial turns stale only a grace period after its last heartbeat: the resumed worker may
+    # start a new trial before the retry is queued, so the retry is trial 1 or 2
+    (retry,) = [t for t in trials[1:] if t.system_attrs.get("failed_trial") == 0]
+    assert retry.params == trials[0].params
     assert finished_count(study) == 2  # n_trials: the dead trial counts through its retry
 
     client = MlflowClient(tracking)
     assert retry.user_attrs["mlflow_run_id"] == killed_run  # continued, not started over
     continued = client.get_run(killed_run)
     assert continued.info.status == "FINISHED"
-    assert continued.data.tags["optuna.trial"] == "1" and continued.data.tags["optuna.state"] == "COMPLETE"
+    assert continued.data.tags["optuna.trial"] == str(retry.number)
+    assert continued.data.tags["optuna.state"] == "COMPLETE"
     val_steps = list(range(VAL_EVERY - 1, MAX_STEPS, VAL_EVERY))
     for t in trials[1:]:
         assert_exact_history(client, t.user_attrs["mlflow_run_id"], MAX_STEPS, val_steps)
-    assert retry.user_attrs["mlflow_run_id"] != trials[2].user_attrs["mlflow_run_id"]
+    assert trials[1].user_attrs["mlflow_run_id"] != trials[2].user_attrs["mlflow_run_id"]
