@@ -22,8 +22,6 @@ work directory (the same worker restarted, or another sharing the directory) res
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import logging
 import os
 import platform
@@ -139,8 +137,9 @@ class Worker:
         spec_file.write_text(c["text"], encoding="utf-8")
         env = {**os.environ, "MOEPLAT_JOB_ID": str(job_id), "PYTHONUNBUFFERED": "1"}
         log.info("job %d (attempt %d): %s", job_id, attempt, c["job"]["name"])
+        die_with_worker = [sys.executable, "-m", "moeplat.server.die_with", str(os.getpid())]
         proc = subprocess.Popen(
-            self.command(c, spec_file),
+            [*die_with_worker, *self.command(c, spec_file)],
             cwd=self.work_dir,
             env=env,
             stdout=subprocess.PIPE,
@@ -149,7 +148,6 @@ class Worker:
             text=True,
             errors="replace",
             start_new_session=True,  # signals reach the run and whatever it starts, not us
-            preexec_fn=functools.partial(_die_with, os.getpid()),
         )
         run = _Running(proc, self.grace_s)
         try:
@@ -202,31 +200,6 @@ class Worker:
             except httpx.HTTPError as e:
                 log.warning("job %d: cannot report its end yet: %s", job_id, e)
                 time.sleep(min(10, 1 + i))
-
-
-def _prctl():
-    """libc's prctl, looked up here in the worker: the job's child process only calls it (no
-    dlopen between fork and exec, where another thread may have held the loader's lock)."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-_PRCTL = _prctl()
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with(worker_pid: int) -> None:
-    """In the job's process, before exec: SIGKILL when the worker dies. Otherwise a `kill -9` of
-    the worker leaves its run training on, unwatched, while the requeued job trains the same run
-    again (here: two processes on one run directory and MLflow run). Linux only; elsewhere the run
-    outlives its worker as before."""
-    if _PRCTL is None:
-        return
-    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != worker_pid:  # the worker died before prctl: nobody will send it
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Running:

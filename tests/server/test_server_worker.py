@@ -54,10 +54,6 @@ def _worker_thread(worker: Worker) -> tuple[threading.Thread, threading.Event]:
     return thread, stop
 
 
-@pytest.mark.skip(
-    reason="fails only after the rest of the suite (waits 120 s for the job's MLflow run), passes alone "
-    "and with tests/server: an order dependence to bisect, see the session note"
-)
 def test_cancel_a_running_training_job(tmp_path, spec_root):  # noqa: F811
     s = settings_for(tmp_path)
     with live_server(s) as url:
