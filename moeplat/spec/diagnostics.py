@@ -132,6 +132,14 @@ def fields_at(root: type[BaseModel], path: tuple) -> list[str]:
     return []
 
 
+# Keys an older spec version had, with what replaced them: the hint an old spec gets.
+REPLACED_KEYS = {
+    "train.val_batches": "train.val_batches was replaced by data.val_tokens: validation is a fixed amount "
+    "of text per source (a number of tokens, rounded down to whole sequences, or all), the same for every "
+    "batch size and device count; delete train.val_batches and set data.val_tokens (e.g. 32768)",
+}
+
+
 def did_you_mean(word: str, choices: list[str]) -> str | None:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
@@ -160,7 +168,7 @@ def issues_from_validation(root: type[BaseModel], err: ValidationError, origin: 
         if etype == "extra_forbidden":
             msg, has_value = "unknown key", False
             allowed = fields_at(root, tuple(e["loc"])[:-1])
-            hint = did_you_mean(str(path[-1]), allowed) or (
+            hint = REPLACED_KEYS.get(dotted(path)) or did_you_mean(str(path[-1]), allowed) or (
                 f"allowed: {', '.join(allowed)}" if allowed else None
             )
         elif etype == "missing":

@@ -34,7 +34,77 @@ class TextFilesSource(Strict):
     max_bytes: PositiveInt | None = None
 
 
-DataSource = Annotated[PythonStdlibSource | TextFilesSource, Field(discriminator="kind")]
+class PythonDocsSource(Strict):
+    """Built-in English prose: the reStructuredText sources of the Python documentation that Debian's
+    python3.11-doc package installs (scripts/system-deps.sh installs it; no download at run time)."""
+
+    kind: Literal["python_docs"]
+    max_bytes: PositiveInt | None = Field(
+        None, description="Cap on corpus size; documents chosen by a stable hash."
+    )
+
+
+class HfDatasetSource(Strict):
+    """What `datasets.load_dataset` reads: a builder (json, parquet, csv, text) over `data_files`
+    (local paths, globs, or fsspec URLs such as s3://), or a Hub dataset name (read through the local
+    Hugging Face cache when offline). Relative data_files resolve against the spec file's directory.
+    Each row is one document, named `<file>:<row>` so the train/validation split is stable."""
+
+    kind: Literal["hf_dataset"]
+    path: str = Field(description="Builder (json, parquet, csv, text) or Hub dataset name.")
+    name: str | None = Field(None, description="Dataset configuration (load_dataset's `name`).")
+    data_files: list[str] | None = Field(None, description="Files, globs or fsspec URLs for a builder.")
+    split: str = "train"
+    text_field: str = "text"
+    text_fields: list[str] | None = Field(
+        None, description="Several columns joined by `separator` into one document (replaces text_field)."
+    )
+    separator: str = "\n\n"
+    streaming: bool = Field(False, description="Iterate rows without materialising the dataset.")
+    storage_options: dict[str, str | int | float | bool] | None = Field(
+        None, description="fsspec options for remote data_files (e.g. endpoint_url for S3)."
+    )
+    max_bytes: PositiveInt | None = Field(None, description="Stop reading rows past this many bytes.")
+
+
+# Components of a mixture: any source but a mixture.
+LeafSource = Annotated[
+    PythonStdlibSource | TextFilesSource | PythonDocsSource | HfDatasetSource, Field(discriminator="kind")
+]
+
+
+class MixtureComponent(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = Field(
+        description="Names the source's metrics: val/<name>/loss, val/<name>/bpb."
+    )
+    weight: Annotated[float, Field(gt=0)] = Field(description="Share of every global batch (normalised).")
+    max_tokens: PositiveInt | None = Field(
+        None, description="Cap on the source's training tokens; it repeats (reshuffled) once exhausted."
+    )
+    source: LeafSource
+
+
+class MixtureSource(Strict):
+    """Several sources sampled by weight with Megatron's blended-dataset semantics: every global batch
+    holds each source's share of whole sequences; each source keeps its own validation split."""
+
+    kind: Literal["mixture"]
+    sources: Annotated[list[MixtureComponent], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique(self) -> MixtureSource:
+        problems, seen = [], set()
+        for i, c in enumerate(self.sources):
+            if c.name in seen:
+                problems.append((f"sources.{i}.name", f"source name {c.name!r} is used twice; names must be unique"))
+            seen.add(c.name)
+        return check(problems) or self
+
+
+DataSource = Annotated[
+    PythonStdlibSource | TextFilesSource | PythonDocsSource | HfDatasetSource | MixtureSource,
+    Field(discriminator="kind"),
+]
 
 
 class ByteTokenizer(Strict):
@@ -55,6 +125,20 @@ class DataSpec(Strict):
     val_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.05
     split_seed: Seed = Field(0, description="Seed of the document-level train/validation split.")
     num_workers: Annotated[int, Field(ge=0)] = 0
+    val_tokens: PositiveInt | Literal["all"] = Field(
+        32768,
+        description="Validation text per source: this many target tokens, rounded down to whole "
+        "sequences (the first ones of the split), or all; independent of batch size and devices.",
+    )
+
+    @model_validator(mode="after")
+    def _val_tokens(self) -> DataSpec:
+        if self.val_tokens != "all" and self.val_tokens < self.seq_len:
+            return check(
+                [("val_tokens", f"val_tokens ({self.val_tokens}) is less than one sequence (seq_len {self.seq_len}); "
+                  "raise it or use all")]
+            )
+        return self
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -143,7 +227,6 @@ class TrainSpec(Strict):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     val_every: PositiveInt = Field(100, description="Validate every this many optimizer steps.")
-    val_batches: PositiveInt = 20
     log_every: PositiveInt = 10
     moe_log_every: PositiveInt | None = Field(
         None, description="Optimizer steps between MoE telemetry logs (moe/*); null = log_every."
