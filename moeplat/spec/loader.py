@@ -104,11 +104,18 @@ def _data_base_dir(origins: dict, path: Path) -> str:
     return str(Path(file).resolve().parent if file else path.resolve().parent)
 
 
+def _base_dir_of(origins: dict, key: tuple) -> str:
+    """Directory of the file that set `key` (the working directory for --set or when unknown)."""
+    file, _ = _origin_of(origins, key)
+    return str(Path(file).resolve().parent) if file and not file.startswith("--set") else str(Path.cwd())
+
+
 def validate(resolved: dict, origins: dict | None = None) -> Spec:
     """Validate a plain mapping; errors name file:line when `origins` is known."""
     origins = origins or {}
     try:
-        return Spec.model_validate_json(json.dumps(resolved, allow_nan=True))
+        context = {"tokenizer_base_dir": _base_dir_of(origins, ("data", "tokenizer", "path"))}
+        return Spec.model_validate_json(json.dumps(resolved, allow_nan=True), context=context)
     except ValidationError as err:
         raise SpecError(issues_from_validation(Spec, err, lambda p: _origin_of(origins, p))) from None
 

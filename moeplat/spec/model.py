@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -21,7 +21,14 @@ DenseFFN = MLP
 
 
 class ModelSpec(Strict):
-    vocab_size: Annotated[int, Field(ge=2)] = 256
+    vocab_size: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
+        "auto",
+        description="Embedding and output rows; auto = the tokenizer's vocabulary padded up to "
+        "vocab_multiple (resolved at validation: show and plan print the number).",
+    )
+    vocab_multiple: PositiveInt = Field(
+        128, description="vocab_size: auto pads up to a multiple of this (Megatron's 128, for speed)."
+    )
     d_model: PositiveInt
     n_layers: PositiveInt
     n_heads: PositiveInt

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from moeplat.spec.base import Strict, check
 from moeplat.spec.model import ModelSpec
 from moeplat.spec.moe import Dropless
 from moeplat.spec.routers import UNLEARNED
 from moeplat.spec.sections import (
-    TOKENIZER_VOCAB,
     DataSpec,
     ExpertParallel,
+    HfTokenizer,
     ParallelSpec,
     TrackingSpec,
     TrainSpec,
     train_model_problems,
 )
+from moeplat.spec.tokenizer_files import resolve_tokenizer_file, tokenizer_file_vocab_size
 
 
 class Spec(Strict):
@@ -33,7 +34,7 @@ class Spec(Strict):
     parallel: ParallelSpec = ParallelSpec()
 
     @model_validator(mode="after")
-    def _cross(self) -> Spec:
+    def _cross(self, info: ValidationInfo) -> Spec:
         problems = []
         if self.data.seq_len > self.model.max_seq_len:
             problems.append(
@@ -42,14 +43,7 @@ class Spec(Strict):
                     f"seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
                 )
             )
-        need = TOKENIZER_VOCAB[self.data.tokenizer.kind]
-        if self.model.vocab_size < need:
-            problems.append(
-                (
-                    "model.vocab_size",
-                    f"vocab_size must be >= {need} for the {self.data.tokenizer.kind} tokenizer",
-                )
-            )
+        problems += vocab_problems(self, (info.context or {}).get("tokenizer_base_dir", "."))
         moe = self.model.moe
         learned = moe is not None and moe.router.kind not in UNLEARNED
         problems += train_model_problems(self.train, moe is not None, learned)  # train's MoE options
@@ -87,3 +81,43 @@ def parallel_model_problems(spec: Spec) -> list[tuple[str, str]]:
             )
         )
     return problems
+
+
+def tokenizer_vocab(spec: Spec) -> int:
+    """Ids the spec's tokenizer can produce: 256 bytes, the bpe's vocab_size (an upper bound: a small
+    corpus may give fewer), or the hf tokenizer.json's size (its file was found at validation)."""
+    tok = spec.data.tokenizer
+    if tok.kind == "byte":
+        return 256
+    if tok.kind == "bpe":
+        return tok.vocab_size
+    return tokenizer_file_vocab_size(tok.file)
+
+
+def vocab_problems(spec: Spec, base_dir: str) -> list[tuple[str, str]]:
+    """Find an hf tokenizer's file, resolve `model.vocab_size: auto` (padded up to vocab_multiple)
+    and check an explicit vocab_size against the tokenizer's. Resolving writes the number into the
+    (frozen) model section once, here, so that everything downstream reads a plain int."""
+    tok, m = spec.data.tokenizer, spec.model
+    if isinstance(tok, HfTokenizer):
+        try:
+            tok._file = str(resolve_tokenizer_file(tok.path, base_dir))
+            need = tokenizer_vocab(spec)
+        except (FileNotFoundError, ValueError) as e:
+            return [("data.tokenizer.path", str(e))]
+    else:
+        need = tokenizer_vocab(spec)
+    if m.vocab_size == "auto":
+        object.__setattr__(m, "vocab_size", -(-need // m.vocab_multiple) * m.vocab_multiple)
+        return []
+    if "vocab_multiple" in m.model_fields_set:
+        return [("model.vocab_multiple", "pads vocab_size: auto only; remove it or set vocab_size: auto")]
+    if m.vocab_size < need:
+        return [
+            (
+                "model.vocab_size",
+                f"vocab_size {m.vocab_size} is smaller than the {tok.kind} tokenizer's vocabulary of "
+                f"{need}: the {tok.kind} tokenizer needs {need} ids; set model.vocab_size: auto (or >= {need})",
+            )
+        ]
+    return []

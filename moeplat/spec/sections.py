@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
 from moeplat.spec.base import Seed, Strict, check
 
@@ -113,9 +113,54 @@ class ByteTokenizer(Strict):
     kind: Literal["byte"]
 
 
-Tokenizer = Annotated[ByteTokenizer, Field(discriminator="kind")]
+class BpeTokenizer(Strict):
+    """Byte-level BPE (GPT-2's scheme, Hugging Face `tokenizers`) trained on the training split only
+    (never the validation documents). Trained once per (training documents, settings) and cached
+    under $MOEPLAT_CACHE_DIR (default ~/.cache/moeplat)/tokenizers/; saved with each run."""
 
-TOKENIZER_VOCAB = {"byte": 256}
+    kind: Literal["bpe"]
+    vocab_size: Annotated[int, Field(ge=258, le=262_144)] = Field(
+        description="Largest vocabulary: 256 byte symbols + special_tokens + merges (fewer when the "
+        "corpus runs out of pairs seen min_frequency times)."
+    )
+    min_frequency: PositiveInt = Field(2, description="A pair is merged only if seen this often.")
+    special_tokens: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["<|endoftext|>"],
+        description="Ids 0.. in this order; the first is the EOS packed between documents.",
+    )
+
+    @model_validator(mode="after")
+    def _cross(self) -> BpeTokenizer:
+        problems = []
+        if len(set(self.special_tokens)) < len(self.special_tokens):
+            problems.append(("special_tokens", "names a token twice"))
+        if self.vocab_size <= 256 + len(self.special_tokens):
+            problems.append(
+                ("vocab_size", f"must exceed 256 bytes + {len(self.special_tokens)} special tokens")
+            )
+        return check(problems) or self
+
+
+class HfTokenizer(Strict):
+    """A ready tokenizer: `path` is a tokenizer.json, a transformers tokenizer directory, or a Hub
+    name resolved in the local Hugging Face cache only (never downloaded). Relative paths resolve
+    against the spec file's directory (moeplat.spec.tokenizer_files)."""
+
+    kind: Literal["hf"]
+    path: Annotated[str, Field(min_length=1)]
+    eos_token: str | None = Field(
+        None,
+        description="Token packed between documents; null = tokenizer_config.json's eos_token, else "
+        "the first special token among <|endoftext|>, <|end_of_text|>, </s>, <eos>, <|im_end|>, [SEP].",
+    )
+    _file: str | None = PrivateAttr(None)  # the tokenizer.json found at validation (absolute)
+
+    @property
+    def file(self) -> str | None:
+        return self._file
+
+
+Tokenizer = Annotated[ByteTokenizer | BpeTokenizer | HfTokenizer, Field(discriminator="kind")]
 
 
 class DataSpec(Strict):
