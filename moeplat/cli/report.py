@@ -11,6 +11,10 @@ def format_summary(spec, r) -> str:
             f"  val loss {r.val_loss:.4f} nats/token {verdict} the unigram baseline {r.unigram_baseline:.4f} "
             f"(delta {r.unigram_baseline - r.val_loss:+.4f})"
         )
+    if getattr(r, "val_bpb", None) is not None:
+        base = r.unigram_baseline_bpb
+        against = f" (unigram baseline {base:.4f})" if base is not None else ""
+        lines.append(f"  val bpb  {r.val_bpb:.4f} bits/byte{against}: comparable across tokenizers")
     if r.tokens_per_s:
         lines.append(f"  throughput {r.tokens_per_s:,.0f} tokens/s")
     lines.append(f"  run dir    {r.run_dir}   (resume: --resume {r.run_dir})")

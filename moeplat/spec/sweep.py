@@ -77,11 +77,13 @@ Distribution = Annotated[IntDist | FloatDist | CategoricalDist, Field(discrimina
 
 
 class Objective(Strict):
-    """metric: a run result (val/loss, val/ppl, perf/tokens_per_s) or a plan count (plan.active_params, ...)."""
+    """metric: a run result (val/loss, val/ppl, val/bpb, perf/tokens_per_s) or a plan count
+    (plan.active_params, ...). val/bpb, bits per UTF-8 byte, compares trials whose tokenizers differ."""
 
     metric: Literal[
         "val/loss",
         "val/ppl",
+        "val/bpb",
         "perf/tokens_per_s",
         "plan.active_params",
         "plan.total_params",

@@ -147,6 +147,8 @@ def objective_values(sweep: SweepSpec, result, counts) -> list[float]:
             v = result.val_loss
         elif o.metric == "val/ppl":
             v = math.exp(min(result.val_loss, 50.0)) if result.val_loss is not None else None
+        elif o.metric == "val/bpb":
+            v = result.val_bpb
         elif o.metric == "perf/tokens_per_s":
             v = result.tokens_per_s
         else:

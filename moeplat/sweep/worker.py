@@ -59,7 +59,9 @@ def make_objective(
         reason = _rejection(counts, sweep)
         if reason:
             return _reject(trial, reason)
-        pruner = PruneOnValidation(trial if prunable else None)
+        # intermediate values on the objective's own scale: bpb trials compare across tokenizers
+        monitor = "val/bpb" if sweep.objectives[0].metric == "val/bpb" else "val/loss"
+        pruner = PruneOnValidation(trial if prunable else None, monitor)
         sampled = overrides[len(loaded.fixed_overrides()) :]
         tags = {
             "optuna.study": sweep.name,

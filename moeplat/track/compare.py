@@ -16,8 +16,12 @@ from moeplat.track.mlflow_run import absolute_sqlite
 KEY_METRICS: tuple[tuple[str, str, str], ...] = (
     ("val/loss (final)", "val/loss", "last"),
     ("val/loss (best)", "val/loss", "min"),
+    ("val/bpb (final)", "val/bpb", "last"),  # bits per byte: comparable across tokenizers
+    ("val/bpb (best)", "val/bpb", "min"),
     ("train/loss (final)", "train/loss", "last"),
     ("data/unigram_baseline", "data/unigram_baseline", "last"),
+    ("data/unigram_baseline_bpb", "data/unigram_baseline_bpb", "last"),
+    ("data/bytes_per_token", "data/bytes_per_token", "last"),
     ("moe/all/maxvio (last)", "moe/all/maxvio", "last"),
     ("moe/all/dropped_frac (last)", "moe/all/dropped_frac", "last"),
     ("perf/tokens_per_s (last)", "perf/tokens_per_s", "last"),

@@ -33,6 +33,8 @@ class RunResult:
     unigram_baseline: float
     tokens_per_s: float | None
     wall_s: float
+    val_bpb: float | None = None  # bits per UTF-8 byte: comparable across tokenizers
+    unigram_baseline_bpb: float | None = None
     rank: int = 0  # this process's global rank in a multi-process run
 
 
@@ -241,6 +243,7 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     )
     if rank == 0:
         _save_state(run_dir, loaded, tracked, state.get("metrics_through"))
+        _save_tokenizer(datamodule, run_dir, tracked)
 
     system = LMSystem(
         model,
@@ -306,7 +309,18 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
         tokens_per_s=throughput.tokens_per_s,
         wall_s=time.perf_counter() - t_start,
         rank=rank,
+        val_bpb=system.last_val.get("val/bpb"),
+        unigram_baseline_bpb=getattr(corpus, "unigram_baseline_bpb", None),
     )
+
+
+def _save_tokenizer(datamodule, run_dir: Path, tracked) -> None:
+    """tokenizer.json in the run directory and as the MLflow artifact tokenizer/tokenizer.json, so
+    the run's token ids can be decoded later (the byte tokenizer has no file: ids are bytes)."""
+    tok = getattr(datamodule, "tokenizer", None)
+    path = tok.save(run_dir) if tok is not None else None
+    if path is not None and tracked:
+        tracked.log_artifact(str(path), "tokenizer")
 
 
 def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progress: bool, state: dict):
@@ -360,6 +374,11 @@ def _log_summary(tracked, logger, corpus, step: int, wall_s: float, throughput) 
     its own last step, unless an earlier attempt already did at this step)."""
     rows = {
         "data/unigram_baseline": corpus.unigram_baseline,
+        **{
+            f"data/{k}": getattr(corpus, k)
+            for k in ("unigram_baseline_bpb", "bytes_per_token")
+            if getattr(corpus, k, None) is not None
+        },
         "perf/wall_s": wall_s,
         "perf/tokens_seen": step * throughput.tokens_per_step,
     }

@@ -4,7 +4,8 @@ import { api, messageOf, type RunSummary, type Study } from "./api";
 import { bars, heatmap, heatmapLegend, lineChart, PALETTE, type Point, scatter, type Series } from "./charts";
 import { clear, h, link, num } from "./dom";
 
-const CURVE_KEYS = ["train/loss", "val/loss"];
+// val/bpb (bits per UTF-8 byte) compares runs with different tokenizers; val/loss does not.
+const CURVE_KEYS = ["train/loss", "val/loss", "val/bpb"];
 const MAX_RUNS = PALETTE.length;
 
 export function comparePage(root: HTMLElement, params: URLSearchParams): () => void {

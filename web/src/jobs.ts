@@ -65,7 +65,7 @@ export function jobsPage(root: HTMLElement): () => void {
 
 function runsTable(runs: RunSummary[]): HTMLElement {
   if (!runs.length) return h("p", { class: "muted" }, "No MLflow runs yet.");
-  const keys = ["train/loss", "val/loss"];
+  const keys = ["train/loss", "val/loss", "val/bpb"];
   return h(
     "table",
     { class: "grid", id: "job-runs" },

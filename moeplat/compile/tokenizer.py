@@ -1,0 +1,56 @@
+"""Spec's data.tokenizer -> a `Tok` (moeplat.data.tokenizers), and the figures that compare
+tokenizers (bytes per token, the unigram baseline in bits per byte)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from moeplat.data.corpus import Document
+from moeplat.data.tokenizers import ByteTok, HFTok, load_tokenizer_file, train_bpe
+from moeplat.errors import SpecError, SpecIssue
+from moeplat.spec.tokenizer_files import resolve_tokenizer_file
+
+
+def build_tokenizer(
+    tok_spec, train_docs: Sequence[Document], base_dir: str = ".", *, show_progress: bool = False
+) -> ByteTok | HFTok:
+    """The tokenizer `tok_spec` (spec.data.tokenizer) names. `train_docs`: the training split only
+    (all sources of a mixture), which a `bpe` tokenizer is trained on (or found in the cache by);
+    `base_dir`: where a relative `hf` path resolves when validation did not already find the file.
+    Bad files are a SpecError on data.tokenizer.*."""
+    if tok_spec.kind == "byte":
+        return ByteTok()
+    if tok_spec.kind == "bpe":
+        return train_bpe(
+            train_docs,
+            vocab_size=tok_spec.vocab_size,
+            min_frequency=tok_spec.min_frequency,
+            special_tokens=tok_spec.special_tokens,
+            show_progress=show_progress,
+        )
+    try:
+        file = tok_spec.file or resolve_tokenizer_file(tok_spec.path, base_dir)
+        return load_tokenizer_file(file, eos_token=tok_spec.eos_token)
+    except FileNotFoundError as e:
+        raise SpecError(SpecIssue("data.tokenizer.path", str(e))) from None
+    except ValueError as e:
+        field = "eos_token" if "eos_token" in str(e) else "path"
+        raise SpecError(SpecIssue(f"data.tokenizer.{field}", str(e))) from None
+
+
+def stream_bytes(tok, ids) -> int:
+    """UTF-8 bytes of text a token stream stands for (special tokens 0; bytes: one per id)."""
+    return int(tok.token_bytes[np.asarray(ids)].sum())
+
+
+def tokenizer_figures(tok, train_ids, val_ids, unigram_nats_per_token: float) -> dict[str, float]:
+    """data/bytes_per_token (training split) and the unigram baseline in bits per byte of the
+    validation split: the same nats as `unigram_baseline`, divided by ln 2 x the bytes they cover."""
+    train_bytes, val_bytes = stream_bytes(tok, train_ids), stream_bytes(tok, val_ids)
+    return {
+        "bytes_per_token": train_bytes / max(len(train_ids), 1),
+        "unigram_baseline_bpb": unigram_nats_per_token * len(val_ids) / (math.log(2) * max(val_bytes, 1)),
+    }
