@@ -73,11 +73,17 @@ def cmd_show(args) -> int:
     if sweep is not None:  # the sweep as validated (defaults filled in) and its base as trials see it
         data = {"sweep": sweep.sweep.model_dump(mode="json", exclude_none=True), "base": sweep.base.resolved}
     else:
-        data = _load(args).resolved
+        loaded = _load(args)
+        data = loaded.resolved
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        print(yaml.safe_dump(data, sort_keys=False), end="")
+        text = yaml.safe_dump(data, sort_keys=False)
+        if sweep is None:  # model.vocab_size: auto, as validation resolved it
+            text = text.replace(
+                "\n  vocab_size: auto\n", f"\n  vocab_size: auto  # = {loaded.spec.model.vocab_size}\n", 1
+            )
+        print(text, end="")
     return 0
 
 
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_run)
 
-    from moeplat.cli import bench, compare, launch, server, sweep, sync
+    from moeplat.cli import bench, compare, launch, server, sweep, sync, tokenizer
     from moeplat.cli import eval as eval_cmd
 
     sweep.add_commands(sub)
@@ -222,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_commands(sub, _spec_args)
     eval_cmd.add_commands(sub)
     sync.add_commands(sub)
+    tokenizer.add_commands(sub, _spec_args)
     return parser
 
 

@@ -50,6 +50,7 @@ def format_plan(spec, p) -> str:
     lines = [
         f"spec            {spec.name}",
         f"layers          {m.n_layers} (MoE: {p.moe_layers or 'none'})",
+        f"vocabulary      {m.vocab_size:,} rows ({_vocab_origin(spec)})",
     ]
     if moe:
         lines.append(
@@ -68,6 +69,13 @@ def format_plan(spec, p) -> str:
         f"{_kernel(spec)}",
     ]
     return "\n".join(lines)
+
+
+def _vocab_origin(spec) -> str:
+    """The tokenizer's share of model.vocab_size (auto pads the tokenizer's size up, at validation)."""
+    tok = spec.data.tokenizer
+    size = {"byte": "256 ids", "bpe": f"at most {getattr(tok, 'vocab_size', 0):,} ids"}
+    return f"{tok.kind} tokenizer: {size.get(tok.kind, 'its file')}; ids above it are never produced"
 
 
 def _gib(n: float) -> str:
