@@ -101,8 +101,27 @@ class MixtureSource(Strict):
         return check(problems) or self
 
 
+class PreparedSource(Strict):
+    """Token shards made by `moeplat data prepare` (moeplat.data.shards), read through np.memmap so
+    memory does not grow with the corpus. `path`: a local directory (relative to the spec file) or
+    an s3:// URL (downloaded once into a local cache keyed by the corpus fingerprint). The spec's
+    data.tokenizer must be the one the directory was prepared with. A directory prepared from a
+    mixture holds one sub-directory per source: give each a weight (by name) to train on the blend."""
+
+    kind: Literal["prepared"]
+    path: Annotated[str, Field(min_length=1)]
+    weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Per-source weights of a prepared mixture (names as in its manifest)."
+    )
+
+
 DataSource = Annotated[
-    PythonStdlibSource | TextFilesSource | PythonDocsSource | HfDatasetSource | MixtureSource,
+    PythonStdlibSource
+    | TextFilesSource
+    | PythonDocsSource
+    | HfDatasetSource
+    | MixtureSource
+    | PreparedSource,
     Field(discriminator="kind"),
 ]
 
@@ -170,6 +189,12 @@ class DataSpec(Strict):
     val_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.05
     split_seed: Seed = Field(0, description="Seed of the document-level train/validation split.")
     num_workers: Annotated[int, Field(ge=0)] = 0
+    prepared_dir: str | None = Field(
+        None,
+        description="Train from token shards in this directory (relative to the spec file, or s3://): "
+        "`moeplat run` prepares it (moeplat data prepare), reuses it while sources and tokenizer match, "
+        "and prepares it again, saying why, when either changed. null: tokenize in memory at every run.",
+    )
     val_tokens: PositiveInt | Literal["all"] = Field(
         32768,
         description="Validation text per source: this many target tokens, rounded down to whole "
