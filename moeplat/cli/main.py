@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_run)
 
-    from moeplat.cli import bench, compare, launch, server, sweep, sync, tokenizer
+    from moeplat.cli import bench, compare, data, launch, server, sweep, sync, tokenizer
     from moeplat.cli import eval as eval_cmd
 
     sweep.add_commands(sub)
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_commands(sub)
     sync.add_commands(sub)
     tokenizer.add_commands(sub, _spec_args)
+    data.add_commands(sub, _spec_args)
     return parser
 
 

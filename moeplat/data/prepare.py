@@ -14,6 +14,7 @@ over and says which of the two changed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import multiprocessing
@@ -39,8 +40,6 @@ from moeplat.data.shards import (
     write_manifest,
     write_shard,
 )
-from moeplat.data.tokenizer import DEFAULT_SEPARATOR
-from moeplat.data.tokenizer import ByteTokenizer as _Byte
 
 log = logging.getLogger(__name__)
 
@@ -75,44 +74,25 @@ class PrepareResult:
 
 
 def tokenizer_fingerprint(tok) -> str:
-    """What identifies the ids a tokenizer produces: its own `fingerprint` when it has one, the
-    hash of a `tokenizers.Tokenizer`'s JSON, "byte" for bytes."""
-    own = getattr(tok, "fingerprint", None)
-    if own is not None:
-        return own() if callable(own) else str(own)
-    if isinstance(tok, _Byte):
-        return "byte"
-    inner = getattr(tok, "tokenizer", tok)
-    if hasattr(inner, "to_str"):
-        return hashlib.sha256(inner.to_str().encode()).hexdigest()[:16]
-    raise TypeError(f"cannot fingerprint tokenizer {type(tok).__name__}")
+    """What identifies the ids a tokenizer produces (moeplat.data.tokenizers' `Tok.fingerprint`)."""
+    return str(tok.fingerprint)
 
 
 def separator_ids(tok) -> np.ndarray:
-    """Ids put between neighbouring documents: the tokenizer's own (`separator_ids`, or its EOS
-    token), the byte tokenizer's separator bytes otherwise."""
-    own = getattr(tok, "separator_ids", None)
-    if own is not None:
-        return np.asarray(own() if callable(own) else own, dtype=np.int64)
-    if isinstance(tok, _Byte):
-        return np.frombuffer(DEFAULT_SEPARATOR, dtype=np.uint8).astype(np.int64)
-    eos = getattr(tok, "eos_id", None)
-    if eos is not None:
-        return np.asarray([eos], dtype=np.int64)
-    raise TypeError(f"tokenizer {type(tok).__name__} has no separator_ids and no eos_id")
+    """Ids packed between neighbouring documents, as `tok.encode_documents` packs them: the byte
+    tokenizer's separator bytes, otherwise the EOS token."""
+    if getattr(tok, "kind", None) == "byte":
+        return np.frombuffer(tok.separator, dtype=np.uint8).astype(np.int64)
+    return np.asarray([tok.eos_id], dtype=np.int64)
 
 
 def encode_batch(tok, texts: Sequence[bytes]) -> list[np.ndarray]:
-    """Ids of each document: bytes as they are for the byte tokenizer; otherwise the tokenizer's
-    batch encoder (`tokenizers` runs it in Rust) on the UTF-8 text, without special tokens."""
-    if isinstance(tok, _Byte):
+    """Ids of each document: its bytes as they are for the byte tokenizer (no decoding, as the
+    in-memory path); otherwise the tokenizer's batch encoder (`tokenizers`, in Rust) on the text
+    decoded with U+FFFD for invalid UTF-8, as `Tok.encode_documents` does."""
+    if getattr(tok, "kind", None) == "byte":
         return [np.frombuffer(t, dtype=np.uint8) for t in texts]
-    own = getattr(tok, "encode_batch_ids", None)
-    if own is not None:
-        return [np.asarray(ids) for ids in own(texts)]
-    inner = getattr(tok, "tokenizer", tok)
-    strings = [t.decode("utf-8", errors="replace") for t in texts]
-    return [np.asarray(e.ids, dtype=np.uint32) for e in inner.encode_batch(strings, add_special_tokens=False)]
+    return tok.encode_texts([t.decode("utf-8", errors="replace") for t in texts])
 
 
 # --- work units -------------------------------------------------------------------------------
@@ -194,6 +174,27 @@ def prepare(
     if not sources:
         raise ValueError("no sources to prepare")
     root = Path(out)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Ranks of a multi-process run prepare the same directory: one does it, the others then reuse.
+    with open(root.with_name(f".{root.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare(
+            sources,
+            tok,
+            vocab_size,
+            root,
+            workers,
+            shard_bytes,
+            split_settings,
+            tokenizer_desc,
+            progress,
+            on_shard,
+        )
+
+
+def _prepare(
+    sources, tok, vocab_size, root, workers, shard_bytes, split_settings, tokenizer_desc, progress, on_shard
+):
     t0 = time.perf_counter()
     fp = {
         "sources": sources_fingerprint(sources, split_settings or {}),
@@ -212,7 +213,7 @@ def prepare(
             action, reason = "re-prepared", why
             _wipe(root, old)
             old = None
-    elif root.is_dir() and any(root.iterdir()):
+    elif root.is_dir() and any(p.name != "tokenizer.json" for p in root.iterdir()):
         raise FileExistsError(
             f"{root} is not empty and holds no {MANIFEST}; choose an empty or new directory"
         )
@@ -236,6 +237,9 @@ def prepare(
             kept = [sh for sh in entry["shards"].get(split, []) if shard_intact(root, Shard(**sh), dtype)]
             done.update({sh["stem"]: sh for sh in kept})
             plan[f"{s.name}/{split}"] = _cut(s.name, split, docs, shard_bytes)
+    for key, cuts in plan.items():
+        name, split = key.split("/")
+        manifest["sources"][name]["shards"][split] = [done[c[0]] for c in cuts if c[0] in done]
     _remove_strays(root, set(done))
     todo, by_key = [], {s.name: s for s in sources}
     for key, cuts in plan.items():
@@ -245,6 +249,11 @@ def prepare(
             if stem not in done:
                 todo.append(_Task(stem, first, tuple(d.data for d in docs[first:stop])))
     root.mkdir(parents=True, exist_ok=True)
+    # The tokenizer beside its shards, so a prepared corpus can always be decoded (written again
+    # on resume: atomic and the same bytes), and a manifest before the first shard.
+    saved = tok.save(root)
+    manifest["tokenizer"]["file"] = saved.name if saved is not None else None
+    write_manifest(root, manifest)
 
     def record(shard: Shard) -> None:
         done[shard.stem] = shard.to_dict()
@@ -328,6 +337,8 @@ def _progress(total_bytes: int, enabled: bool):
 def _wipe(root: Path, manifest: dict) -> None:
     """Remove what an earlier prepare wrote (its manifest and source directories), nothing else."""
     (root / MANIFEST).unlink(missing_ok=True)
+    if manifest.get("tokenizer", {}).get("file"):
+        (root / manifest["tokenizer"]["file"]).unlink(missing_ok=True)
     for name in manifest.get("sources", {}):
         shutil.rmtree(root / name, ignore_errors=True)
 

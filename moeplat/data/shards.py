@@ -204,6 +204,8 @@ class MemmapSequences:
     workers open their own instead of receiving a copy of the data.
     """
 
+    ordered = False  # a training loader shuffles it (LMDataModule), unlike a mixture's blend
+
     def __init__(
         self, paths: Sequence[str | Path], dtype, seq_len: int, *, sizes: Sequence[int] | None = None
     ):
