@@ -13,9 +13,12 @@ def cmd_eval(args) -> int:
     from moeplat.track.mlflow_run import resolve_tracking_uri
     from moeplat.track.model_store import RunNotFound, download_model, register_model
 
-    if args.val_batches is not None and args.val_batches < 1:
-        print("error: --val-batches must be at least 1", file=sys.stderr)
-        return 2
+    val_tokens = args.val_tokens
+    if val_tokens is not None and val_tokens != "all":
+        if not val_tokens.isdigit() or int(val_tokens) < 1:
+            print("error: --val-tokens must be a positive number of tokens or 'all'", file=sys.stderr)
+            return 2
+        val_tokens = int(val_tokens)
     uri = resolve_tracking_uri(args.tracking_uri, None)
     with tempfile.TemporaryDirectory(prefix="moeplat-eval-") as tmp:
         try:
@@ -30,14 +33,17 @@ def cmd_eval(args) -> int:
         if not Path(base_dir).is_dir():
             print(f"error: the run's data directory {base_dir} is not here: pass --data-dir", file=sys.stderr)
             return 2
-        batches = args.val_batches or spec.train.val_batches
-        loss = evaluate(spec, model, base_dir, batches)
+        if isinstance(val_tokens, int) and val_tokens < spec.data.seq_len:
+            print(f"error: --val-tokens must be at least one sequence ({spec.data.seq_len})", file=sys.stderr)
+            return 2
+        val_tokens = val_tokens or spec.data.val_tokens
+        loss = evaluate(spec, model, base_dir, val_tokens)
     version = register_model(uri, args.run_id, args.register) if args.register else None
     result = {
         "run_id": args.run_id,
         "run_name": run.info.run_name,
         "step": meta["step"],
-        "val_batches": batches,
+        "val_tokens": val_tokens,
         "val/loss": loss,
         "val/ppl": math.exp(min(loss, 50.0)),
         "logged_val/loss": run.data.metrics.get("val/loss"),
@@ -47,7 +53,7 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"run {args.run_id} ({run.info.run_name}), step {meta['step']}, {batches} validation batches")
+    print(f"run {args.run_id} ({run.info.run_name}), step {meta['step']}, validation tokens per source: {val_tokens}")
     print(f"val/loss {loss:.6f}  val/ppl {result['val/ppl']:.4f}")
     if version is not None:
         print(f"registered as model {args.register!r} version {version}")
@@ -61,10 +67,9 @@ def add_commands(sub) -> None:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)"
     )
     p.add_argument(
-        "--val-batches",
-        type=int,
-        metavar="N",
-        help="validation batches (default: the spec's train.val_batches)",
+        "--val-tokens",
+        metavar="N|all",
+        help="validation tokens per source, or all (default: the spec's data.val_tokens)",
     )
     p.add_argument(
         "--data-dir", help="directory the spec's relative data paths resolve against (default: the run's)"

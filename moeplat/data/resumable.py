@@ -34,12 +34,16 @@ def _data_parallel_rank() -> tuple[int, int]:
 class EpochPermutationSampler(Sampler[int]):
     """Epoch e yields this rank's share of randperm(n) drawn from a generator seeded with (seed, e),
     from `skip` on. `rank`, `world_size`: None = the default process group's, read when iterated
-    (the loader is built before the process group exists)."""
+    (the loader is built before the process group exists). `shuffle=False`: epoch e is the
+    positions e*n, ..., e*n + n - 1 instead, for a dataset that defines its own order over an
+    unbounded index (a mixture's blend, moeplat.data.blend.BlendedSequences)."""
 
-    def __init__(self, n: int, seed: int, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self, n: int, seed: int, rank: int | None = None, world_size: int | None = None, shuffle: bool = True
+    ):
         if world_size is not None and not 0 <= (rank or 0) < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.n, self.seed = n, seed
+        self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = 0, 0
 
@@ -55,8 +59,11 @@ class EpochPermutationSampler(Sampler[int]):
         epoch, skip = self.epoch, self.skip
         self.epoch, self.skip = epoch + 1, 0
         rank, world = self._layout()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.n, generator=generator)[: self.n // world * world]
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=generator)[: self.n // world * world]
+        else:
+            perm = torch.arange(self.n // world * world) + epoch * self.n
         yield from perm[rank::world][skip:].tolist()
 
 
@@ -74,6 +81,7 @@ class ResumableLoader(DataLoader):
         rank: int | None = None,
         world_size: int | None = None,
         step_group: int = 1,
+        shuffle: bool = True,
     ):
         if step_group < 1:
             raise ValueError(f"step_group must be >= 1, got {step_group}")
@@ -81,7 +89,7 @@ class ResumableLoader(DataLoader):
         super().__init__(
             dataset,
             batch_size=batch_size,
-            sampler=EpochPermutationSampler(len(dataset), seed, rank, world_size),
+            sampler=EpochPermutationSampler(len(dataset), seed, rank, world_size, shuffle),
             drop_last=True,
             # Its own generator: creating an iterator draws a worker base seed, which must not
             # consume the global RNG that dropout uses (a resumed run would be one draw off).

@@ -59,7 +59,8 @@ def _is_member_tag(members: tuple, part: str) -> bool:
     """Pydantic names the member of a plain (not discriminated) union of scalars and lists in the
     location, e.g. ('top_k', 'constrained-int') or ('top_k', 'list[constrained-int]', 0)."""
     no_models = not any(isinstance(m, type) and issubclass(m, BaseModel) for m in members)
-    return no_models and any(_is_list(m) for m in members)
+    scalar_tag = part.startswith(("constrained-", "literal[")) or part in {"int", "float", "str", "bool"}
+    return no_models and (any(_is_list(m) for m in members) or scalar_tag)
 
 
 def _off_member(root: type[BaseModel], e: dict) -> bool:
@@ -73,6 +74,8 @@ def _off_member(root: type[BaseModel], e: dict) -> bool:
             and isinstance(tp := walk(root, loc[:i])[1], tuple)
             and _is_member_tag(tp, part)
         ):
+            if part.startswith("literal["):  # `int | Literal["all"]` given a number: the number's errors
+                return not isinstance(e["input"], str)
             if part.startswith("list["):  # the list member: off when the whole input is no list
                 return len(loc) == i + 1 and not isinstance(e["input"], list)
             return isinstance(e["input"], list)  # the scalar member, given a list

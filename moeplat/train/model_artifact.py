@@ -42,7 +42,7 @@ def save_model_artifact(
         "overrides": loaded.overrides,
         "base_dir": str(Path(loaded.base_dir).resolve()),
         "val_loss": val_loss,
-        "val_batches": loaded.spec.train.val_batches,
+        "val_tokens": loaded.spec.data.val_tokens,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     tracked.log_artifacts(str(out), "model")
@@ -64,21 +64,23 @@ def load_model_artifact(model_dir: str | Path) -> tuple[Spec, torch.nn.Module, d
     return spec, model, meta
 
 
-def evaluate(spec: Spec, model: torch.nn.Module, base_dir: str, val_batches: int | None = None) -> float:
-    """Token-weighted mean validation loss of `model` over the first `val_batches` batches (default:
-    train.val_batches) of the spec's validation split, on one device at the spec's precision."""
+def evaluate(spec: Spec, model: torch.nn.Module, base_dir: str, val_tokens: int | str | None = None) -> float:
+    """Token-weighted mean validation loss of `model` over the validation text of the spec (its
+    data.val_tokens per source, or `val_tokens` instead: a number or "all"), on one device at the
+    spec's precision."""
     import lightning as L
 
     from moeplat.compile.data import build_data
     from moeplat.train.system import LMSystem
 
+    if val_tokens is not None:
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"val_tokens": val_tokens})})
     datamodule, _ = build_data(spec, base_dir)
     system = LMSystem(model, configure=_no_optimizer)
     trainer = L.Trainer(
         accelerator=spec.parallel.accelerator,
         devices=1,
         precision=spec.train.precision,
-        limit_val_batches=val_batches or spec.train.val_batches,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -47,8 +47,7 @@ class LMSystem(L.LightningModule):
         self._held: frozenset[str] = frozenset()  # groups the current optimizer step does not update
         self.trainable_params: int | None = None
         self.last_val: dict[str, float] = {}
-        self._val_sum = 0.0
-        self._val_n = 0
+        self._val_sums: dict[int, list[float]] = {}  # validation set -> [loss nats, tokens, bytes]
         self._step_load: dict[int, torch.Tensor] = {}  # layer -> routed load summed over this step
         # global-batch load balancing with accumulation: this step's expert frequencies, counted
         # by the routing pre-pass at its first micro-batch (moeplat.nn.balance)
@@ -160,23 +159,56 @@ class LMSystem(L.LightningModule):
             self.logger.log_metrics(metrics, step=self.global_step)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_n = 0.0, 0
+        self._val_sums = {}
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        """Sums, per validation set (a mixture's source), of loss in nats, scored tokens and the
+        UTF-8 bytes those tokens stand for. Targets IGNORE (-100) pad a rank's shard
+        (moeplat.data.datamodule.ValShardSampler) and count nowhere."""
         x_BS, y_BS = batch
+        scored_BS = y_BS != -100
+        n = int(scored_BS.sum())
+        if n == 0:  # a batch of padding only: the forward still runs for collectives (EP)
+            self.model(x_BS, None)
+            return
         out = self.model(x_BS, y_BS)
-        n = y_BS.numel()
-        self._val_sum += float(out.loss) * n
-        self._val_n += n
+        sums = self._val_sums.setdefault(dataloader_idx, [0.0, 0.0, 0.0])
+        sums[0] += float(out.loss) * n
+        sums[1] += n
+        sums[2] += self._scored_bytes(y_BS[scored_BS])
+
+    def _scored_bytes(self, targets_T: torch.Tensor) -> float:
+        table = getattr(self._datamodule(), "token_bytes", None)
+        if table is None:
+            return float(targets_T.numel())  # one byte per token: the byte tokenizer
+        return float(table[targets_T.cpu()].sum())
+
+    def _datamodule(self):
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_n:
+        names = list(getattr(self._datamodule(), "val_names", None) or [""])
+        sums_S3 = torch.tensor(
+            [self._val_sums.get(i, [0.0, 0.0, 0.0]) for i in range(len(names))], dtype=torch.float64
+        )
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank scored its own share of each set: the sums over ranks are the whole set's.
+            sums_S3 = self.trainer.strategy.reduce(sums_S3.to(self.device), reduce_op="sum").cpu()
+        total = sums_S3.sum(0)
+        if total[1] == 0:
             return
-        loss = self._val_sum / self._val_n  # token-weighted mean over all validation batches
-        self.last_val = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "step": self.global_step}
+        metrics = _val_metrics("val", total)  # token-weighted over every set, all sources together
+        if len(names) > 1 or names[0]:
+            for name, sums in zip(names, sums_S3):
+                if sums[1] > 0:
+                    metrics.update(_val_metrics(f"val/{name}", sums))
+        self.last_val = {**metrics, "step": self.global_step}
         if not self.trainer.sanity_checking:
-            self.log("val/loss", loss, prog_bar=True)
-            self.log("val/ppl", self.last_val["val/ppl"])
+            self.log("val/loss", metrics["val/loss"], prog_bar=True)
+            for key, value in metrics.items():
+                if key != "val/loss":
+                    self.log(key, value)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Dropout and any stochastic routing draw from these: a resumed run continues the streams.
@@ -204,6 +236,17 @@ class LMSystem(L.LightningModule):
         total = sum(p.numel() for p in self.model.parameters())
         log.info("training %d of %d parameters", self.trainable_params, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _val_metrics(prefix: str, sums) -> dict[str, float]:
+    """loss (nats/token), ppl and bpb (bits per UTF-8 byte: nats / (ln 2 x bytes), comparable
+    across tokenizers) of one validation set's sums [nats, tokens, bytes]."""
+    nats, tokens, nbytes = (float(v) for v in sums)
+    loss = nats / tokens
+    out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0))}
+    if nbytes > 0:
+        out[f"{prefix}/bpb"] = nats / (math.log(2) * nbytes)
+    return out
 
 
 def _global_balance_layers(model: nn.Module) -> list[nn.Module]:

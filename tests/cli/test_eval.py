@@ -39,14 +39,14 @@ def test_eval_equals_the_logged_final_val_loss(finished, capsys):
     code, out, _ = _eval(capsys, result.run_id, "--tracking-uri", uri, "--json")
     assert code == 0
     got = json.loads(out)
-    assert got["step"] == 8 and got["val_batches"] == 4
+    assert got["step"] == 8 and got["val_tokens"] == 4096
     assert got["val/loss"] == pytest.approx(logged, rel=1e-6, abs=1e-6)
     assert got["logged_val/loss"] == logged
 
-    code, out, _ = _eval(capsys, result.run_id, "--tracking-uri", uri, "--val-batches", "1")
-    assert code == 0 and "1 validation batches" in out
-    one_batch = float(out.split("val/loss ")[1].split()[0])
-    assert one_batch != pytest.approx(logged, abs=1e-6)  # other batches, another mean
+    code, out, _ = _eval(capsys, result.run_id, "--tracking-uri", uri, "--val-tokens", "32")
+    assert code == 0 and "validation tokens per source: 32" in out
+    one_sequence = float(out.split("val/loss ")[1].split()[0])
+    assert one_sequence != pytest.approx(logged, abs=1e-6)  # other text, another mean
 
 
 def test_eval_of_an_unknown_run_is_a_usage_error(finished, capsys):

@@ -292,7 +292,7 @@ def test_sigmoid_bias_is_updated_after_each_step_checkpointed_and_logged(workdir
 
     from moeplat.train.run import run
 
-    steps = ["train.max_steps=3", "train.val_every=3", "train.schedule.warmup_steps=1", "train.val_batches=1"]
+    steps = ["train.max_steps=3", "train.val_every=3", "train.schedule.warmup_steps=1", "data.val_tokens=128"]
     loaded = load_spec(
         TINY, [*steps, "model.moe.router={kind: sigmoid_bias, gamma: 0.125}", "train.log_every=1"]
     )

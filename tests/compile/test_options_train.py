@@ -173,7 +173,6 @@ def test_trainer_options_reach_a_real_trainer():
         "train.grad_accum=3",
         "train.grad_clip=0.5",
         "train.val_every=7",
-        "train.val_batches=5",
         "train.log_every=4",
         "train.schedule.warmup_steps=1",
     )
@@ -181,7 +180,7 @@ def test_trainer_options_reach_a_real_trainer():
     assert tr.accumulate_grad_batches == 3
     assert tr.gradient_clip_val == 0.5
     assert tr.val_check_interval == 7 * 3  # Lightning counts micro-batches; the spec optimizer steps
-    assert tr.limit_val_batches == 5
+    assert tr.limit_val_batches == 1.0  # all of the data module's validation sets (data.val_tokens)
     assert tr.log_every_n_steps == 4
     assert tr.check_val_every_n_epoch is None and tr.num_sanity_val_steps == 0
 
@@ -274,7 +273,7 @@ def test_run_name_with_an_unknown_field_is_a_spec_error():
 
 # --- real short runs (slow) ---------------------------------------------------------------------------
 
-SHORT = ["train.max_steps=3", "train.val_every=3", "train.schedule.warmup_steps=1", "train.val_batches=1"]
+SHORT = ["train.max_steps=3", "train.val_every=3", "train.schedule.warmup_steps=1", "data.val_tokens=128"]
 
 
 @pytest.mark.slow

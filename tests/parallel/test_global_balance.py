@@ -39,11 +39,11 @@ def test_moeplat_run_accumulated_and_data_parallel_equal_the_whole_batch(tmp_pat
     one process with batch 8; with scope micro_batch the accumulated run does not."""
     from cli_runs import finish, start_run
 
-    # every validation batch: the validation batch size is train.batch_size, and val_batches counts batches
+    # the whole validation split, whatever the batch size
     common = [
         "train.max_steps=4",
         "train.val_every=4",
-        "train.val_batches=100000",
+        "data.val_tokens=all",
         "parallel.accelerator=cpu",
     ]
     scope = "model.moe.losses.load_balancing={coef: 0.5, scope: %s}"  # strong, to see the difference

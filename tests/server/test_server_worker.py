@@ -158,7 +158,7 @@ def test_a_killed_workers_training_job_resumes_from_its_checkpoint(tmp_path, spe
     max_steps, val_every = 24, 4
     overrides = [
         f"train.max_steps={max_steps}", "train.checkpoint_every=2", "train.log_every=1",
-        f"train.val_every={val_every}", "train.val_batches=1",
+        f"train.val_every={val_every}", "data.val_tokens=128",
     ]  # fmt: skip
     kill_after = random.Random(15).randint(2, max_steps - 8)
     work = tmp_path / "worker"

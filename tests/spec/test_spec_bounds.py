@@ -46,6 +46,7 @@ BASES = [
 UNPLACED = {
     "UpcycleInit": "needs a dense checkpoint to upcycle",
     "TextFilesSource": "needs text files (its only number, max_bytes, is PythonStdlibSource's too)",
+    "HfDatasetSource": "needs dataset files (its only number, max_bytes, is PythonStdlibSource's too)",
 }
 
 
@@ -198,6 +199,7 @@ REFUSED_AT_A_BOUND: dict[str, str] = {
     "model.moe.router.n_groups=1": "topk_groups must be <= n_groups",
     "model.moe.losses.load.coef=0.0": "the load loss needs a noisy_topk router",
     "train.max_steps=1": "warmup must end before max_steps",
+    "data.val_tokens=1": "validation needs at least one sequence (data.seq_len tokens)",
 }
 # Refused when the run reads its data, which validate (spec-only, no data) cannot: a SpecError
 # naming the field and what to change, exit 2 like validate's.

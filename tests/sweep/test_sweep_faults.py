@@ -27,8 +27,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # A trial long enough to be caught while it trains (the first report comes at step 5), for the run that
 # is killed or interrupted; resuming, the same sweep with a smaller step budget (not a searched
 # parameter, so the study does not see it) keeps the rest of the test quick.
-CATCHABLE = {"train.max_steps": 80, "train.val_every": 5, "train.val_batches": 1}
-QUICK = {"train.max_steps": 6, "train.val_every": 3, "train.val_batches": 1}
+CATCHABLE = {"train.max_steps": 80, "train.val_every": 5, "data.val_tokens": 128}
+QUICK = {"train.max_steps": 6, "train.val_every": 3, "data.val_tokens": 128}
 NEVER_PRUNE = {"kind": "median", "n_startup_trials": 1000}  # reports every validation, never prunes
 HEARTBEAT_S = 1  # a trial silent for 3 s is stale
 
@@ -78,7 +78,7 @@ def test_two_worker_processes_share_one_study_and_one_parent_run(
     path = write_sweep(
         workdir,
         "two-workers",
-        overrides={"train.max_steps": 9, "train.val_every": 3, "train.val_batches": 1},
+        overrides={"train.max_steps": 9, "train.val_every": 3, "data.val_tokens": 128},
         search={
             "model.moe.top_k": {"kind": "int", "low": 1, "high": 3},
             "model.moe.losses.load_balancing.coef": {"kind": "float", "low": 1e-4, "high": 0.1, "log": True},
@@ -308,7 +308,7 @@ def failing_trials(one_thread, tmp_path_factory, write_sweep, mlflow_store):
     path = write_sweep(
         d,
         "failing",
-        overrides={"train.max_steps": 9, "train.val_every": 3, "train.val_batches": 1},
+        overrides={"train.max_steps": 9, "train.val_every": 3, "data.val_tokens": 128},
         search={
             "data.source.max_bytes": {"kind": "categorical", "choices": [400000, 10]},
             "train.optimizer.lr": {"kind": "categorical", "choices": [1.0e-3, 1.0e30]},

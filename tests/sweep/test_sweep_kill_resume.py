@@ -26,7 +26,7 @@ OVERRIDES = {
     "train.checkpoint_every": 2,
     "train.log_every": 1,
     "train.val_every": VAL_EVERY,
-    "train.val_batches": 1,
+    "data.val_tokens": 128,
 }
 
 

@@ -24,7 +24,7 @@ def test_sweep_on_postgres(one_thread, workdir, postgres_url, write_sweep, mlflo
     path = write_sweep(
         workdir,
         "pg-sweep",
-        overrides={"train.max_steps": 12, "train.val_every": 3, "train.val_batches": 1},
+        overrides={"train.max_steps": 12, "train.val_every": 3, "data.val_tokens": 128},
         search=SEARCH,
         pruner={"kind": "median", "n_startup_trials": 1},
         trials={"n_trials": 4, "heartbeat_s": 1, "max_retries": 1},

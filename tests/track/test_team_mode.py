@@ -98,7 +98,7 @@ def test_killing_the_server_mid_run_loses_nothing(team_server, team_env):
     max_steps, log_every = 300, 2
     sets = {
         "train.max_steps": max_steps, "train.log_every": log_every, "train.val_every": 150,
-        "train.val_batches": 1, "tracking.experiment": "tiny-outage",
+        "data.val_tokens": 128, "tracking.experiment": "tiny-outage",
     }  # fmt: skip
     cmd = [str(MOEPLAT), "run", str(TINY), "--tracking-uri", team_server.uri, "--no-progress"]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]

@@ -21,7 +21,7 @@ SETS = [
     "train.checkpoint_every=2",
     "train.log_every=1",
     f"train.val_every={VAL_EVERY}",
-    "train.val_batches=1",
+    "data.val_tokens=128",
 ]
 
 
