@@ -5,7 +5,9 @@
 # - Debian's Chromium: the browser tests and the docs screenshots drive it with playwright
 #   (playwright's own browser download does not work on our machines);
 # - Debian's docker-compose (v1, no engine needed): `docker-compose config` checks the team setup's
-#   compose file in tests/deploy (there is no Docker engine to start it here).
+#   compose file in tests/deploy (there is no Docker engine to start it here);
+# - Debian's python3.11-doc: the reStructuredText sources of the Python documentation, English prose
+#   that the `python_docs` data source reads (the second domain of the mixture examples and tests).
 # Idempotent and quiet: installs only what is missing.
 set -euo pipefail
 
@@ -15,11 +17,13 @@ have_initdb() {
 }
 have_chromium() { [ -x /usr/bin/chromium ]; }
 have_compose() { command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; }
+have_python_docs() { [ -d /usr/share/doc/python3.11/html/_sources ]; }
 
 missing=()
 have_initdb || missing+=(postgresql)
 have_chromium || missing+=(chromium)
 have_compose || missing+=(docker-compose)
+have_python_docs || missing+=(python3.11-doc)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -37,3 +41,4 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 have_initdb || { echo "system-deps: postgresql installed but initdb not found" >&2; exit 1; }
 have_chromium || { echo "system-deps: chromium installed but /usr/bin/chromium not found" >&2; exit 1; }
+have_python_docs || { echo "system-deps: python3.11-doc installed but its _sources not found" >&2; exit 1; }
