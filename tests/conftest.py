@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,10 @@ from moeplat.track.telemetry import no_telemetry
 
 # every process a test starts (runs, workers, `mlflow server`) inherits it: no usage telemetry
 no_telemetry()
+# BPE tokenizers that tests train are cached here, never in the user's ~/.cache/moeplat
+_CACHE = tempfile.mkdtemp(prefix="moeplat-test-cache-")
+os.environ["MOEPLAT_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "tiny.yaml"

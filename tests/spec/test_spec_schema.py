@@ -70,6 +70,7 @@ def test_every_object_forbids_additional_properties(schema):
         ("MoESpec", "layers", {"all", "every", "first_dense", "list"}),
         ("MoESpec", "experts", {"swiglu", "geglu", "gelu", "relu"}),
         ("DataSpec", "source", {"python_stdlib", "text_files"}),
+        ("DataSpec", "tokenizer", {"byte", "bpe", "hf"}),
         ("TrainSpec", "optimizer", {"adamw"}),
         ("TrainSpec", "schedule", {"warmup_cosine", "constant"}),
         ("ParallelSpec", "strategy", {"single", "ddp", "fsdp", "expert_parallel"}),
@@ -118,7 +119,9 @@ def test_schema_knows_every_key_the_example_specs_use(schema, spec_file):
 
 
 def test_schema_walk_reaches_into_the_moe_section(schema):
-    resolved = copy.deepcopy(load_spec(SPECS[0].parent / "quickstart.yaml").resolved)
+    resolved = copy.deepcopy(
+        load_spec(Path(__file__).resolve().parents[2] / "specs" / "quickstart.yaml").resolved
+    )
     resolved["model"]["moe"]["router"]["normalise"] = True
     resolved["model"]["moe"]["losses"]["z_loss"]["coeff"] = 1
     found = list(_unknown_keys(schema, schema, resolved))
