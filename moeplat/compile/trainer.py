@@ -158,8 +158,8 @@ def trainer_kwargs(spec: Spec, strategy=None) -> dict:
         # Lightning counts val_check_interval in micro-batches; the spec counts optimizer steps.
         "val_check_interval": t.val_every * t.grad_accum,
         "check_val_every_n_epoch": None,
-        # Validation covers exactly the data module's validation sets (data.val_tokens per source).
-        "limit_val_batches": 1.0,
+        # limit_val_batches stays Lightning's default (all): validation covers exactly the data
+        # module's validation sets, data.val_tokens of each source.
         "num_sanity_val_steps": 0,
         "log_every_n_steps": t.log_every,
         "enable_model_summary": False,
