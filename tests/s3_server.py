@@ -95,7 +95,7 @@ class Bucket:
             client.upload_file(str(path), self.bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
         return f"{self.url}/{prefix}"
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def list_keys(self, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 

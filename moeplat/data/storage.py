@@ -44,7 +44,7 @@ def filesystem(url: str):
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     options = {}
     if protocol in ("s3", "s3a"):
-        options = {"config_kwargs": _S3_CONFIG, "retries": 2}
+        options = {"config_kwargs": _S3_CONFIG}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:  # botocore reads these too; passed explicitly for older stacks that do not
             options["endpoint_url"] = endpoint
@@ -122,9 +122,7 @@ def upload_dir(local: Path, url: str, files: list[str], last: str) -> None:
 
 
 def cache_root() -> Path:
-    """Where downloaded prepared corpora live: $MOEPLAT_CACHE, else ~/.cache/moeplat (XDG)."""
-    env = os.environ.get("MOEPLAT_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "moeplat"
+    """Where downloaded prepared corpora live: $MOEPLAT_CACHE_DIR, else ~/.cache/moeplat (the
+    cache trained tokenizers share, moeplat.data.tokenizers)."""
+    env = os.environ.get("MOEPLAT_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "moeplat"
