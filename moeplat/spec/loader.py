@@ -75,7 +75,7 @@ def load_spec(
     issues += more
     if issues:
         raise SpecError(issues)
-    spec = validate(resolved, origins)
+    spec = validate(resolved, origins, roots=roots)
     return LoadedSpec(spec, resolved, files, list(overrides), _data_base_dir(origins, path))
 
 
@@ -110,11 +110,12 @@ def _base_dir_of(origins: dict, key: tuple) -> str:
     return str(Path(file).resolve().parent) if file and not file.startswith("--set") else str(Path.cwd())
 
 
-def validate(resolved: dict, origins: dict | None = None) -> Spec:
-    """Validate a plain mapping; errors name file:line when `origins` is known."""
+def validate(resolved: dict, origins: dict | None = None, roots: tuple[Path, ...] | None = None) -> Spec:
+    """Validate a plain mapping; errors name file:line when `origins` is known. `roots`: files that
+    validation reads (an hf tokenizer's) must lie inside them or in the Hugging Face cache."""
     origins = origins or {}
     try:
-        context = {"tokenizer_base_dir": _base_dir_of(origins, ("data", "tokenizer", "path"))}
+        context = {"tokenizer_base_dir": _base_dir_of(origins, ("data", "tokenizer", "path")), "roots": roots}
         return Spec.model_validate_json(json.dumps(resolved, allow_nan=True), context=context)
     except ValidationError as err:
         raise SpecError(issues_from_validation(Spec, err, lambda p: _origin_of(origins, p))) from None

@@ -19,7 +19,7 @@ from moeplat.spec.sections import (
     TrainSpec,
     train_model_problems,
 )
-from moeplat.spec.tokenizer_files import resolve_tokenizer_file, tokenizer_file_vocab_size
+from moeplat.spec.tokenizer_files import confined, resolve_tokenizer_file, tokenizer_file_vocab_size
 
 
 class Spec(Strict):
@@ -43,7 +43,8 @@ class Spec(Strict):
                     f"seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
                 )
             )
-        problems += vocab_problems(self, (info.context or {}).get("tokenizer_base_dir", "."))
+        context = info.context or {}
+        problems += vocab_problems(self, context.get("tokenizer_base_dir", "."), context.get("roots"))
         moe = self.model.moe
         learned = moe is not None and moe.router.kind not in UNLEARNED
         problems += train_model_problems(self.train, moe is not None, learned)  # train's MoE options
@@ -94,12 +95,17 @@ def tokenizer_vocab(spec: Spec) -> int:
     return tokenizer_file_vocab_size(tok.file)
 
 
-def vocab_problems(spec: Spec, base_dir: str) -> list[tuple[str, str]]:
+def vocab_problems(spec: Spec, base_dir: str, roots=None) -> list[tuple[str, str]]:
     """Find an hf tokenizer's file, resolve `model.vocab_size: auto` (padded up to vocab_multiple)
     and check an explicit vocab_size against the tokenizer's. Resolving writes the number into the
-    (frozen) model section once, here, so that everything downstream reads a plain int."""
+    (frozen) model section once, here, so that everything downstream reads a plain int. `roots`
+    (the job server's spec roots): a local tokenizer path outside them is refused before it is read."""
     tok, m = spec.data.tokenizer, spec.model
     if isinstance(tok, HfTokenizer):
+        if roots is not None and not confined(tok.path, base_dir, roots):
+            return [
+                ("data.tokenizer.path", "must stay inside the spec roots (or be a Hub name in the cache)")
+            ]
         try:
             tok._file = str(resolve_tokenizer_file(tok.path, base_dir))
             need = tokenizer_vocab(spec)

@@ -71,3 +71,12 @@ def tokenizer_file_vocab_size(file: Path) -> int:
         return max(ids) + 1
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{file} is not a tokenizers tokenizer.json ({type(e).__name__}: {e})") from None
+
+
+def confined(path: str, base_dir: str | Path, roots) -> bool:
+    """Whether `path` may be read under the job server's spec `roots`: a local path inside them
+    (symlinks resolved, checked before the file is touched), or a Hub name that is no local path."""
+    local = os.path.realpath(Path(base_dir, os.path.expanduser(path)))
+    if any(Path(local).is_relative_to(os.path.realpath(r)) for r in roots):
+        return True
+    return bool(_HUB_NAME.match(path)) and not os.path.exists(local)

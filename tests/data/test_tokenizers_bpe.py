@@ -105,3 +105,8 @@ def test_byte_tokenizer_behind_the_same_interface(docs):
     assert ids.tobytes() == b"\n\x00\n".join(d.data for d in some)  # today's separator
     assert tok.token_bytes[ids].sum() == len(ids)  # every byte, the separator's too
     assert tok.save("unused") is None
+
+
+def test_training_is_deterministic(docs, tmp_path, bpe):
+    """A cleared cache gives the same tokenizer back: a run's ids keep their meaning."""
+    assert train_bpe(docs, vocab_size=600, cache_dir=tmp_path).fingerprint == bpe.fingerprint

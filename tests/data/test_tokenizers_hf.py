@@ -60,7 +60,7 @@ def test_vocab_smaller_than_the_tokenizer_is_a_validate_error(trained, tmp_path)
     (issue,) = e.value.issues
     assert issue.path == "model.vocab_size" and "500" in issue.message and "600" in issue.message
     with pytest.raises(SpecError, match="1000"):
-        load_spec(TINY, ["data.tokenizer={kind: bpe, vocab_size: 1000}"])  # quick-start's 256
+        load_spec(TINY, ["data.tokenizer={kind: bpe, vocab_size: 1000}", "model.vocab_size=256"])
 
 
 def test_vocab_multiple_without_auto_is_refused(tmp_path):
@@ -124,3 +124,15 @@ def test_a_directory_without_tokenizer_json_is_refused(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SpecError, match=r"not a tokenizers tokenizer\.json"):
         load_spec(_spec(tmp_path, "{kind: hf, path: bad.json}"))
+
+
+def test_server_roots_confine_the_tokenizer_file(trained, tmp_path):
+    """The job server validates with its spec roots: a tokenizer file elsewhere is refused unread."""
+    _, file = trained
+    roots = (tmp_path, TINY.parents[2])
+    with pytest.raises(SpecError) as e:
+        load_spec(_spec(tmp_path, f"{{kind: hf, path: {file}}}"), roots=roots)
+    (issue,) = e.value.issues
+    assert issue.path == "data.tokenizer.path" and "spec roots" in issue.message
+    (tmp_path / "tok.json").write_bytes(file.read_bytes())
+    assert load_spec(_spec(tmp_path, "{kind: hf, path: tok.json}"), roots=roots).spec.model.vocab_size == 640

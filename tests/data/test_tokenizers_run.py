@@ -40,7 +40,9 @@ def test_bpe_run_keeps_its_tokenizer(runs):
     (result, mlrun), client = runs[0]["bpe"], runs[1]
     local = Path(result.run_dir) / "tokenizer.json"
     assert Tokenizer.from_file(str(local)).get_vocab_size() == 800
-    art = client.download_artifacts(mlrun.info.run_id, "tokenizer/tokenizer.json", str(Path(result.run_dir) / "dl"))
+    art = client.download_artifacts(
+        mlrun.info.run_id, "tokenizer/tokenizer.json", str(Path(result.run_dir) / "dl")
+    )
     assert Path(art).read_text() == local.read_text()
     assert not (Path(runs[0]["byte"][0].run_dir) / "tokenizer.json").exists()  # bytes need no file
 
@@ -57,7 +59,7 @@ def test_bpe_run_logs_bits_per_byte(runs):
 
 
 def test_byte_run_bpb_is_the_loss_in_bits(runs):
-    (result, mlrun) = runs[0]["byte"]
+    _, mlrun = runs[0]["byte"]
     m = mlrun.data.metrics
     assert m["val/bpb"] == pytest.approx(m["val/loss"] / math.log(2), rel=1e-6)
     assert m["data/bytes_per_token"] == 1.0
