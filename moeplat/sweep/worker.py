@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
 
 
+def pruning_monitor(sweep) -> str:
+    """The validation metric the pruner compares trials by, on the objective's own scale: val/bpb
+    when that is the objective (trials may differ in tokenizer), else val/loss."""
+    return "val/bpb" if sweep.objectives[0].metric == "val/bpb" else "val/loss"
+
+
 def _rejection(counts, sweep) -> str | None:
     """A reason to skip a sampled configuration before training, from its plan alone."""
     for c in sweep.constraints:
@@ -59,9 +65,7 @@ def make_objective(
         reason = _rejection(counts, sweep)
         if reason:
             return _reject(trial, reason)
-        # intermediate values on the objective's own scale: bpb trials compare across tokenizers
-        monitor = "val/bpb" if sweep.objectives[0].metric == "val/bpb" else "val/loss"
-        pruner = PruneOnValidation(trial if prunable else None, monitor)
+        pruner = PruneOnValidation(trial if prunable else None, pruning_monitor(sweep))
         sampled = overrides[len(loaded.fixed_overrides()) :]
         tags = {
             "optuna.study": sweep.name,
