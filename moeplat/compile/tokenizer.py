@@ -4,6 +4,8 @@ tokenizers (bytes per token, the unigram baseline in bits per byte)."""
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,13 +26,18 @@ def build_tokenizer(
     if tok_spec.kind == "byte":
         return ByteTok()
     if tok_spec.kind == "bpe":
-        return train_bpe(
+        t0 = time.perf_counter()
+        tok = train_bpe(
             train_docs,
             vocab_size=tok_spec.vocab_size,
             min_frequency=tok_spec.min_frequency,
             special_tokens=tok_spec.special_tokens,
             show_progress=show_progress,
         )
+        how = "taken from the cache" if tok.cached else f"trained on {len(train_docs)} documents"
+        took = time.perf_counter() - t0
+        print(f"tokenizer: BPE of {tok.vocab_size} ids {how} ({took:.1f} s): {tok.path}", file=sys.stderr)
+        return tok
     try:
         file = tok_spec.file or resolve_tokenizer_file(tok_spec.path, base_dir)
         return load_tokenizer_file(file, eos_token=tok_spec.eos_token)

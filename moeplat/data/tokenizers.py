@@ -82,8 +82,11 @@ class ByteTok:
 class HFTok:
     """A `tokenizers.Tokenizer` behind the `Tok` interface."""
 
-    def __init__(self, tokenizer, *, kind: str, eos_id: int, cached: bool = False) -> None:
+    def __init__(
+        self, tokenizer, *, kind: str, eos_id: int, cached: bool = False, path: Path | None = None
+    ) -> None:
         self.tok = tokenizer
+        self.path = path  # the file it was read from or cached at
         self.tok.encode_special_tokens = True  # a document's "<|endoftext|>" is text, not EOS
         self.kind = kind
         self.eos_id = eos_id
@@ -203,7 +206,7 @@ def train_bpe(
     path = Path(cache_dir or cache_root()) / "tokenizers" / key / TOKENIZER_FILE
     if path.is_file():
         log.info("BPE tokenizer taken from the cache: %s", path)
-        return HFTok(Tokenizer.from_file(str(path)), kind="bpe", eos_id=0, cached=True)
+        return HFTok(Tokenizer.from_file(str(path)), kind="bpe", eos_id=0, cached=True, path=path)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -219,7 +222,7 @@ def train_bpe(
     assert eos_id == 0, eos_id  # the trainer numbers special tokens first
     _atomic_write(path, tok.to_str(pretty=True))
     log.info("BPE tokenizer trained on %d documents, cached at %s", len(train_docs), path)
-    return HFTok(tok, kind="bpe", eos_id=eos_id)
+    return HFTok(tok, kind="bpe", eos_id=eos_id, path=path)
 
 
 # Spellings of an end-of-text token, tried in order when neither the spec nor a
@@ -251,7 +254,7 @@ def load_tokenizer_file(path: str | Path, *, eos_token: str | None = None) -> HF
             f"{file}: {found}; set data.tokenizer.eos_token to one of its special tokens "
             f"{sorted(specials)[:10]}"
         )
-    return HFTok(tok, kind="hf", eos_id=eos_id)
+    return HFTok(tok, kind="hf", eos_id=eos_id, path=file)
 
 
 def _config_eos(directory: Path) -> str | None:

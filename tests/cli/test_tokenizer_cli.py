@@ -29,8 +29,10 @@ def test_trains_then_reuses_and_a_run_finds_it(tmp_path, monkeypatch, capsys):
     assert "taken from the cache" in capsys.readouterr().out
     assert (tmp_path / "again" / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
 
+    capsys.readouterr()
     dm, _ = build_data(load_spec(TINY, BPE[1::2]).spec)
     assert dm.tokenizer.cached  # same training documents, same key: the run trains nothing
+    assert "tokenizer: BPE of 700 ids taken from the cache" in capsys.readouterr().err  # and says so
 
 
 @pytest.mark.parametrize(
