@@ -123,6 +123,10 @@ def step_group(spec: Spec) -> int:
 
 def build_data(spec: Spec, base_dir: str = ".") -> tuple[LMDataModule, CorpusInfo]:
     d = spec.data
+    if d.prepared_dir is not None or d.source.kind == "prepared":  # token shards, memmapped
+        from moeplat.compile.prepared import build_prepared_data
+
+        return build_prepared_data(spec, base_dir)
     comps = components(d)
     splits = []
     for c in comps:

@@ -58,7 +58,9 @@ class LMDataModule(L.LightningDataModule):
         if val_sequences is not None and val_sequences < 1:
             raise ValueError(f"val_sequences must be a positive integer or None, got {val_sequences!r}")
         self.train_set = PackedSequences(train_ids, seq_len) if train_set is None else train_set
-        self._ordered = train_set is not None  # the dataset's own order, not a shuffle
+        # the dataset's own order (a mixture's blend), not a shuffle; a dataset with ordered = False
+        # (memmapped shards, moeplat.data.shards) is shuffled like train_ids
+        self._ordered = train_set is not None and getattr(train_set, "ordered", True)
         streams = dict(val_ids) if isinstance(val_ids, Mapping) else {"": val_ids}
         self.val_names = list(streams)
         self.val_sets = [_first_sequences(ids, seq_len, val_sequences) for ids in streams.values()]
