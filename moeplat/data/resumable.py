@@ -59,12 +59,16 @@ class EpochPermutationSampler(Sampler[int]):
         epoch, skip = self.epoch, self.skip
         self.epoch, self.skip = epoch + 1, 0
         rank, world = self._layout()
+        # int32 (the same permutation as int64, tested) and handed out in chunks: a list of every
+        # index would hold O(corpus) Python ints, hundreds of MB for a prepared corpus of 1e9 tokens
+        dtype = torch.int32 if self.n < 2**31 else torch.int64
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(self.n, generator=generator)[: self.n // world * world]
+            perm = torch.randperm(self.n, generator=generator, dtype=dtype)[: self.n // world * world]
         else:
-            perm = torch.arange(self.n // world * world) + epoch * self.n
-        yield from perm[rank::world][skip:].tolist()
+            perm = torch.arange(self.n // world * world, dtype=torch.int64) + epoch * self.n
+        for chunk in perm[rank::world][skip:].split(1 << 16):
+            yield from chunk.tolist()
 
 
 class ResumableLoader(DataLoader):

@@ -19,6 +19,7 @@ never trusts a file the manifest does not list, and refuses a manifest that is n
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -193,6 +194,24 @@ def open_prepared(root: str | Path) -> tuple[dict, dict[str, dict[str, PreparedS
     return manifest, out
 
 
+# A page fault maps the whole page-cache folio around the page (up to a PMD, 2 MiB on x86-64, on
+# kernels with large folios), and mapped page cache counts as resident memory: reading one block of
+# 129 tokens could add 2 MiB to RSS, and a run's RSS would grow with the blocks it has read.
+_WINDOW = 2 * 2**20
+
+
+def _unmap(m: np.ndarray, lo: int, hi: int) -> None:
+    """Drop the page-table entries of the folio-sized windows around bytes [lo, hi) of a read-only
+    file mapping (MADV_DONTNEED: the pages stay in the page cache, only our mapping of them goes),
+    so resident memory stays flat however much of the corpus a run reads."""
+    mm = getattr(m, "_mmap", None)
+    if mm is None:
+        return
+    a = lo // _WINDOW * _WINDOW
+    b = min(-(-hi // _WINDOW) * _WINDOW, len(mm))
+    mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+
 class MemmapSequences:
     """`PackedSequences` over shard files read through `np.memmap`: blocks of seq_len + 1 tokens
     of the shards' concatenated stream, item i = (x, y) with y = x shifted by one.
@@ -239,11 +258,10 @@ class MemmapSequences:
         m = self._maps[k]
         if m is None:
             size = int(self.starts[k + 1] - self.starts[k])
-            m = (
-                np.memmap(self.paths[k], dtype=self.dtype, mode="r", shape=(size,))
-                if size
-                else np.zeros(0, self.dtype)
-            )
+            m = np.zeros(0, self.dtype)
+            if size:
+                m = np.memmap(self.paths[k], dtype=self.dtype, mode="r", shape=(size,))
+                m._mmap.madvise(mmap.MADV_RANDOM)  # blocks are read at random: no read-ahead
             self._maps[k] = m
         return m
 
@@ -255,7 +273,9 @@ class MemmapSequences:
         while pos < stop:
             lo = pos - int(self.starts[k])
             take = min(stop, int(self.starts[k + 1])) - pos
-            out[pos - start : pos - start + take] = self._map(k)[lo : lo + take]
+            m = self._map(k)
+            out[pos - start : pos - start + take] = m[lo : lo + take]
+            _unmap(m, lo * self.dtype.itemsize, (lo + take) * self.dtype.itemsize)
             pos += take
             k += 1
         return out
