@@ -205,10 +205,13 @@ class LMSystem(L.LightningModule):
                     metrics.update(_val_metrics(f"val/{name}", sums))
         self.last_val = {**metrics, "step": self.global_step}
         if not self.trainer.sanity_checking:
-            self.log("val/loss", metrics["val/loss"], prog_bar=True)
+            # already the whole world's numbers; sync_dist averages equal values (and tells
+            # Lightning so, which otherwise warns about epoch-level metrics under DDP)
+            sync = self.trainer.world_size > 1
+            self.log("val/loss", metrics["val/loss"], prog_bar=True, sync_dist=sync)
             for key, value in metrics.items():
                 if key != "val/loss":
-                    self.log(key, value)
+                    self.log(key, value, sync_dist=sync)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Dropout and any stochastic routing draw from these: a resumed run continues the streams.
