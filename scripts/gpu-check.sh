@@ -96,7 +96,7 @@ run=(-m moeplat.cli.main run "$spec" --no-progress --runs-dir "$out/runs"
   --set tracking.system_metrics=false --set tracking.log_model=false)
 
 step env 120 "$py" scripts/gpu_check.py env "$out" "$device"
-step bench 180 "$py" -m moeplat.cli.main bench --no-step --json-out "$out/bench.json" "${bench[@]}"
+step bench 180 "$py" -m moeplat.cli.main bench --no-step --no-data --json-out "$out/bench.json" "${bench[@]}"
 step dispatch 60 "$py" scripts/gpu_check.py dispatch "$out" "$device"
 step eager 120 "$py" "${run[@]}" --tracking-uri "sqlite:///$out/eager.db"
 note=$compile_note

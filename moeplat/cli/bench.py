@@ -36,6 +36,18 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--no-memory", action="store_true", help="skip plan vs measured memory")
     p.add_argument("--no-layers", action="store_true", help="skip the MoE layer table")
+    p.add_argument(
+        "--no-data",
+        action="store_true",
+        help="skip the data section (prepare throughput, loading wait, RSS on a 1 GiB-token corpus)",
+    )
+    p.add_argument(
+        "--data-tokens",
+        type=float,
+        default=1.0,
+        metavar="GiB",
+        help="training tokens of the big prepared corpus of the RSS figure, GiB (default 1; 0: skip it)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE (the tables still print)")
     p.set_defaults(fn=cmd_bench)
@@ -98,6 +110,13 @@ def cmd_bench(args) -> int:
             print(f"\nmoeplat validate {args.step_spec}: {result['validate_s']:.2f} s wall (target < 0.5 s)")
     if not args.no_memory:
         result["memory"] = _memory(args, device)
+    if not args.no_data:
+        from moeplat.bench.data import data_bench, format_data
+
+        big = int(args.data_tokens * 2**30)
+        result["data"] = data_bench(args.step_spec, rss=big > 0, big_tokens=big)
+        if not args.json:
+            print(format_data(result["data"]), flush=True)
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     if args.json_out:

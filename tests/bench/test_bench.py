@@ -23,6 +23,7 @@ QUICK = [
     "0",
     "--no-memory",
     "--no-step",
+    "--no-data",
 ]
 MOEPLAT = {"moeplat:loop", "moeplat:sorted", "moeplat:capacity"}
 
