@@ -465,3 +465,19 @@ def test_services_send_no_usage_telemetry_unless_env_opts_in():
     unset = interpolate(raw(), without)["services"]  # an older .env without the line: still off
     for name in users:
         assert unset[name]["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "true", name
+
+
+def test_workers_reach_the_datasets_bucket_in_minio():
+    """Specs on the team setup name s3://<DATASETS_BUCKET>/... (prepared corpora, data_files):
+    minio-init creates the bucket, workers get MinIO's endpoint and credentials the way s3fs reads
+    them, and a cache on their volume for downloaded corpora (docs/data.md, "Object storage")."""
+    init = services()["minio-init"]
+    assert init["environment"]["DATASETS_BUCKET"] == env_example()["DATASETS_BUCKET"]
+    assert 'mc mb --ignore-existing "local/$DATASETS_BUCKET"' in " ".join(init["command"])
+    for name in ("worker", "worker-cpu"):
+        env = services()[name]["environment"]
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["AWS_ACCESS_KEY_ID"] == env_example()["MINIO_ROOT_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == env_example()["MINIO_ROOT_PASSWORD"]
+        volume = next(v for v in services()[name]["volumes"] if v.endswith(":/var/lib/moeplat"))
+        assert env["MOEPLAT_CACHE_DIR"].startswith("/var/lib/moeplat/"), volume
