@@ -136,3 +136,17 @@ def test_server_roots_confine_the_tokenizer_file(trained, tmp_path):
     assert issue.path == "data.tokenizer.path" and "spec roots" in issue.message
     (tmp_path / "tok.json").write_bytes(file.read_bytes())
     assert load_spec(_spec(tmp_path, "{kind: hf, path: tok.json}"), roots=roots).spec.model.vocab_size == 640
+
+
+def test_a_run_encodes_its_data_with_the_hf_tokenizer(trained, tmp_path):
+    from moeplat.compile.data import build_data
+
+    _, file = trained
+    loaded = load_spec(_spec(tmp_path, f"{{kind: hf, path: {file}}}"))
+    dm, info = build_data(loaded.spec, loaded.base_dir)
+    assert dm.tokenizer.kind == "hf" and dm.tokenizer.eos_id == 1 and dm.tokenizer.vocab_size == 600
+    byte_info = build_data(load_spec(TINY).spec)[1]
+    # the same documents, fewer tokens: each covers bytes_per_token bytes (EOS none)
+    assert info.train_documents == byte_info.train_documents and 2.0 < info.bytes_per_token < 5.0
+    separators = 3 * (byte_info.train_documents - 1)
+    assert info.bytes_per_token * info.train_tokens == pytest.approx(byte_info.train_tokens - separators)
