@@ -179,3 +179,26 @@ def test_prose_rows_are_documents_too(tmp_path):
             f.write(json.dumps({"text": d.data.decode("utf-8")}) + "\n")
     docs = hf_dataset_documents(path="json", data_files=["prose.jsonl"], base_dir=str(tmp_path))
     assert [d.data for d in docs] == [d.data for d in prose]
+
+
+def test_the_example_spec_trains_on_jsonl_made_as_the_docs_say(tmp_path):
+    """specs/data/hf-jsonl.yaml over jsonl files written as docs/data.md writes them (here in
+    tmp_path, named through --set instead of in specs/data/hf-jsonl/)."""
+    from mlflow import MlflowClient
+
+    from moeplat.train.run import run
+
+    docs = python_stdlib_documents(max_bytes=400_000)
+    for part in range(2):
+        with open(tmp_path / f"part-{part}.jsonl", "w") as f:
+            for d in docs[part::2]:
+                f.write(json.dumps({"text": d.data.decode("utf-8", "replace"), "path": d.name}) + "\n")
+    small = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+             "model.moe.num_experts=2", "model.moe.experts.d_ff=32", "model.max_seq_len=32",
+             "train.batch_size=4", "train.max_steps=2", "train.val_every=2",
+             "train.schedule.warmup_steps=1", "data.val_tokens=64", "tracking.system_metrics=false"]
+    loaded = load_spec(REPO / "specs" / "data" / "hf-jsonl.yaml", [f"data.source.data_files=[{tmp_path}/*.jsonl]", *small])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run(loaded, runs_root=tmp_path / "runs", tracking_uri=uri, progress=False)
+    params = MlflowClient(uri).get_run(result.run_id).data.params
+    assert int(params["data.corpus.documents"]) == len(docs)

@@ -225,3 +225,14 @@ def test_python_docs_missing_says_how_to_install(monkeypatch, tmp_path):
     (issue,) = info.value.issues
     assert issue.path == "data.source.kind"
     assert "scripts/system-deps.sh" in issue.message and "apt-get install python3.11-doc" in issue.message
+
+
+def test_the_mixture_example_builds_its_two_domains():
+    require_python_docs()
+    loaded = load_spec(REPO / "specs" / "data" / "mixture-code-prose.yaml", [
+        "data.source.sources.0.source.max_bytes=300000", "data.source.sources.1.source={kind: python_docs, max_bytes: 3000000}",
+    ])
+    dm, info = build_data(loaded.spec, loaded.base_dir)
+    assert dm.val_names == ["code", "prose"] and [len(v) for v in dm.val_sets] == [128, 128]
+    counts = np.bincount([dm.train_set.locate(g)[0] for g in range(16 * 10)])
+    assert counts.tolist() == [96, 64]  # 60 / 40 of ten global batches of 16
