@@ -338,7 +338,17 @@ def build_prepared_data(spec: Spec, base_dir: str = "."):
             raise SpecError(SpecIssue("data.seq_len", f"source {n!r}, train split: {e}")) from None
     weights = _weights(spec, names)
     val_sequences = None if d.val_tokens == "all" else d.val_tokens // d.seq_len
-    vals = {n: _val_stream(opened.splits[n]["val"], d.seq_len, val_sequences) for n in names}
+    vals = {}
+    for n in names:
+        try:
+            vals[n] = _val_stream(opened.splits[n]["val"], d.seq_len, val_sequences)
+        except ValueError as e:
+            raise SpecError(
+                SpecIssue(
+                    "data.seq_len",
+                    f"source {n!r}, validation split: {e}; or prepare it with a larger val_fraction",
+                )
+            ) from None
     kw = dict(
         seq_len=d.seq_len,
         batch_size=spec.train.batch_size,

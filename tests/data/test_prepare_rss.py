@@ -58,3 +58,17 @@ def test_peak_rss_of_a_run_on_200_mb_is_that_of_a_run_on_10_mb(tmp_path):
         work.mkdir()
         peaks[name] = peak_rss_of_run(_spec(work / "spec.yaml", corpus, 6), work)
     assert peaks["big"] - peaks["small"] < 50 * MiB, {k: v / MiB for k, v in peaks.items()}
+
+
+def test_the_int32_epoch_order_is_the_int64_permutation():
+    """The resumable sampler draws its order as int32 (half the memory of a corpus's block order);
+    runs from before, and the in-memory path's tests, rely on it being the int64 permutation."""
+    import torch
+
+    from moeplat.data.resumable import EpochPermutationSampler
+
+    for n in (7, 1000, 3_000_001):
+        sampler = EpochPermutationSampler(n, seed=11, rank=0, world_size=1)
+        sampler.epoch = 2
+        generator = torch.Generator().manual_seed(11 * 1_000_003 + 2)
+        assert list(sampler) == torch.randperm(n, generator=generator).tolist()

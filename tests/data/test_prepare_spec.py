@@ -146,3 +146,25 @@ def test_a_prepared_mixture_needs_weights_by_name(tmp_path):
     dm2, _ = build_data(ok.spec, ok.base_dir)
     for i in range(8):
         assert torch.equal(dm2.train_set[i][0], dm.train_set[i][0])
+
+
+def test_dataloader_workers_open_their_own_maps(tmp_path):
+    loaded = load_spec(_spec(tmp_path, "  prepared_dir: shards\n"))
+    dm, _ = build_data(loaded.spec, loaded.base_dir)
+    workers = load_spec(_spec(tmp_path, "  prepared_dir: shards\n  num_workers: 2\n", "w.yaml"))
+    dm2, _ = build_data(workers.spec, workers.base_dir)
+    assert dm2.num_workers == 2
+    for (x, y), (x2, y2) in zip(_batches(dm), _batches(dm2), strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_a_validation_split_shorter_than_a_sequence_names_the_field(tmp_path):
+    made = _spec(tmp_path, "", "made.yaml")
+    assert main(["data", "prepare", str(made), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    long = load_spec(
+        _spec(tmp_path, "  source: {kind: prepared, path: out}\n  seq_len: 40000\n  val_tokens: all\n"),
+        ["model.max_seq_len=40000"],
+    )
+    with pytest.raises(SpecError) as e:
+        build_data(long.spec, long.base_dir)
+    assert e.value.issues[0].path == "data.seq_len" and "validation split" in e.value.issues[0].message
