@@ -53,7 +53,9 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"run {args.run_id} ({run.info.run_name}), step {meta['step']}, validation tokens per source: {val_tokens}")
+    print(
+        f"run {args.run_id} ({run.info.run_name}), step {meta['step']}, validation tokens per source: {val_tokens}"
+    )
     print(f"val/loss {loss:.6f}  val/ppl {result['val/ppl']:.4f}")
     if version is not None:
         print(f"registered as model {args.register!r} version {version}")

@@ -124,7 +124,8 @@ def _expand_data_files(
                 matches = [m for m in matches if fs.isfile(m)]
             except Exception as err:  # botocore, aiohttp...: name the URL rather than a traceback
                 raise SourceError(
-                    "data_files", f"cannot list {given!r}: {err}; check the URL, credentials and storage_options"
+                    "data_files",
+                    f"cannot list {given!r}: {err}; check the URL, credentials and storage_options",
                 ) from None
             protocol = given.split("://", 1)[0]
             urls = [m if "://" in m else f"{protocol}://{m}" for m in matches]

@@ -171,8 +171,10 @@ def issues_from_validation(root: type[BaseModel], err: ValidationError, origin: 
         if etype == "extra_forbidden":
             msg, has_value = "unknown key", False
             allowed = fields_at(root, tuple(e["loc"])[:-1])
-            hint = REPLACED_KEYS.get(dotted(path)) or did_you_mean(str(path[-1]), allowed) or (
-                f"allowed: {', '.join(allowed)}" if allowed else None
+            hint = (
+                REPLACED_KEYS.get(dotted(path))
+                or did_you_mean(str(path[-1]), allowed)
+                or (f"allowed: {', '.join(allowed)}" if allowed else None)
             )
         elif etype == "missing":
             msg, has_value = "required key is missing", False

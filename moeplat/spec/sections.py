@@ -96,7 +96,9 @@ class MixtureSource(Strict):
         problems, seen = [], set()
         for i, c in enumerate(self.sources):
             if c.name in seen:
-                problems.append((f"sources.{i}.name", f"source name {c.name!r} is used twice; names must be unique"))
+                problems.append(
+                    (f"sources.{i}.name", f"source name {c.name!r} is used twice; names must be unique")
+                )
             seen.add(c.name)
         return check(problems) or self
 
@@ -205,8 +207,13 @@ class DataSpec(Strict):
     def _val_tokens(self) -> DataSpec:
         if self.val_tokens != "all" and self.val_tokens < self.seq_len:
             return check(
-                [("val_tokens", f"val_tokens ({self.val_tokens}) is less than one sequence (seq_len {self.seq_len}); "
-                  "raise it or use all")]
+                [
+                    (
+                        "val_tokens",
+                        f"val_tokens ({self.val_tokens}) is less than one sequence (seq_len {self.seq_len}); "
+                        "raise it or use all",
+                    )
+                ]
             )
         return self
 

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from python_docs import require_python_docs
 
 from moeplat.compile.data import build_data, load_documents
 from moeplat.data import python_stdlib_documents, split_documents
 from moeplat.data.sources import SourceError, hf_dataset_documents
 from moeplat.errors import SpecError
 from moeplat.spec import load_spec
-from python_docs import require_python_docs
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "fixtures" / "tiny.yaml"
@@ -101,7 +101,8 @@ def test_a_local_dataset_directory_goes_through_the_hub_path(files):
     docs = hf_dataset_documents(path=folder, data_files=["corpus/part-0.jsonl"], base_dir=str(files))
     assert docs[0].name == f"{folder}/train:0"
     assert [d.data for d in docs] == [
-        d.data for d in hf_dataset_documents(path="json", data_files=["corpus/part-0.jsonl"], base_dir=str(files))
+        d.data
+        for d in hf_dataset_documents(path="json", data_files=["corpus/part-0.jsonl"], base_dir=str(files))
     ]
 
 
@@ -123,11 +124,31 @@ def test_a_tiny_run_trains_on_jsonl_and_parquet(files, tmp_path):
     source = {
         "kind": "mixture",
         "sources": [
-            {"name": "jsonl", "weight": 1, "source": {"kind": "hf_dataset", "path": "json", "data_files": ["corpus/*.jsonl"]}},
-            {"name": "parquet", "weight": 1, "source": {"kind": "hf_dataset", "path": "parquet", "data_files": ["corpus/rows.parquet"], "text_field": "content"}},
+            {
+                "name": "jsonl",
+                "weight": 1,
+                "source": {"kind": "hf_dataset", "path": "json", "data_files": ["corpus/*.jsonl"]},
+            },
+            {
+                "name": "parquet",
+                "weight": 1,
+                "source": {
+                    "kind": "hf_dataset",
+                    "path": "parquet",
+                    "data_files": ["corpus/rows.parquet"],
+                    "text_field": "content",
+                },
+            },
         ],
     }
-    loaded = _spec(files, source, "train.max_steps=3", "train.val_every=3", "train.schedule.warmup_steps=1", "data.val_tokens=128")
+    loaded = _spec(
+        files,
+        source,
+        "train.max_steps=3",
+        "train.val_every=3",
+        "train.schedule.warmup_steps=1",
+        "data.val_tokens=128",
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run(loaded, runs_root=tmp_path / "runs", tracking_uri=uri, progress=False)
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
@@ -193,11 +214,24 @@ def test_the_example_spec_trains_on_jsonl_made_as_the_docs_say(tmp_path):
         with open(tmp_path / f"part-{part}.jsonl", "w") as f:
             for d in docs[part::2]:
                 f.write(json.dumps({"text": d.data.decode("utf-8", "replace"), "path": d.name}) + "\n")
-    small = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
-             "model.moe.num_experts=2", "model.moe.experts.d_ff=32", "model.max_seq_len=32",
-             "train.batch_size=4", "train.max_steps=2", "train.val_every=2",
-             "train.schedule.warmup_steps=1", "data.val_tokens=64", "tracking.system_metrics=false"]
-    loaded = load_spec(REPO / "specs" / "data" / "hf-jsonl.yaml", [f"data.source.data_files=[{tmp_path}/*.jsonl]", *small])
+    small = [
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.n_kv_heads=1",
+        "model.moe.num_experts=2",
+        "model.moe.experts.d_ff=32",
+        "model.max_seq_len=32",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.val_every=2",
+        "train.schedule.warmup_steps=1",
+        "data.val_tokens=64",
+        "tracking.system_metrics=false",
+    ]
+    loaded = load_spec(
+        REPO / "specs" / "data" / "hf-jsonl.yaml", [f"data.source.data_files=[{tmp_path}/*.jsonl]", *small]
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run(loaded, runs_root=tmp_path / "runs", tracking_uri=uri, progress=False)
     params = MlflowClient(uri).get_run(result.run_id).data.params

@@ -63,7 +63,7 @@ def _streams(n_tokens=(3000, 1700), seed=0):
     from moeplat.data import python_stdlib_documents
 
     data = np.frombuffer(b"".join(d.data for d in python_stdlib_documents(max_bytes=100_000)), np.uint8)
-    return [data[:n_tokens[0]], data[n_tokens[0] : n_tokens[0] + n_tokens[1]]]
+    return [data[: n_tokens[0]], data[n_tokens[0] : n_tokens[0] + n_tokens[1]]]
 
 
 def test_samples_are_whole_sequences_of_one_source_in_shuffled_passes():
@@ -131,7 +131,9 @@ def test_resumed_and_data_parallel_loaders_continue_the_blend():
 
 def test_global_batch_look_ahead_works_over_a_blend():
     a, b = (PackedSequences(s, 15) for s in _streams())
-    loader = ResumableLoader(BlendedSequences([a, b], [1, 1], seed=0), batch_size=4, seed=0, shuffle=False, step_group=2)
+    loader = ResumableLoader(
+        BlendedSequences([a, b], [1, 1], seed=0), batch_size=4, seed=0, shuffle=False, step_group=2
+    )
     first, second = itertools.islice(iter(loader), 2)
     assert len(first) == 3 and len(second) == 2
     assert torch.equal(first[2][1], second[0])  # the step's second micro-batch, seen ahead
@@ -192,8 +194,14 @@ def test_per_source_validation_metrics_pool_tokens(tmp_path):
     dm, _ = build_data(loaded.spec, loaded.base_dir)
     torch.manual_seed(0)
     system = LMSystem(build_model(loaded.spec), configure=None)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.validate(system, datamodule=dm, verbose=False)
     got = system.last_val
     tokens = [len(v) * 32 for v in dm.val_sets]
@@ -229,10 +237,14 @@ def test_python_docs_missing_says_how_to_install(monkeypatch, tmp_path):
 
 def test_the_mixture_example_builds_its_two_domains():
     require_python_docs()
-    loaded = load_spec(REPO / "specs" / "data" / "mixture-code-prose.yaml", [
-        "data.source.sources.0.source.max_bytes=300000", "data.source.sources.1.source={kind: python_docs, max_bytes: 3000000}",
-    ])
-    dm, info = build_data(loaded.spec, loaded.base_dir)
+    loaded = load_spec(
+        REPO / "specs" / "data" / "mixture-code-prose.yaml",
+        [
+            "data.source.sources.0.source.max_bytes=300000",
+            "data.source.sources.1.source={kind: python_docs, max_bytes: 3000000}",
+        ],
+    )
+    dm, _ = build_data(loaded.spec, loaded.base_dir)
     assert dm.val_names == ["code", "prose"] and [len(v) for v in dm.val_sets] == [128, 128]
     counts = np.bincount([dm.train_set.locate(g)[0] for g in range(16 * 10)])
     assert counts.tolist() == [96, 64]  # 60 / 40 of ten global batches of 16

@@ -33,8 +33,14 @@ def _validate(*overrides: str) -> tuple[dict, object]:
     dm, _ = build_data(loaded.spec, loaded.base_dir)
     torch.manual_seed(0)  # the same weights: step 0, before any training
     system = LMSystem(build_model(loaded.spec), configure=None)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.validate(system, datamodule=dm, verbose=False)
     return system.last_val, dm
 
@@ -79,8 +85,19 @@ def _torchrun(out: Path, world: int, *overrides: str) -> list[dict]:
     with socket.socket() as sock:  # a free port: torchrun's --master-port 0 hangs with 2 processes
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-           "--master-port", str(port), str(HERE / "val_by_data_ddp.py"), str(out), *NO_BALANCE, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(world),
+        "--master-port",
+        str(port),
+        str(HERE / "val_by_data_ddp.py"),
+        str(out),
+        *NO_BALANCE,
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
