@@ -6,7 +6,7 @@ is checked for its size (the API answers 413) and for OmegaConf resolvers such a
 `${oc.env:MOEPLAT_TOKEN}` (they read the server's environment). The YAML limits (nesting, alias
 expansion, recursive aliases, duplicate keys...) are the loader's own, the same as the CLI's
 (moeplat.spec.safe_yaml), so a file that `moeplat validate` refuses is refused here. After loading, every path the spec
-names (extends chain, data.source.paths, train.init.checkpoint) must resolve, symlinks followed,
+names (extends chain, data.source.paths, prepared corpora, train.init.checkpoint) must resolve, symlinks followed,
 inside the spec roots. Errors are SpecIssues, reported with file names relative to their root.
 """
 
@@ -151,6 +151,15 @@ def confinement_problems(loaded: LoadedSpec | LoadedSweep, roots: tuple[Path, ..
         if not inside(Path(loaded.base_dir) / p, roots):
             msg = "must stay inside the spec roots"
             issues.append(SpecIssue(f"data.source.paths.{i}", msg, loaded.files[0], has_value=True, value=p))
+    # prepared token shards: read (kind: prepared) or written (prepared_dir) by the worker; a local
+    # directory must lie inside the spec roots too (s3:// URLs are the object store's business)
+    prepared = [("data.prepared_dir", loaded.spec.data.prepared_dir)]
+    if src.kind == "prepared":
+        prepared.append(("data.source.path", src.path))
+    for key, p in prepared:
+        if p is not None and "://" not in p and not inside(Path(loaded.base_dir) / p, roots):
+            msg = "must stay inside the spec roots (or be an s3:// URL)"
+            issues.append(SpecIssue(key, msg, loaded.files[0], has_value=True, value=p))
     init = loaded.spec.train.init
     if init.kind == "upcycle":
         ckpt = Path(init.checkpoint)

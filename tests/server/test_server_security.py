@@ -87,6 +87,18 @@ def test_data_paths_and_checkpoints_stay_inside(client, spec_root):  # noqa: F81
         assert _errors(client, ckpt % p)[0]["path"] == "train.init.checkpoint"
 
 
+def test_prepared_corpora_stay_inside_or_on_s3(client, spec_root):  # noqa: F811
+    base = "extends: tiny.yaml\n"
+    for p in ("/etc", "../../x", "shards/../../x"):
+        errors = _errors(client, base + f"data:\n  prepared_dir: {p}\n")
+        assert [e["path"] for e in errors] == ["data.prepared_dir"], errors
+        errors = _errors(client, base + f"data:\n  source: {{kind: prepared, path: {p}}}\n")
+        assert [e["path"] for e in errors] == ["data.source.path"], errors
+    for p in ("shards", "s3://datasets/shards"):
+        ok = client.post("/api/validate", json={"text": base + f"data:\n  prepared_dir: '{p}'\n"}).json()
+        assert ok["ok"], ok
+
+
 def test_sweeps_cannot_search_paths_or_leave_the_root(client, spec_root):  # noqa: F811
     sweep = "extends: %s\nname: s\nsearch:\n  %s: {kind: categorical, choices: [a]}\ntrials: {n_trials: 1}\n"
     errors = _errors(client, sweep % ("tiny.yaml", "data.source"), kind="sweep")
