@@ -69,7 +69,11 @@ def test_every_object_forbids_additional_properties(schema):
         ("MoESpec", "dispatch", {"loop", "sorted", "capacity", "auto"}),
         ("MoESpec", "layers", {"all", "every", "first_dense", "list"}),
         ("MoESpec", "experts", {"swiglu", "geglu", "gelu", "relu"}),
-        ("DataSpec", "source", {"python_stdlib", "text_files"}),
+        (
+            "DataSpec",
+            "source",
+            {"python_stdlib", "text_files", "python_docs", "hf_dataset", "mixture", "prepared"},
+        ),
         ("DataSpec", "tokenizer", {"byte", "bpe", "hf"}),
         ("TrainSpec", "optimizer", {"adamw"}),
         ("TrainSpec", "schedule", {"warmup_cosine", "constant"}),
