@@ -131,7 +131,7 @@ def repeated_corpus(
         {
             "format": FORMAT, "complete": True, "dtype": "uint8", "vocab_size": 256, "shard_bytes": 0,
             "fingerprint": {"sources": f"stdlib-repeated-{train_tokens}", "tokenizer": tok.fingerprint},
-            "tokenizer": {"kind": "byte", "fingerprint": tok.fingerprint, "vocab_size": 256, "file": None},
+            "tokenizer": {"kind": "byte", "fingerprint": tok.fingerprint, "size": 256, "file": None},
             "separator": list(tok.separator),
             "sources": {"main": {"documents": {"train": len(shards), "val": 1},
                                  "shards": {"train": shards, "val": [vshard]}}},

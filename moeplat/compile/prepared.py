@@ -8,6 +8,7 @@ S3 that cannot be reached), data.tokenizer for a directory prepared with another
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sys
@@ -95,7 +96,7 @@ def _staging(url: str) -> Path:
 def _publish(result: PrepareResult, url: str) -> None:
     """Upload a complete local prepare to `url`, manifest last; nothing when the same corpus is there."""
     try:
-        remote = json_loads(read_bytes(f"{url.rstrip('/')}/{MANIFEST}"))
+        remote = json.loads(read_bytes(f"{url.rstrip('/')}/{MANIFEST}"))
     except FileNotFoundError:
         remote = None
     if (
@@ -105,12 +106,6 @@ def _publish(result: PrepareResult, url: str) -> None:
     ):
         return
     upload_dir(result.path, url, _files(result.manifest), MANIFEST)
-
-
-def json_loads(blob: bytes) -> dict:
-    import json
-
-    return json.loads(blob)
 
 
 def _files(manifest: dict) -> list[str]:
@@ -136,7 +131,7 @@ def local_prepared(path: str, field: str) -> Path:
             )
         return Path(path)
     try:
-        manifest = json_loads(read_bytes(f"{path.rstrip('/')}/{MANIFEST}"))
+        manifest = json.loads(read_bytes(f"{path.rstrip('/')}/{MANIFEST}"))
     except FileNotFoundError:
         raise SpecError(
             SpecIssue(
@@ -162,14 +157,20 @@ def local_prepared(path: str, field: str) -> Path:
 
 
 def check_tokenizer(spec: Spec, manifest: dict, base_dir: str) -> None:
-    """The spec's data.tokenizer must be the one the shards were made with; the error names both."""
+    """The spec's data.tokenizer must be the one the shards were made with; the error names both.
+    bpe: the same settings (the same training split is implied by the corpus); hf: the same file
+    contents (fingerprint), wherever the spec's path points."""
     made = dict(manifest["tokenizer"])
     want = tokenizer_desc(spec)
-    same = {k: v for k, v in made.items() if k in want} == want
-    if same and want["kind"] == "hf":  # the same path may hold another file now: compare the files
+    same = made["kind"] == want["kind"]
+    if same and want["kind"] == "bpe":
+        same = all(made.get(k) == v for k, v in want.items())
+    elif same and want["kind"] == "hf":
         from moeplat.compile.tokenizer import build_tokenizer
 
-        same = build_tokenizer(spec.data.tokenizer, [], base_dir).fingerprint == made["fingerprint"]
+        tok = build_tokenizer(spec.data.tokenizer, [], base_dir)
+        want["fingerprint"] = tok.fingerprint
+        same = tok.fingerprint == made["fingerprint"]
     if not same:
         raise SpecError(
             SpecIssue(
@@ -182,7 +183,7 @@ def check_tokenizer(spec: Spec, manifest: dict, base_dir: str) -> None:
 
 
 def _describe(desc: dict) -> str:
-    extra = ", ".join(f"{k}={v}" for k, v in sorted(desc.items()) if k not in ("kind", "file"))
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(desc.items()) if k not in ("kind", "file", "size"))
     return f"{desc['kind']}" + (f" ({extra})" if extra else "")
 
 

@@ -31,7 +31,6 @@ from moeplat.data.corpus import Document, corpus_fingerprint
 from moeplat.data.shards import (
     FORMAT,
     MANIFEST,
-    SPLITS,
     Shard,
     read_manifest,
     shard_files,
@@ -221,7 +220,7 @@ def _prepare(
         "format": FORMAT,
         "complete": False,
         "fingerprint": fp,
-        "tokenizer": {**(tokenizer_desc or {}), "fingerprint": fp["tokenizer"], "vocab_size": vocab_size},
+        "tokenizer": {**(tokenizer_desc or {}), "fingerprint": fp["tokenizer"], "size": vocab_size},
         "vocab_size": vocab_size,
         "dtype": dtype.name,
         "shard_bytes": shard_bytes,
@@ -355,7 +354,3 @@ def _remove_strays(root: Path, complete: set[str]) -> None:
         rel = path.relative_to(root).as_posix()
         if rel.endswith(".tmp") or (rel.endswith((".tokens", ".index", ".counts")) and rel not in keep):
             path.unlink()
-
-
-def split_names(manifest: dict) -> list[str]:
-    return [f"{s}/{split}" for s in manifest["sources"] for split in SPLITS]

@@ -168,3 +168,39 @@ def test_a_validation_split_shorter_than_a_sequence_names_the_field(tmp_path):
     with pytest.raises(SpecError) as e:
         build_data(long.spec, long.base_dir)
     assert e.value.issues[0].path == "data.seq_len" and "validation split" in e.value.issues[0].message
+
+
+def test_kind_prepared_accepts_the_bpe_it_was_made_with_even_when_merges_ran_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPLAT_CACHE_DIR", str(tmp_path / "cache"))
+    bpe = "  tokenizer: {kind: bpe, vocab_size: 60000}\n"  # more than 400 kB of text can merge into
+    made = _spec(tmp_path, bpe, "made.yaml")
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(made),
+                "-o",
+                str(tmp_path / "out"),
+                "--no-progress",
+                "--set",
+                "model.vocab_size=auto",
+            ]
+        )
+        == 0
+    )
+    manifest = __import__("json").loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["size"] < 60000 == manifest["tokenizer"]["vocab_size"]
+    loaded = load_spec(
+        _spec(tmp_path, "  source: {kind: prepared, path: out}\n" + bpe), ["model.vocab_size=auto"]
+    )
+    dm, _ = build_data(loaded.spec, loaded.base_dir)
+    assert dm.tokenizer.vocab_size == manifest["tokenizer"]["size"]
+    other = load_spec(
+        _spec(
+            tmp_path, "  source: {kind: prepared, path: out}\n  tokenizer: {kind: bpe, vocab_size: 50000}\n"
+        ),
+        ["model.vocab_size=auto"],
+    )
+    with pytest.raises(SpecError, match=r"vocab_size=60000.*the spec names bpe.*vocab_size=50000"):
+        build_data(other.spec, other.base_dir)
