@@ -83,11 +83,17 @@ def hf_dataset_documents(
             raise SourceError("data_files", f"the {path!r} builder reads files: list them in data_files")
         sources = [(shown, [url]) for shown, url in _expand_data_files(data_files, base_dir, storage_options)]
     else:
-        if data_files:
-            files = [url for _, url in _expand_data_files(data_files, base_dir, storage_options)]
-            sources = [(f"{path}/{split}", files)]
-        else:
-            sources = [(f"{path}/{split}", None)]
+        # a Hub name, or a local dataset folder (relative to the spec file, like data_files)
+        shown = "/".join(p for p in (path, name, split) if p)
+        files = (
+            [url for _, url in _expand_data_files(data_files, base_dir, storage_options)]
+            if data_files
+            else None
+        )
+        sources = [(shown, files)]
+        local = os.path.join(base_dir, path)
+        if "://" not in path and not os.path.isabs(path) and os.path.isdir(local):
+            path = local
     docs: list[Document] = []
     total = 0
     for shown, files in sources:
@@ -118,8 +124,8 @@ def _expand_data_files(
         if "://" in given:
             import fsspec  # lazy: only remote data needs it
 
-            fs, _, _ = fsspec.get_fs_token_paths(given, storage_options=storage_options or {})
             try:
+                fs, _, _ = fsspec.get_fs_token_paths(given, storage_options=storage_options or {})
                 matches = sorted(fs.glob(given)) if glob.has_magic(given) else [given]
                 matches = [m for m in matches if fs.isfile(m)]
             except Exception as err:  # botocore, aiohttp...: name the URL rather than a traceback

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
@@ -61,7 +61,7 @@ class HfDatasetSource(Strict):
     )
     separator: str = "\n\n"
     streaming: bool = Field(False, description="Iterate rows without materialising the dataset.")
-    storage_options: dict[str, str | int | float | bool] | None = Field(
+    storage_options: dict[str, Any] | None = Field(
         None, description="fsspec options for remote data_files (e.g. endpoint_url for S3)."
     )
     max_bytes: PositiveInt | None = Field(None, description="Stop reading rows past this many bytes.")

@@ -236,3 +236,26 @@ def test_the_example_spec_trains_on_jsonl_made_as_the_docs_say(tmp_path):
     result = run(loaded, runs_root=tmp_path / "runs", tracking_uri=uri, progress=False)
     params = MlflowClient(uri).get_run(result.run_id).data.params
     assert int(params["data.corpus.documents"]) == len(docs)
+
+
+def test_name_picks_a_configuration_of_a_dataset_folder(files, code_docs):
+    """`name` is load_dataset's configuration (FineWeb-Edu's sample-10BT, say): here a local dataset
+    folder, relative to the spec file, whose README declares two configurations as the Hub's do."""
+    folder = files / "two-configs"
+    (folder / "code").mkdir(parents=True)
+    (folder / "prose").mkdir()
+    (folder / "code" / "a.jsonl").write_text((files / "corpus" / "part-0.jsonl").read_text())
+    prose_rows = (files / "corpus" / "part-1.jsonl").read_text().splitlines()[:3]
+    (folder / "prose" / "b.jsonl").write_text("\n".join(prose_rows) + "\n")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: code\n  data_files: code/*.jsonl\n"
+        "- config_name: prose\n  data_files: prose/*.jsonl\n---\n"
+    )
+    loaded = _spec(files, {"kind": "hf_dataset", "path": "two-configs", "name": "prose"})
+    docs = load_documents(loaded.spec.data, loaded.base_dir)
+    assert [d.name for d in docs] == [f"two-configs/prose/train:{i}" for i in range(3)]
+    assert docs[0].data.decode() == json.loads(prose_rows[0])["text"]
+    code = load_documents(
+        _spec(files, {"kind": "hf_dataset", "path": "two-configs", "name": "code"}).spec.data, str(files)
+    )
+    assert len(code) == len((files / "corpus" / "part-0.jsonl").read_text().splitlines())
