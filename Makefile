@@ -3,6 +3,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# pytest-xdist processes for test/test-fast (0: one process). A test file stays on one process (--dist
+# loadfile), so its module fixtures (a sweep, a server) run once; most tests wait on subprocesses and servers.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup lock system-deps demo test test-fast lint format clean bench web
 
@@ -60,11 +64,11 @@ demo: setup
 
 # The whole suite, slow end-to-end tests included (what CI runs).
 test: setup
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Everything but the slow end-to-end tests: for the edit-test loop.
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 # MoE layer speed and memory vs dense and transformers, step overhead, validate time (see README).
 bench: setup
