@@ -42,7 +42,7 @@ def test_a_200_mb_corpus_adds_nothing_to_resident_memory(tmp_path):
         pass
     grown = _rss() - before
     # What does scale with the corpus: the epoch's shuffled block order, 4 bytes per block of
-    # seq_len + 1 = 33 tokens (24 MiB here; 33 MiB for 1e9 tokens at the quick-start's 129).
+    # seq_len + 1 = 33 tokens (24 MiB here; about 30 MiB for 1e9 tokens at the quick-start's 129).
     # The in-memory path would hold the 200 MiB stream, and mapped shards read at random used to
     # add a page-cache folio (up to 2 MiB) per block read.
     order = 4 * len(dm.train_set)
