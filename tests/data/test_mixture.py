@@ -248,3 +248,42 @@ def test_the_mixture_example_builds_its_two_domains():
     assert dm.val_names == ["code", "prose"] and [len(v) for v in dm.val_sets] == [128, 128]
     counts = np.bincount([dm.train_set.locate(g)[0] for g in range(16 * 10)])
     assert counts.tolist() == [96, 64]  # 60 / 40 of ten global batches of 16
+
+
+@pytest.mark.slow
+def test_a_mixture_run_resumed_from_a_mid_run_checkpoint_ends_where_an_uninterrupted_one_does(tmp_path):
+    """The loader's position over the blend is in the checkpoint: a copy of a finished 6-step run
+    whose last checkpoint is put back to step 3 trains steps 4-6 on the same blended batches."""
+    import json
+    import shutil
+
+    from moeplat.train.run import run
+
+    require_python_docs()
+    overrides = [
+        MIX,
+        "data.source.sources.1.source.max_bytes=150000",
+        "data.val_tokens=128",
+        "train.max_steps=6",
+        "train.val_every=3",
+        "train.checkpoint_every=3",
+        "train.schedule={kind: constant}",
+        "tracking.system_metrics=false",
+        "tracking.log_model=false",
+    ]
+    loaded = load_spec(TINY, overrides)
+    whole = run(
+        loaded, runs_root=tmp_path / "a", tracking_uri=f"sqlite:///{tmp_path / 'a.db'}", progress=False
+    )
+    copy = tmp_path / "b" / "tiny" / Path(whole.run_dir).name
+    shutil.copytree(whole.run_dir, copy)
+    shutil.copy(tmp_path / "a.db", tmp_path / "b.db")
+    state = json.loads((copy / "run.json").read_text())
+    state["tracking_uri"] = f"sqlite:///{tmp_path / 'b.db'}"
+    (copy / "run.json").write_text(json.dumps(state))
+    shutil.copy(copy / "checkpoints" / "step000003.ckpt", copy / "checkpoints" / "last.ckpt")
+    resumed = run(
+        loaded, runs_root=tmp_path / "b", resume=str(copy), tracking_uri=state["tracking_uri"], progress=False
+    )
+    assert resumed.steps == whole.steps == 6
+    assert resumed.val_loss == pytest.approx(whole.val_loss, rel=1e-6)
