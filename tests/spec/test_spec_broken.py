@@ -86,7 +86,12 @@ CORPUS: dict[str, list[Want]] = {
     ],
     "missing_kind.yaml": [
         Want("model.moe.router", 18, "needs a 'kind' key", f"expected one of {ROUTER_KINDS}"),
-        Want("data.source", 27, "needs a 'kind' key", "expected one of 'python_stdlib', 'text_files'"),
+        Want(
+            "data.source",
+            27,
+            "needs a 'kind' key",
+            "expected one of 'python_stdlib', 'text_files', 'python_docs', 'hf_dataset', 'mixture', 'prepared'",
+        ),
     ],
     "kind_typo.yaml": [  # the key typed, not "needs a 'kind' key"
         Want(
