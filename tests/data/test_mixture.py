@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from python_docs import require_python_docs
+from step0 import validate_at_step0
 
 from moeplat.compile.data import build_data
 from moeplat.data.blend import BlendedSequences, BlendIndex, blending_indices, blending_indices_reference
@@ -185,25 +186,8 @@ def test_per_source_validation_metrics_pool_tokens(tmp_path):
     """val/loss is token-weighted over both sources' sequences; each source's bpb is its loss in
     bits (byte tokenizer: one byte per token)."""
     require_python_docs()
-    import lightning as L
-
-    from moeplat.compile.model import build_model
-    from moeplat.train.system import LMSystem
-
     loaded = load_spec(TINY, [MIX, "data.source.sources.1.source.max_bytes=100000", "data.val_tokens=224"])
-    dm, _ = build_data(loaded.spec, loaded.base_dir)
-    torch.manual_seed(0)
-    system = LMSystem(build_model(loaded.spec), configure=None)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.validate(system, datamodule=dm, verbose=False)
-    got = system.last_val
+    got, dm = validate_at_step0(loaded)
     tokens = [len(v) * 32 for v in dm.val_sets]
     pooled = (got["val/code/loss"] * tokens[0] + got["val/prose/loss"] * tokens[1]) / sum(tokens)
     assert got["val/loss"] == pytest.approx(pooled, rel=1e-9)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from step0 import validate_at_step0
 
-from moeplat.compile.data import build_data
 from moeplat.errors import SpecError
 from moeplat.spec import load_spec
 
@@ -24,25 +24,7 @@ NO_BALANCE = ["model.moe.losses.load_balancing.coef=0", "model.moe.losses.z_loss
 
 
 def _validate(*overrides: str) -> tuple[dict, object]:
-    import lightning as L
-
-    from moeplat.compile.model import build_model
-    from moeplat.train.system import LMSystem
-
-    loaded = load_spec(TINY, [*NO_BALANCE, *overrides])
-    dm, _ = build_data(loaded.spec, loaded.base_dir)
-    torch.manual_seed(0)  # the same weights: step 0, before any training
-    system = LMSystem(build_model(loaded.spec), configure=None)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.validate(system, datamodule=dm, verbose=False)
-    return system.last_val, dm
+    return validate_at_step0(load_spec(TINY, [*NO_BALANCE, *overrides]))
 
 
 def test_batch_16x1_and_8x2_score_the_same_text_the_same():
