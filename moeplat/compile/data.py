@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,8 +15,8 @@ from moeplat.data import (
     python_stdlib_documents,
     split_documents,
     text_file_documents,
-    unigram_cross_entropy,
 )
+from moeplat.data.baseline import unigram_cross_entropy_from_counts
 from moeplat.data.blend import BlendedSequences
 from moeplat.data.corpus import CapTooSmall
 from moeplat.data.dataset import PackedSequences
@@ -40,7 +40,7 @@ class CorpusInfo:
     train_tokens: int
     val_tokens: int
     fingerprint: str
-    unigram_baseline: float  # nats/token of val under the train byte-frequency distribution
+    unigram_baseline: float  # nats/token of the scored val text under the train token frequencies
     val_sequences: int = 0  # validation sequences scored (data.val_tokens per source, all sources)
     # a mixture's sources: ((name, {train_documents, train_tokens, val_tokens, val_sequences, ...}), ...)
     per_source: tuple = ()
@@ -171,9 +171,7 @@ def build_data(spec: Spec, base_dir: str = ".") -> tuple[LMDataModule, CorpusInf
     else:
         dm = LMDataModule(np.asarray(streams[0][0]), np.asarray(streams[0][1]), **dm_kwargs)
     dm.tokenizer = tok  # saved with the run (moeplat.train.run._save_tokenizer)
-    info = _corpus_info(comps, splits, streams, dm, tok.vocab_size)
-    train_ids, val_ids = (np.concatenate([np.asarray(s[i]) for s in streams]) for i in (0, 1))
-    return dm, replace(info, **tokenizer_figures(tok, train_ids, val_ids, info.unigram_baseline))
+    return dm, _corpus_info(comps, splits, streams, dm, tok)
 
 
 def _blend(spec: Spec, comps: list[Component], streams) -> BlendedSequences:
@@ -193,9 +191,11 @@ def _blend(spec: Spec, comps: list[Component], streams) -> BlendedSequences:
     return BlendedSequences(sources, [c.weight for c in comps], seed=spec.train.seed, limits=limits)
 
 
-def _corpus_info(comps, splits, streams, dm: LMDataModule, vocab_size: int) -> CorpusInfo:
-    all_train = np.concatenate([np.asarray(t) for t, _ in streams])
-    all_val = np.concatenate([np.asarray(v) for _, v in streams])
+def _corpus_info(comps, splits, streams, dm: LMDataModule, tok) -> CorpusInfo:
+    vocab_size = tok.vocab_size
+    train_counts = sum(np.bincount(np.asarray(t, dtype=np.int64), minlength=vocab_size) for t, _ in streams)
+    val_counts = dm.scored_val_counts(vocab_size)  # the text val/loss scores (data.val_tokens)
+    unigram = unigram_cross_entropy_from_counts(train_counts, val_counts)
     named = [
         Document(f"{c.name}/{doc.name}", doc.data) if c.name else doc
         for c, (docs, _, _) in zip(comps, splits)
@@ -219,10 +219,11 @@ def _corpus_info(comps, splits, streams, dm: LMDataModule, vocab_size: int) -> C
         documents=sum(len(docs) for docs, _, _ in splits),
         train_documents=sum(len(train) for _, train, _ in splits),
         val_documents=sum(len(val) for _, _, val in splits),
-        train_tokens=len(all_train),
-        val_tokens=len(all_val),
+        train_tokens=int(train_counts.sum()),
+        val_tokens=sum(len(v) for _, v in streams),
         fingerprint=corpus_fingerprint(named),
-        unigram_baseline=float(unigram_cross_entropy(all_train, all_val, vocab_size)),
+        unigram_baseline=unigram,
         val_sequences=dm.val_sequences,
         per_source=per_source,
+        **tokenizer_figures(tok, train_counts, val_counts, unigram),
     )

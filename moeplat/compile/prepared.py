@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -238,26 +237,6 @@ def open_for_spec(spec: Spec, base_dir: str, *, workers: int = 1, progress: bool
     return Opened(root, manifest, splits, load_tokenizer(root, manifest))
 
 
-def unigram_from_counts(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
-    """moeplat.data.baseline.unigram_cross_entropy from token counts (the shards' .counts files),
-    so the baseline of a corpus larger than memory reads no token."""
-    vocab = train_counts.size
-    log_p = np.log(train_counts + 1.0) - np.log(train_counts.sum() + vocab)
-    return float(-(val_counts @ log_p) / val_counts.sum())
-
-
-def bpb_figures(tok, train_counts, val_counts, unigram: float) -> dict[str, float]:
-    """compile.tokenizer.tokenizer_figures from counts."""
-    tb = np.asarray(tok.token_bytes, dtype=np.int64)
-    n = min(tb.size, train_counts.size)
-    train_bytes = int(train_counts[:n] @ tb[:n])
-    val_bytes = int(val_counts[:n] @ tb[:n])
-    return {
-        "bytes_per_token": train_bytes / max(int(train_counts.sum()), 1),
-        "unigram_baseline_bpb": unigram * int(val_counts.sum()) / (math.log(2) * max(val_bytes, 1)),
-    }
-
-
 # --- the DataModule ---------------------------------------------------------------------------
 
 
@@ -374,11 +353,13 @@ def build_prepared_data(spec: Spec, base_dir: str = "."):
 
 def _corpus_info(opened: Opened, names: list[str], weights, dm):
     from moeplat.compile.data import CorpusInfo
+    from moeplat.compile.tokenizer import tokenizer_figures
+    from moeplat.data.baseline import unigram_cross_entropy_from_counts
 
     sp = opened.splits
     train_counts = sum(sp[n]["train"].counts() for n in names)
-    val_counts = sum(sp[n]["val"].counts() for n in names)
-    unigram = unigram_from_counts(train_counts, val_counts)
+    val_counts = dm.scored_val_counts(train_counts.size)  # the text val/loss scores
+    unigram = unigram_cross_entropy_from_counts(train_counts, val_counts)
     per_source = ()
     if weights is not None:
         per_source = tuple(
@@ -399,10 +380,10 @@ def _corpus_info(opened: Opened, names: list[str], weights, dm):
         train_documents=sum(sp[n]["train"].num_documents for n in names),
         val_documents=sum(sp[n]["val"].num_documents for n in names),
         train_tokens=int(train_counts.sum()),
-        val_tokens=int(val_counts.sum()),
+        val_tokens=sum(sp[n]["val"].num_tokens for n in names),
         fingerprint=opened.manifest["fingerprint"]["sources"],
         unigram_baseline=unigram,
         val_sequences=dm.val_sequences,
         per_source=per_source,
-        **bpb_figures(opened.tok, train_counts, val_counts, unigram),
+        **tokenizer_figures(opened.tok, train_counts, val_counts, unigram),
     )

@@ -53,11 +53,17 @@ def stream_bytes(tok, ids) -> int:
     return int(tok.token_bytes[np.asarray(ids)].sum())
 
 
-def tokenizer_figures(tok, train_ids, val_ids, unigram_nats_per_token: float) -> dict[str, float]:
+def tokenizer_figures(tok, train_counts, val_counts, unigram_nats_per_token: float) -> dict[str, float]:
     """data/bytes_per_token (training split) and the unigram baseline in bits per byte of the
-    validation split: the same nats as `unigram_baseline`, divided by ln 2 x the bytes they cover."""
-    train_bytes, val_bytes = stream_bytes(tok, train_ids), stream_bytes(tok, val_ids)
+    validation text scored: the same nats as `unigram_baseline`, divided by ln 2 x the bytes they
+    cover. From per-id token counts (a prepared corpus keeps them; special tokens count 0 bytes)."""
+    tb = np.asarray(tok.token_bytes, dtype=np.int64)
+    train_counts, val_counts = np.asarray(train_counts), np.asarray(val_counts)
+    train_bytes = int(train_counts[: tb.size] @ tb[: train_counts.size])
+    val_bytes = int(val_counts[: tb.size] @ tb[: val_counts.size])
     return {
-        "bytes_per_token": train_bytes / max(len(train_ids), 1),
-        "unigram_baseline_bpb": unigram_nats_per_token * len(val_ids) / (math.log(2) * max(val_bytes, 1)),
+        "bytes_per_token": train_bytes / max(int(train_counts.sum()), 1),
+        "unigram_baseline_bpb": unigram_nats_per_token
+        * int(val_counts.sum())
+        / (math.log(2) * max(val_bytes, 1)),
     }

@@ -18,9 +18,21 @@ def unigram_cross_entropy(train_ids, val_ids, vocab_size: int) -> float:
     val = _as_ids(val_ids, vocab_size, "val_ids")
     if val.size == 0:
         raise ValueError("val_ids is empty; cross-entropy needs at least one validation token")
-    log_p = np.log(np.bincount(train, minlength=vocab_size) + 1.0) - np.log(train.size + vocab_size)
-    # Sum over the vocabulary instead of over tokens: one dot product of V counts.
-    return float(-(np.bincount(val, minlength=vocab_size) @ log_p) / val.size)
+    return unigram_cross_entropy_from_counts(
+        np.bincount(train, minlength=vocab_size), np.bincount(val, minlength=vocab_size)
+    )
+
+
+def unigram_cross_entropy_from_counts(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
+    """`unigram_cross_entropy` from per-id token counts (length: the vocabulary), so a prepared
+    corpus's baseline reads its shards' .counts files instead of its tokens. Summing over the
+    vocabulary instead of over tokens: one dot product of V counts."""
+    train_counts, val_counts = np.asarray(train_counts), np.asarray(val_counts)
+    if val_counts.sum() == 0:
+        raise ValueError("val_ids is empty; cross-entropy needs at least one validation token")
+    vocab = train_counts.size
+    log_p = np.log(train_counts + 1.0) - np.log(train_counts.sum() + vocab)
+    return float(-(val_counts[:vocab] @ log_p) / val_counts.sum())
 
 
 def _as_ids(ids, vocab_size: int, what: str) -> np.ndarray:

@@ -95,6 +95,11 @@ class LMDataModule(L.LightningDataModule):
         """Validation sequences scored (all sources)."""
         return sum(len(v) for v in self.val_sets)
 
+    def scored_val_counts(self, minlength: int) -> np.ndarray:
+        """Per-id counts of the validation targets scored (every source): the text the unigram
+        baseline must be computed on to compare with val/loss."""
+        return sum(v.target_counts(minlength) for v in self.val_sets)
+
     def train_dataloader(self) -> DataLoader:
         # Every fit with the same seed sees the same batch order; each epoch gets a new
         # permutation; a resumed fit continues where the checkpoint left off (resumable.py).

@@ -50,6 +50,11 @@ class PackedSequences(Dataset):
     def __len__(self) -> int:
         return self.num_blocks
 
+    def target_counts(self, minlength: int) -> np.ndarray:
+        """How often each id is a target, which is what a loss over these blocks scores: every
+        token but each block's first."""
+        return np.bincount(self._blocks[:, 1:].reshape(-1).numpy().astype(np.int64), minlength=minlength)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         block = self._blocks[i].to(torch.int64)  # IndexError out of range, as Dataset requires
         return block[:-1], block[1:]

@@ -23,14 +23,15 @@ def test_tokenizer_figures_by_hand(tmp_path):
     train_ids, val_ids = tok.encode_documents(docs[1:]), tok.encode_documents(docs[:1])
     text_bytes = sum(len(d.data) for d in docs[1:])  # EOS between documents counts 0
     assert stream_bytes(tok, train_ids) == text_bytes
-    figs = tokenizer_figures(tok, train_ids, val_ids, 5.0)
+    counts = [np.bincount(ids.astype(np.int64), minlength=tok.vocab_size) for ids in (train_ids, val_ids)]
+    figs = tokenizer_figures(tok, *counts, 5.0)
     assert figs["bytes_per_token"] == pytest.approx(text_bytes / len(train_ids))
     assert figs["unigram_baseline_bpb"] == pytest.approx(
         5.0 * len(val_ids) / (math.log(2) * len(docs[0].data))
     )
     byte = ByteTok()
-    ids = np.arange(10)
-    assert tokenizer_figures(byte, ids, ids, 2.0) == {
+    counts = np.bincount(np.arange(10), minlength=256)
+    assert tokenizer_figures(byte, counts, counts, 2.0) == {
         "bytes_per_token": 1.0,
         "unigram_baseline_bpb": 2.0 / math.log(2),
     }

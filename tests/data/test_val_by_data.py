@@ -4,6 +4,7 @@ so batch size, gradient accumulation and the number of processes no longer chang
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import pytest
 import torch
 from step0 import validate_at_step0
 
+from moeplat.compile.data import build_data
+from moeplat.data import python_stdlib_documents, split_documents, unigram_cross_entropy
 from moeplat.errors import SpecError
 from moeplat.spec import load_spec
 
@@ -45,6 +48,26 @@ def test_val_tokens_chooses_the_text():
     assert few["val/loss"] != pytest.approx(every["val/loss"], rel=1e-6)
     # rounded down to whole sequences: 330 tokens score the same 10 sequences as 320
     assert _validate("data.val_tokens=330", small)[0]["val/loss"] == pytest.approx(few["val/loss"], rel=1e-9)
+
+
+def test_the_unigram_baseline_is_scored_on_the_validation_text_the_model_is():
+    """Baseline and val/loss on the same targets: the first val_tokens // seq_len sequences' tokens
+    but each one's first, under the training split's unigram model (the full split otherwise)."""
+    small = "data.source.max_bytes=150000"
+    info = {}
+    for amount in ("320", "all"):
+        loaded = load_spec(TINY, [f"data.val_tokens={amount}", small])
+        dm, info[amount] = build_data(loaded.spec, loaded.base_dir)
+        targets = torch.cat([dm.val_set[i][1] for i in range(len(dm.val_set))])
+        d = loaded.spec.data
+        train_docs, _ = split_documents(
+            python_stdlib_documents(max_bytes=150000), val_fraction=d.val_fraction, seed=d.split_seed
+        )
+        want = unigram_cross_entropy(dm.tokenizer.encode_documents(train_docs), targets, 256)
+        assert info[amount].unigram_baseline == pytest.approx(want, rel=1e-12)
+        assert info[amount].unigram_baseline_bpb == pytest.approx(want / math.log(2), rel=1e-12)  # bytes
+    assert info["320"].unigram_baseline != pytest.approx(info["all"].unigram_baseline, rel=1e-6)
+    assert info["320"].val_tokens == info["all"].val_tokens  # the split's size, whatever is scored
 
 
 def test_val_tokens_below_one_sequence_is_refused():
