@@ -146,20 +146,11 @@ def confinement_problems(loaded: LoadedSpec | LoadedSweep, roots: tuple[Path, ..
                 msg = "paths are checked before a job runs: set them in the base spec, not in a sweep"
                 issues.append(SpecIssue(".".join(where), msg, loaded.path))
         loaded = loaded.base
-    src = loaded.spec.data.source
-    for i, p in enumerate(getattr(src, "paths", ())):
-        if not inside(Path(loaded.base_dir) / p, roots):
-            msg = "must stay inside the spec roots"
-            issues.append(SpecIssue(f"data.source.paths.{i}", msg, loaded.files[0], has_value=True, value=p))
-    # prepared token shards: read (kind: prepared) or written (prepared_dir) by the worker; a local
-    # directory must lie inside the spec roots too (s3:// URLs are the object store's business)
-    prepared = [("data.prepared_dir", loaded.spec.data.prepared_dir)]
-    if src.kind == "prepared":
-        prepared.append(("data.source.path", src.path))
-    for key, p in prepared:
-        if p is not None and "://" not in p and not inside(Path(loaded.base_dir) / p, roots):
-            msg = "must stay inside the spec roots (or be an s3:// URL)"
-            issues.append(SpecIssue(key, msg, loaded.files[0], has_value=True, value=p))
+    issues += _source_problems(loaded.spec.data.source, "data.source", loaded, roots)
+    p = loaded.spec.data.prepared_dir  # token shards the worker writes
+    if p is not None and not _local_inside(loaded, p, roots):
+        msg = "must stay inside the spec roots (or be an s3:// URL)"
+        issues.append(SpecIssue("data.prepared_dir", msg, loaded.files[0], has_value=True, value=p))
     init = loaded.spec.train.init
     if init.kind == "upcycle":
         ckpt = Path(init.checkpoint)
@@ -167,6 +158,37 @@ def confinement_problems(loaded: LoadedSpec | LoadedSweep, roots: tuple[Path, ..
             msg = "must be a path inside the worker's runs directory (relative, no '..') or the spec roots"
             issues.append(SpecIssue("train.init.checkpoint", msg, loaded.files[0]))
     return issues
+
+
+def _local_inside(loaded: LoadedSpec, p: str, roots: tuple[Path, ...]) -> bool:
+    """A local path (relative to the spec file) inside the roots; URLs are the object store's business."""
+    return "://" in p or inside(Path(loaded.base_dir) / p, roots)
+
+
+def _source_problems(src, key: str, loaded: LoadedSpec, roots: tuple[Path, ...]) -> list[SpecIssue]:
+    """Every local file or folder a data source reads, a mixture's sources included."""
+    if src.kind == "mixture":
+        return [
+            issue
+            for i, c in enumerate(src.sources)
+            for issue in _source_problems(c.source, f"{key}.sources.{i}.source", loaded, roots)
+        ]
+    named = []  # (field, path) pairs the worker would read
+    if src.kind == "text_files":
+        named = [(f"{key}.paths.{i}", p) for i, p in enumerate(src.paths)]
+    elif src.kind == "prepared":
+        named = [(f"{key}.path", src.path)]
+    elif src.kind == "hf_dataset":
+        named = [(f"{key}.data_files.{i}", p) for i, p in enumerate(src.data_files or ())]
+        local = Path(loaded.base_dir) / src.path  # a dataset folder (a Hub name is no local path)
+        if os.path.isabs(src.path) or src.path.startswith(".") or local.is_dir():
+            named.append((f"{key}.path", src.path))
+    msg = "must stay inside the spec roots" + ("" if src.kind == "text_files" else " (or be an s3:// URL)")
+    return [
+        SpecIssue(field, msg, loaded.files[0], has_value=True, value=p)
+        for field, p in named
+        if not _local_inside(loaded, p, roots)
+    ]
 
 
 def validate_text(

@@ -87,6 +87,23 @@ def test_data_paths_and_checkpoints_stay_inside(client, spec_root):  # noqa: F81
         assert _errors(client, ckpt % p)[0]["path"] == "train.init.checkpoint"
 
 
+def test_mixture_and_hf_dataset_files_stay_inside(client, spec_root):  # noqa: F811
+    base = "extends: tiny.yaml\n"
+    hf = base + "data:\n  source: {kind: hf_dataset, path: json, data_files: ['%s'], text_field: text}\n"
+    for p in ("/etc/passwd", "../../x/*.jsonl"):
+        assert [e["path"] for e in _errors(client, hf % p)] == ["data.source.data_files.0"]
+    assert client.post("/api/validate", json={"text": hf % "s3://datasets/a.jsonl"}).json()["ok"]
+    folder = base + "data:\n  source: {kind: hf_dataset, path: '%s', text_field: text}\n"
+    for p in ("/etc", "../.."):
+        assert [e["path"] for e in _errors(client, folder % p)] == ["data.source.path"]
+    mix = base + (
+        "data:\n  source:\n    kind: mixture\n    sources:\n"
+        "      - {name: a, weight: 1, source: {kind: python_stdlib}}\n"
+        "      - {name: b, weight: 1, source: {kind: text_files, paths: [/etc]}}\n"
+    )
+    assert [e["path"] for e in _errors(client, mix)] == ["data.source.sources.1.source.paths.0"]
+
+
 def test_prepared_corpora_stay_inside_or_on_s3(client, spec_root):  # noqa: F811
     base = "extends: tiny.yaml\n"
     for p in ("/etc", "../../x", "shards/../../x"):
