@@ -12,6 +12,7 @@ logged val/loss for the same number of batches.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -34,7 +35,11 @@ def save_model_artifact(
         k.removeprefix(PREFIX): v.detach().cpu() for k, v in state_dict.items() if k.startswith(PREFIX)
     }
     torch.save(weights, out / "weights.pt")
-    (out / "spec.yaml").write_text(yaml.safe_dump(loaded.resolved, sort_keys=False))
+    resolved = copy.deepcopy(loaded.resolved)
+    tokenizer = loaded.spec.data.tokenizer
+    if tokenizer.kind == "hf":  # where validation found it, so eval resolves it from any directory
+        resolved["data"]["tokenizer"]["path"] = tokenizer.file
+    (out / "spec.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     meta = {
         "step": step,
         "spec_name": loaded.spec.name,

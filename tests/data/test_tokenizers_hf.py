@@ -150,3 +150,22 @@ def test_a_run_encodes_its_data_with_the_hf_tokenizer(trained, tmp_path):
     assert info.train_documents == byte_info.train_documents and 2.0 < info.bytes_per_token < 5.0
     separators = 3 * (byte_info.train_documents - 1)
     assert info.bytes_per_token * info.train_tokens == pytest.approx(byte_info.train_tokens - separators)
+
+
+def test_a_saved_model_with_a_relative_tokenizer_path_loads_from_any_directory(trained, tmp_path, monkeypatch):
+    """moeplat eval rebuilds a run's model from its model/ artifact: the spec's relative hf path
+    resolves against the run's data directory, not where eval was started."""
+    from types import SimpleNamespace
+
+    from moeplat.compile.model import build_model
+    from moeplat.train.model_artifact import load_model_artifact, save_model_artifact
+
+    _, file = trained
+    (tmp_path / "tok.json").write_bytes(file.read_bytes())
+    loaded = load_spec(_spec(tmp_path, "{kind: hf, path: tok.json}"))
+    weights = {f"model.{k}": v for k, v in build_model(loaded.spec).state_dict().items()}
+    tracked = SimpleNamespace(log_artifacts=lambda *args: None)
+    out = save_model_artifact(tracked, weights, loaded, tmp_path / "run", step=0, val_loss=None)
+    monkeypatch.chdir("/")
+    spec, _, _ = load_model_artifact(out)
+    assert spec.data.tokenizer.file == str(tmp_path / "tok.json") and spec.model.vocab_size == 640
