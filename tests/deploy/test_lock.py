@@ -66,7 +66,10 @@ def test_this_environment_holds_the_locked_versions():
     """What `make setup` installed is the lock (a stale .venv fails here: `make setup` reinstalls when
     the lock changes); torch is requirements/cpu.txt's pin."""
     lock = locked()
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    installed = {}
+    for d in importlib.metadata.distributions():  # sys.path order: the first is what imports load
+        # (later ones, like setuptools/_vendor that setuptools appends once imported, are shadowed)
+        installed.setdefault(canonicalize_name(d.metadata["Name"]), d.version)
     for name in ("mlflow", "optuna", "lightning", "pydantic", "transformers", "pytest", "hatchling"):
         assert name in installed, name
     wrong = {n: (v, lock[n][0]) for n, v in installed.items() if n in lock and v != lock[n][0]}
