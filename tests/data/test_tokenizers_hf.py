@@ -152,7 +152,9 @@ def test_a_run_encodes_its_data_with_the_hf_tokenizer(trained, tmp_path):
     assert info.bytes_per_token * info.train_tokens == pytest.approx(byte_info.train_tokens - separators)
 
 
-def test_a_saved_model_with_a_relative_tokenizer_path_loads_from_any_directory(trained, tmp_path, monkeypatch):
+def test_a_saved_model_with_a_relative_tokenizer_path_loads_from_any_directory(
+    trained, tmp_path, monkeypatch
+):
     """moeplat eval rebuilds a run's model from its model/ artifact: the spec's relative hf path
     resolves against the run's data directory, not where eval was started."""
     from types import SimpleNamespace
