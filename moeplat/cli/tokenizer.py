@@ -11,16 +11,9 @@ from moeplat.errors import SpecError, SpecIssue
 
 def train_documents(loaded) -> list:
     """The training split of every source, as moeplat.compile.data.build_data splits it."""
-    from moeplat.compile.data import components, load_source_documents
-    from moeplat.data.corpus import split_documents
+    from moeplat.compile.data import split_sources
 
-    d = loaded.spec.data
-    docs = []
-    for c in components(d):
-        source_docs = load_source_documents(c.source, loaded.base_dir, c.field)
-        train, _ = split_documents(source_docs, val_fraction=d.val_fraction, seed=d.split_seed)
-        docs += train
-    return docs
+    return [doc for _, _, train, _ in split_sources(loaded.spec.data, loaded.base_dir) for doc in train]
 
 
 def cmd_train(args) -> int:

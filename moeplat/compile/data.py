@@ -121,17 +121,24 @@ def step_group(spec: Spec) -> int:
     return spec.train.grad_accum if global_batch else 1
 
 
+def split_sources(d: DataSpec, base_dir: str) -> list[tuple[Component, list, list, list]]:
+    """(component, documents, train, val) of each source (a mixture's, or the one), read and split
+    the same way for a run, `data prepare` and `tokenizer train`."""
+    read = []
+    for c in components(d):
+        docs = load_source_documents(c.source, base_dir, c.field)
+        read.append((c, docs, *split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed)))
+    return read
+
+
 def build_data(spec: Spec, base_dir: str = ".") -> tuple[LMDataModule, CorpusInfo]:
     d = spec.data
     if d.prepared_dir is not None or d.source.kind == "prepared":  # token shards, memmapped
         from moeplat.compile.prepared import build_prepared_data
 
         return build_prepared_data(spec, base_dir)
-    comps = components(d)
-    splits = []
-    for c in comps:
-        docs = load_source_documents(c.source, base_dir, c.field)
-        splits.append((docs, *split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed)))
+    read = split_sources(d, base_dir)
+    comps, splits = [c for c, *_ in read], [(docs, train, val) for _, docs, train, val in read]
     # trained (bpe) on the training split of every source, never on validation text
     tok = build_tokenizer(d.tokenizer, [doc for _, train, _ in splits for doc in train], base_dir)
     streams = [(tok.encode_documents(train), tok.encode_documents(val)) for _, train, val in splits]

@@ -54,18 +54,13 @@ def prepare_spec(
     field: str = "data.prepared_dir",
 ) -> tuple[PrepareResult, object]:
     """Tokenize the spec's sources into `out` (local or s3://); (result, the tokenizer used)."""
-    from moeplat.compile.data import components, load_source_documents
+    from moeplat.compile.data import split_sources
     from moeplat.compile.tokenizer import build_tokenizer
-    from moeplat.data.corpus import split_documents
 
     d = spec.data
     if isinstance(d.source, PreparedSource):
         raise SpecError(SpecIssue("data.source.kind", "is already prepared: there is nothing to prepare"))
-    sources = []
-    for c in components(d):
-        docs = load_source_documents(c.source, base_dir, c.field)
-        train, val = split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed)
-        sources.append(SourceSplits(c.name or MAIN, train, val))
+    sources = [SourceSplits(c.name or MAIN, train, val) for c, _, train, val in split_sources(d, base_dir)]
     tok = build_tokenizer(d.tokenizer, [doc for s in sources for doc in s.train], base_dir)
     local = _staging(out) if is_remote(out) else Path(out)
     kw = dict(workers=workers, shard_bytes=shard_bytes, progress=progress)
