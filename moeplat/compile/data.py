@@ -22,14 +22,14 @@ from moeplat.data.corpus import CapTooSmall
 from moeplat.data.dataset import PackedSequences
 from moeplat.data.sources import SourceError, hf_dataset_documents, python_docs_documents
 from moeplat.errors import SpecError, SpecIssue
-from moeplat.spec.root import Spec
-from moeplat.spec.sections import (
+from moeplat.spec.data_section import (
     DataSpec,
     HfDatasetSource,
     MixtureSource,
     PythonDocsSource,
     PythonStdlibSource,
 )
+from moeplat.spec.root import Spec
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from moeplat.data.prepare import DEFAULT_SHARD_BYTES, PrepareResult, SourceSplit
 from moeplat.data.shards import MANIFEST, PreparedSplit, open_prepared, read_manifest, shard_files
 from moeplat.data.storage import StorageError, cache_root, download_dir, is_remote, read_bytes, upload_dir
 from moeplat.errors import SpecError, SpecIssue
+from moeplat.spec.data_section import PreparedSource
 from moeplat.spec.root import Spec
-from moeplat.spec.sections import PreparedSource
 
 MAIN = "main"  # the sub-directory of a spec whose source is not a mixture
 
@@ -237,7 +237,7 @@ def open_for_spec(spec: Spec, base_dir: str, *, workers: int = 1, progress: bool
 
 def _weights(spec: Spec, names: list[str]) -> list[float] | None:
     """Per-source weights of a prepared mixture, in `names` order; None for one source."""
-    from moeplat.spec.sections import MixtureSource
+    from moeplat.spec.data_section import MixtureSource
 
     src = spec.data.source
     if isinstance(src, MixtureSource):
@@ -263,7 +263,7 @@ def _weights(spec: Spec, names: list[str]) -> list[float] | None:
 
 
 def _limits(spec: Spec, names: list[str]) -> list[int | None]:
-    from moeplat.spec.sections import MixtureSource
+    from moeplat.spec.data_section import MixtureSource
 
     src, block = spec.data.source, spec.data.seq_len + 1
     if not isinstance(src, MixtureSource):

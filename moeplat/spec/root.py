@@ -7,13 +7,12 @@ from typing import Annotated
 from pydantic import Field, ValidationInfo, model_validator
 
 from moeplat.spec.base import Strict, check
+from moeplat.spec.data_section import DataSpec, HfTokenizer
 from moeplat.spec.model import ModelSpec
 from moeplat.spec.moe import Dropless
 from moeplat.spec.routers import UNLEARNED
 from moeplat.spec.sections import (
-    DataSpec,
     ExpertParallel,
-    HfTokenizer,
     ParallelSpec,
     TrackingSpec,
     TrainSpec,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from moeplat.spec import load_spec
+from moeplat.spec.data_section import TextFilesSource
 from moeplat.spec.moe import FirstDense, LayerList
-from moeplat.spec.sections import Constant, TextFilesSource, WarmupCosine
+from moeplat.spec.sections import Constant, WarmupCosine
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "specs" / "quickstart.yaml"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from moeplat.spec import load_spec
-from moeplat.spec.sections import TextFilesSource
+from moeplat.spec.data_section import TextFilesSource
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 QUICKSTART = SPECS / "quickstart.yaml"
