@@ -16,7 +16,7 @@ PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 $(BIN)/moeplat: pyproject.toml requirements/lock.txt requirements/cpu.txt scripts/install-locked.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-deps -r requirements/cpu.txt
-	PYTHON=$(BIN)/python scripts/install-locked.sh --editable dev,dashboard,hf
+	PYTHON=$(BIN)/python scripts/install-locked.sh --editable dev,dashboard,hf,eval
 	touch $@
 
 # Re-resolve the lock on purpose (newest versions within pyproject.toml's bounds), then `make setup` and

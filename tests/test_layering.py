@@ -19,14 +19,23 @@ ALLOWED = {
     "spec": {"errors", "spec"},
     "nn": {"nn"},
     "data": {"data"},
-    "compile": {"errors", "spec", "nn", "data", "compile"},
+    "compile": {
+        "errors",
+        "spec",
+        "nn",
+        "data",
+        "interop",
+        "compile",
+    },  # interop: train.init from transformers
     "track": {"errors", "spec", "track"},
     "parallel": {"errors", "spec", "nn", "compile", "parallel"},
     "train": {"errors", "spec", "nn", "data", "compile", "parallel", "track", "train"},
     "sweep": {"errors", "spec", "train", "track", "sweep"},
     "interop": {"errors", "nn", "interop"},  # transformers <-> moeplat.nn; test/extra only
+    # reads finished runs: loads their model (compile, train, track), generates, evaluates, routes
+    "evaluate": {"errors", "spec", "nn", "data", "compile", "interop", "track", "train", "evaluate"},
     # layer benchmarks (nn, interop peers) and the whole-step overhead (train, track)
-    "bench": {"errors", "spec", "nn", "data", "compile", "interop", "train", "track", "bench"},
+    "bench": {"errors", "spec", "nn", "data", "compile", "interop", "train", "track", "evaluate", "bench"},
     "cli": {
         "errors",
         "spec",
@@ -39,6 +48,8 @@ ALLOWED = {
         "sweep",
         "server",
         "bench",
+        "interop",
+        "evaluate",
         "cli",
     },
     # the job server sits at the top beside cli (which starts it): it validates and plans specs and
@@ -52,7 +63,7 @@ FORBIDDEN_LIBS = {
     "track": {"torch"},
     "server": {"torch", "lightning"},  # jobs run in subprocesses; the server stays light
 }
-ONLY_IN = {"mlflow": "track", "optuna": "sweep", "transformers": "interop"}
+ONLY_IN = {"mlflow": "track", "optuna": "sweep", "transformers": "interop", "lm_eval": "evaluate"}
 
 
 def _imports(path: Path) -> set[str]:

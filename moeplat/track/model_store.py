@@ -48,6 +48,15 @@ def download_model(tracking_uri: str, run_id: str, dst: str | Path) -> tuple[Pat
     return Path(local), run
 
 
+def download_artifact_dir(tracking_uri: str, run_id: str, name: str, dst: str | Path) -> Path | None:
+    """Download run `run_id`'s artifact directory `name` (e.g. tokenizer/) into `dst`; None if the
+    run has none."""
+    client = _client(tracking_uri)
+    if not client.list_artifacts(run_id, name):
+        return None
+    return Path(client.download_artifacts(run_id, name, str(dst)))
+
+
 def register_model(tracking_uri: str, run_id: str, name: str) -> str:
     """Register run `run_id`'s model/ in the MLflow model registry under `name`; returns the version."""
     from mlflow.exceptions import MlflowException
