@@ -20,6 +20,7 @@ from moeplat.nn.attention import CausalSelfAttention, apply_rope, rope_cos_sin
 from moeplat.nn.capacity import capacity_keep_mask, expert_capacity
 from moeplat.nn.dispatch import DISPATCHERS, dispatch_capacity, dispatch_loop, dispatch_sorted
 from moeplat.nn.experts import DenseFFN, MLPExperts, SwiGLUExperts
+from moeplat.nn.kv_cache import KVCache
 from moeplat.nn.losses import expert_load, load_balancing_loss, router_z_loss
 from moeplat.nn.mla import MultiHeadLatentAttention
 from moeplat.nn.model import Block, LMOutput, TransformerLM
@@ -50,6 +51,7 @@ __all__ = [
     "GShardRouter",
     "GroupLimitedRouter",
     "HashRouter",
+    "KVCache",
     "LMOutput",
     "MLPExperts",
     "MoELayer",

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeplat.nn.kv_cache import LayerKV, causal_mask
+
 
 def rope_cos_sin(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [S, hd] for RoPE (Su et al. 2021, RoFormer eq. 15), float32.
@@ -79,21 +81,31 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("rope_cos", cos_Sd, persistent=False)
         self.register_buffer("rope_sin", sin_Sd, persistent=False)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        """`cache` (decoding, moeplat.nn.kv_cache): x_BSD are the tokens after the cached ones; their
+        RoPE positions start at cache.length, and their k, v (after RoPE, n_kv_heads) are appended."""
         B, S, _ = x_BSD.shape
-        if self.max_seq_len < S:
-            raise ValueError(f"sequence length {S} > max_seq_len {self.max_seq_len}")
+        start = 0 if cache is None else cache.length
+        if self.max_seq_len < start + S:
+            raise ValueError(f"sequence length {start + S} > max_seq_len {self.max_seq_len}")
         q, k = self.wq(x_BSD), self.wk(x_BSD)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+        cos, sin = self.rope_cos[start:], self.rope_sin[start:]  # absolute positions start ..
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k=k, v=v)
         if self.n_kv_heads != self.n_heads:
             groups = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         p = self.dropout if self.training else 0.0
-        o_BHSd = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if cache is None or start == 0:
+            o_BHSd = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            mask = causal_mask(S, start + S, x_BSD.device)
+            o_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         o_BSD = o_BHSd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         return self.out_drop(self.wo(o_BSD))

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from moeplat.nn.attention import CausalSelfAttention
 from moeplat.nn.balance import StepLoad
 from moeplat.nn.experts import DenseFFN, MLPExperts
+from moeplat.nn.kv_cache import KVCache, LayerKV
 from moeplat.nn.mla import MultiHeadLatentAttention
 from moeplat.nn.moe import MoELayer, MoEOutput, StepLoadArg
 from moeplat.nn.routers import Router
@@ -24,6 +25,7 @@ class LMOutput:
     loss: torch.Tensor | None  # float32 mean next-token cross-entropy; None without targets
     aux_loss: torch.Tensor  # float32 sum of the MoE layers' weighted aux losses (0 if none)
     moe: dict[int, MoEOutput] = field(default_factory=dict)  # layer index -> that layer's output
+    cache: KVCache | None = None  # the KV cache passed to forward, now holding these tokens too
 
 
 class Block(nn.Module):
@@ -41,11 +43,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None, step_load: StepLoadArg = None
+        self,
+        x_BSD: torch.Tensor,
+        token_ids_BS: torch.Tensor | None = None,
+        step_load: StepLoadArg = None,
+        cache: LayerKV | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         """token_ids_BS (optional) is passed on to an MoE FFN, whose router may route by token id;
-        step_load (optional) too, for its global-batch balancing loss (MoELayer.forward)."""
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        step_load (optional) too, for its global-batch balancing loss (MoELayer.forward); `cache`
+        (decoding) to the attention, which then sees the cached tokens too."""
+        a_BSD = self.attn_norm(x_BSD)
+        h_BSD = x_BSD + (self.attn(a_BSD) if cache is None else self.attn(a_BSD, cache=cache))
         # an MoELayer, or one sharded by moeplat.parallel (ExpertParallelMoE, same signature)
         if isinstance(self.ffn, MoELayer) or getattr(self.ffn, "shards_moe_layer", False):
             out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, step_load=step_load)
@@ -147,13 +155,24 @@ class TransformerLM(nn.Module):
         idx_BS: torch.Tensor,
         targets_BS: torch.Tensor | None = None,
         step_load: StepLoad | None = None,
+        *,
+        cache: KVCache | None = None,
     ) -> LMOutput:
         """`step_load`: the optimizer step's expert frequencies per MoE layer, for layers with
-        balance_loss_scope "global_batch" (moeplat.nn.balance); None = this batch is the step."""
+        balance_loss_scope "global_batch" (moeplat.nn.balance); None = this batch is the step.
+
+        `cache` (decoding, moeplat.nn.kv_cache): idx_BS are the tokens after the cache.length
+        cached ones, at absolute positions cache.length ..; each attention appends theirs, and the
+        output's `cache` is the same object. MoE layers see the new tokens only: a dropless
+        token-choice layer routes them as it would in the whole sequence; a capacity factor (the
+        capacity is counted over the tokens of one forward) or expert-choice routing (experts pick
+        among the forward's tokens) may route a lone token otherwise."""
         x_BSD = self.emb_drop(self.tok_emb(idx_BS))
         moe: dict[int, MoEOutput] = {}
         for i, block in enumerate(self.blocks):
             kw = {"token_ids_BS": idx_BS, "step_load": None if step_load is None else step_load.layer(i)}
+            if cache is not None:
+                kw["cache"] = cache[i]
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x_BSD, moe_out = checkpoint(block, x_BSD, use_reentrant=False, **kw)
             else:
@@ -170,7 +189,7 @@ class TransformerLM(nn.Module):
         aux_loss = torch.zeros((), dtype=torch.float32, device=idx_BS.device)
         for out in moe.values():
             aux_loss = aux_loss + out.aux_loss
-        return LMOutput(logits_BSV, loss, aux_loss, moe)
+        return LMOutput(logits_BSV, loss, aux_loss, moe, cache)
 
     def _reward_policies(
         self, moe: dict[int, MoEOutput], logits_BSV: torch.Tensor, targets_BS: torch.Tensor
