@@ -21,13 +21,19 @@ class GQA(Strict):
 
     head_dim: per-head width; null = d_model / n_heads (GLaM and T5-style models decouple the two).
     qkv_bias: biases on the q, k, v projections (Qwen1.5 / Qwen2). qk_norm: RMSNorm over the
-    projected queries and keys before RoPE (OLMoE, Muennighoff et al. 2024).
+    projected queries and keys before RoPE: `true` over the whole projection, H * head_dim and
+    n_kv_heads * head_dim wide (OLMoE, Muennighoff et al. 2024); `head` over each head's head_dim
+    values with one head_dim-wide weight for all query heads and one for all key heads (Qwen3).
     """
 
     kind: Literal["gqa"]
     head_dim: PositiveInt | None = None
     qkv_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool | Literal["head"] = Field(
+        False,
+        description="RMSNorm on q and k before RoPE: false; true = over the whole projection (OLMoE); "
+        "head = over each head's head_dim (Qwen3).",
+    )
 
 
 class MLA(Strict):
@@ -104,7 +110,8 @@ def attention_params(attn: Attention, d: int, h: int, kv_heads: int) -> int:
     hd = gqa_head_dim(attn, d, h)
     q_o, kv = 2 * d * h * hd, 2 * d * kv_heads * hd
     extra = (h + 2 * kv_heads) * hd if attn.qkv_bias else 0
-    extra += (h + kv_heads) * hd if attn.qk_norm else 0
+    if attn.qk_norm:  # q and k norm weights: whole projections, or one head_dim vector each
+        extra += 2 * hd if attn.qk_norm == "head" else (h + kv_heads) * hd
     return q_o + kv + extra
 
 

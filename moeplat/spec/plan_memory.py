@@ -87,8 +87,10 @@ def attention_bytes(spec: Spec, act: int) -> int:
     else:
         qk = v = gqa_head_dim(a, d, h)
         latents = 0
-        if a.qk_norm:  # RMSNorm over the whole projected q [H*hd] and k [KV*hd]: input, normed
-            latents = 2 * (h + m.kv_heads) * qk * act + 2 * F32
+        if a.qk_norm:  # RMSNorm on the projected q [H*hd] and k [KV*hd]: input, normed, and a
+            # float32 rstd per row: one per token (whole projection) or per head ("head")
+            rows = h + m.kv_heads if a.qk_norm == "head" else 2
+            latents = 2 * (h + m.kv_heads) * qk * act + rows * F32
     qkv = h * (2 * qk + v) * act  # as the kernel reads them (k, v repeated to every query head)
     if kernel == "fused":
         kept = qkv + h * v * act + h * F32  # output (W_O reads it in place), logsumexp

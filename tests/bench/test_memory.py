@@ -71,6 +71,8 @@ def test_planned_activations_equal_what_autograd_saves(spec_file):
         ("model.moe.experts.dropout=0.2",),
         ("model.moe.dispatch={kind: loop}",),
         ("model.moe.experts.d_ff=64",),  # F <= D: the combine weight scales the hidden
+        ("model.attention={kind: gqa, qk_norm: true}",),  # a float32 rstd per token
+        ("model.attention={kind: gqa, qk_norm: head}",),  # a float32 rstd per token and head
     ],
     ids=lambda o: o[0].split("=")[0],
 )

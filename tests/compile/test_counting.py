@@ -109,6 +109,11 @@ VARIANTS = {
         "specs/quickstart.yaml",
         ["model.attention={kind: gqa, head_dim: 48, qkv_bias: true, qk_norm: true}"],
     ),
+    # Qwen3's QK-norm per head: one head_dim-wide weight for q and one for k.
+    "gqa-qk-norm-per-head": (
+        "specs/quickstart.yaml",
+        ["model.attention={kind: gqa, head_dim: 48, qk_norm: head}"],
+    ),
     # Hash layers have no router weights at all.
     "hash": (
         "specs/quickstart.yaml",

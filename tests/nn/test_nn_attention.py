@@ -76,3 +76,59 @@ def test_attention_rejects_bad_head_counts():
         CausalSelfAttention(32, 4, 3)
     with pytest.raises(ValueError):
         CausalSelfAttention(30, 4, 4)
+
+
+def _qk_norm_reference(attn: CausalSelfAttention, x_BSD: torch.Tensor) -> torch.Tensor:
+    """Attention with RMSNorm per head written out (Qwen3's q_norm / k_norm over head_dim)."""
+    B, S, _ = x_BSD.shape
+    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+
+    def norm(t, w):  # t: [B, S, heads, hd]
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + attn.q_norm.eps) * w
+
+    q = norm(attn.wq(x_BSD).view(B, S, H, hd), attn.q_norm.weight).transpose(1, 2)
+    k = norm(attn.wk(x_BSD).view(B, S, KV, hd), attn.k_norm.weight).transpose(1, 2)
+    v = attn.wv(x_BSD).view(B, S, KV, hd).transpose(1, 2)
+    q, k = apply_rope(q, attn.rope_cos, attn.rope_sin), apply_rope(k, attn.rope_cos, attn.rope_sin)
+    k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / hd**0.5
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    return attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, H * hd))
+
+
+def test_per_head_qk_norm_equals_reference_and_differs_from_whole():
+    torch.manual_seed(0)
+    kw = {"head_dim": 8, "max_seq_len": 16, "qkv_bias": True}
+    head = CausalSelfAttention(32, 4, 2, qk_norm="head", **kw).double()
+    whole = CausalSelfAttention(32, 4, 2, qk_norm=True, **kw).double()
+    assert head.q_norm.weight.shape == head.k_norm.weight.shape == (8,)
+    assert whole.q_norm.weight.shape == (32,) and whole.k_norm.weight.shape == (16,)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    whole.load_state_dict(
+        head.state_dict()
+        | {"q_norm.weight": head.q_norm.weight.repeat(4), "k_norm.weight": head.k_norm.weight.repeat(2)}
+    )
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    y = head(x)
+    torch.testing.assert_close(y, _qk_norm_reference(head, x), rtol=0, atol=1e-10)
+    # the same weights normalised over the whole projection give another function
+    assert (whole(x) - y).abs().max() > 1e-3
+
+
+def test_per_head_qk_norm_ignores_each_heads_scale():
+    """RMSNorm per head makes attention blind to a rescaled query head; the whole-projection norm is not."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 6, 32)
+    for mode, invariant in (("head", True), (True, False)):
+        attn = CausalSelfAttention(32, 4, 4, qk_norm=mode, max_seq_len=8)
+        y = attn(x)
+        with torch.no_grad():
+            attn.wq.weight[:8] *= 5.0  # query head 0 only
+        assert torch.allclose(attn(x), y, atol=1e-5) is invariant
+
+
+def test_qk_norm_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="qk_norm"):
+        CausalSelfAttention(32, 4, 4, qk_norm="heads")

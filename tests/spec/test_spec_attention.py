@@ -48,3 +48,11 @@ def test_gqa_head_dim_lifts_the_divisibility_rule_but_must_be_even():
 def test_unknown_attention_kind_is_named():
     (path, message), *_ = _problems("model.attention={kind: mqa}")
     assert path.startswith("model.attention") and "gqa" in message and "mla" in message
+
+
+def test_qk_norm_is_off_whole_or_per_head():
+    for value, expected in (("false", False), ("true", True), ("head", "head")):
+        spec = load_spec(QUICKSTART, [f"model.attention={{kind: gqa, qk_norm: {value}}}"]).spec
+        assert spec.model.attention.qk_norm == expected
+    problems = _problems("model.attention={kind: gqa, qk_norm: heads}")
+    assert problems and all(p.startswith("model.attention") for p, _ in problems)
