@@ -206,6 +206,21 @@ def top_tokens(
     return by_count, by_lift
 
 
+def validation_text(spec, base_dir: str, max_bytes: int) -> str:
+    """The start of the spec's validation documents (of each source, in turn), about `max_bytes`
+    of them: text the run never trained on, split as the run split it."""
+    from moeplat.compile.data import split_sources
+
+    parts, size = [], 0
+    for _, _, _, val in split_sources(spec.data, base_dir):
+        for doc in val:
+            if size >= max_bytes:
+                break
+            parts.append(doc.data[: max_bytes - size].decode("utf-8", errors="replace"))
+            size += len(doc.data[: max_bytes - size]) + 2
+    return "\n\n".join(parts)
+
+
 # --- token text -----------------------------------------------------------------------------------
 
 
