@@ -115,7 +115,12 @@ def validate(resolved: dict, origins: dict | None = None, roots: tuple[Path, ...
     validation reads (an hf tokenizer's) must lie inside them or in the Hugging Face cache."""
     origins = origins or {}
     try:
-        context = {"tokenizer_base_dir": _base_dir_of(origins, ("data", "tokenizer", "path")), "roots": roots}
+        context = {
+            "tokenizer_base_dir": _base_dir_of(origins, ("data", "tokenizer", "path")),
+            # a spec read back from a run (no origins) is not checked against this machine's files
+            "eval_base_dir": _base_dir_of(origins, ("train", "eval", "include_path")) if origins else None,
+            "roots": roots,
+        }
         return Spec.model_validate_json(json.dumps(resolved, allow_nan=True), context=context)
     except ValidationError as err:
         raise SpecError(issues_from_validation(Spec, err, lambda p: _origin_of(origins, p))) from None

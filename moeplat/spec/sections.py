@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import string
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, PrivateAttr, ValidationInfo, model_validator
 
 from moeplat.spec.base import Seed, Strict, check
 
@@ -85,6 +87,53 @@ class Alternate(Strict):
     start: Literal["router", "rest"] = "router"
 
 
+class EvalTasks(Strict):
+    """Downstream tasks of lm-evaluation-harness run on the final model at the end of `moeplat run`
+    (as `moeplat eval RUN --tasks`); their metrics are logged into the run as eval/<task>/<metric>
+    at its last step. `include_path`: a directory of custom task YAML files, relative to the spec
+    file that sets it. `limit`: documents per task (for a quick look; not comparable to full scores)."""
+
+    tasks: Annotated[list[str], Field(min_length=1)]
+    include_path: Annotated[str, Field(min_length=1)] | None = None
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    limit: PositiveInt | None = None
+    _include_dir: str | None = PrivateAttr(None)  # include_path found at validation (absolute)
+
+    @property
+    def include_dir(self) -> str | None:
+        return self._include_dir or self.include_path
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> EvalTasks:
+        problems = [
+            (f"tasks.{i}", f"{t!r} is not a task name (no spaces or commas; e.g. hellaswag)")
+            for i, t in enumerate(self.tasks)
+            if not t.strip() or t != t.strip() or "," in t
+        ]
+        if len(set(self.tasks)) < len(self.tasks):
+            problems.append(("tasks", "names a task twice"))
+        base = (info.context or {}).get("eval_base_dir")
+        if self.include_path is not None and base is not None:  # None: a stored spec, not a file
+            problems += self._find_include(base, (info.context or {}).get("roots"))
+        return check(problems) or self
+
+    def _find_include(self, base: str, roots) -> list[tuple[str, str]]:
+        local = Path(base, os.path.expanduser(self.include_path))
+        if roots is not None and not any(
+            Path(os.path.realpath(local)).is_relative_to(os.path.realpath(r)) for r in roots
+        ):
+            return [("include_path", "must stay inside the spec roots")]
+        if not local.is_dir():
+            return [
+                (
+                    "include_path",
+                    f"{local} is not a directory of task YAML files (a relative path starts at the spec file)",
+                )
+            ]
+        self._include_dir = str(local.resolve())
+        return []
+
+
 class TrainSpec(Strict):
     seed: Seed = 0
     max_steps: PositiveInt
@@ -118,6 +167,10 @@ class TrainSpec(Strict):
         False,
         description="Compile the model with torch.compile (default inductor backend) before training; "
         "same results as eager up to float rounding.",
+    )
+    eval: EvalTasks | None = Field(
+        None,
+        description="lm-evaluation-harness tasks run on the final model; metrics logged as eval/<task>/<metric>.",
     )
 
     @model_validator(mode="after")
