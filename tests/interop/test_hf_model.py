@@ -1,0 +1,231 @@
+"""moeplat.interop.hf_model: whole models to and from transformers' causal-LM families (no downloads).
+
+Each family: a tiny moeplat model built from a spec, every tensor random (norms and biases too, so
+a swapped tensor shows), exported: transformers' logits equal moeplat's to 1e-5 in float32; the
+round trip to_hf -> model_section -> build_model -> from_hf gives back every tensor; read_hf_dir
+reads what save_pretrained wrote (one file or shards). And the other way: a random transformers
+model of each family, imported, computes its logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moeplat.compile.model import build_model  # noqa: E402
+from moeplat.interop.hf_model import FAMILIES, Unsupported, choose_family, read_hf_dir, to_hf_model  # noqa: E402
+from moeplat.spec import validate  # noqa: E402
+
+V, D, S = 256, 32, 16  # the byte tokenizer of the spec needs 256 ids
+BASE = {"vocab_size": V, "d_model": D, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
+BASE |= {"rope_theta": 500.0, "norm_eps": 1e-6, "tie_embeddings": False}
+MOE = {"num_experts": 4, "top_k": 2, "experts": {"kind": "swiglu", "d_ff": 24}}
+GQA = {"kind": "gqa"}
+
+# family -> the model section of a spec it must compute exactly
+SECTIONS = {
+    "llama": BASE | {"dense_ffn": {"kind": "swiglu", "d_ff": 40}, "tie_embeddings": True},
+    "qwen2": BASE | {"attention": GQA | {"qkv_bias": True}, "dense_ffn": {"kind": "geglu", "d_ff": 40}},
+    "mixtral": BASE | {"moe": MOE | {"losses": {"load_balancing": {"coef": 0.02}, "z_loss": {"coef": 1e-3}}}},
+    "olmoe": BASE
+    | {"attention": GQA | {"qk_norm": True}, "moe": MOE | {"router": {"kind": "topk", "normalize": False}}},
+    "qwen2_moe": BASE
+    | {
+        "attention": GQA | {"qkv_bias": True},
+        "dense_ffn": {"kind": "swiglu", "d_ff": 40},
+        "moe": MOE
+        | {
+            "layers": {"kind": "list", "layers": [1]},
+            "shared_experts": {"count": 2, "d_ff": 12, "gate": True},
+            "router": {"kind": "topk", "normalize": False},
+        },
+    },
+    "qwen3_moe": BASE
+    | {
+        "attention": GQA | {"qk_norm": "head", "head_dim": 12},
+        "moe": MOE | {"layers": {"kind": "first_dense", "k": 1}},
+    }
+    | {"dense_ffn": {"kind": "swiglu", "d_ff": 40}},
+}
+
+
+def _spec(model: dict):
+    return validate(
+        {
+            "name": "interop",
+            "model": model,
+            "data": {"source": {"kind": "python_stdlib"}, "tokenizer": {"kind": "byte"}, "seq_len": S},
+            "train": {"max_steps": 1, "batch_size": 2, "optimizer": {"kind": "adamw", "lr": 1e-3}},
+        }
+    )
+
+
+def _randomised(model_section: dict, seed: int = 0):
+    model = build_model(_spec(model_section))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    return model.eval()
+
+
+def _idx(seed: int = 1):
+    return torch.randint(0, V, (2, S), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", SECTIONS)
+def test_export_computes_the_same_logits(family):
+    model = _randomised(SECTIONS[family])
+    assert choose_family(model).name == family
+    config, hf = to_hf_model(model)
+    assert config.model_type == family and not hf.training
+    idx = _idx()
+    with torch.no_grad():
+        ours, theirs = model(idx).logits_BSV, hf(idx).logits
+    assert ours.abs().max() > 1.0  # random weights give logits far from 0
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", SECTIONS)
+def test_round_trip_gives_back_every_tensor(family, tmp_path):
+    model = _randomised(SECTIONS[family])
+    fam = FAMILIES[family]
+    config, hf = to_hf_model(model)
+    section = fam.model_section(config.to_dict())
+    fresh = build_model(_spec(section))
+    fam.from_hf(fresh, fam.to_hf(model))
+    _assert_same_tensors(fresh, model)
+    # save_pretrained writes the hub layout (one tensor per expert); read_hf_dir fuses it back
+    for shard in (None, "20KB"):
+        out = tmp_path / f"{family}-{shard}"
+        hf.save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
+        assert (out / "model.safetensors.index.json").is_file() == (shard is not None)
+        read_family, read_config, weights = read_hf_dir(out)
+        assert read_family is fam and read_config["model_type"] == family
+        again = build_model(_spec(fam.model_section(read_config)))
+        fam.from_hf(again, weights)
+        _assert_same_tensors(again, model)
+
+
+def _assert_same_tensors(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("family", SECTIONS)
+def test_import_computes_transformers_logits(family):
+    """A transformers model of the family with random weights, imported into moeplat."""
+    source = _randomised(SECTIONS[family], seed=3)
+    config, _ = to_hf_model(source)
+    hf = getattr(transformers, FAMILIES[family].model_class)(config).eval()  # its own random init
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    section = FAMILIES[family].model_section(config.to_dict())
+    model = build_model(_spec(section)).eval()
+    FAMILIES[family].from_hf(model, hf.state_dict())
+    idx = _idx(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits_BSV, hf(idx).logits, rtol=0, atol=1e-5)
+
+
+def test_mixtral_balancing_coefficient_is_converted():
+    model = _randomised(SECTIONS["mixtral"])
+    config, _ = to_hf_model(model)
+    assert config.router_aux_loss_coef == pytest.approx(0.02 / 2)  # transformers' loss is top_k x moeplat's
+    section = FAMILIES["mixtral"].model_section(config.to_dict())
+    assert section["moe"]["losses"] == {"load_balancing": {"coef": pytest.approx(0.02)}}
+    assert section["moe"]["router"]["logits_precision"] == "input"
+
+
+def test_unsupported_lists_every_feature_in_spec_terms():
+    section = copy.deepcopy(SECTIONS["mixtral"])
+    section["moe"] |= {
+        "router": {"kind": "hash"},
+        "top_k": 1,
+        "losses": {},
+        "capacity": {"kind": "factor", "train": 1.0, "eval": 1.0},
+        "experts": {"kind": "relu", "d_ff": 24},
+    }
+    model = build_model(_spec(section))
+    with pytest.raises(Unsupported) as err:
+        choose_family(model)
+    features = err.value.features
+    assert err.value.family == "mixtral"
+    assert any(f.startswith("model.moe.router.kind: hash") for f in features)
+    assert any(f.startswith("model.moe.capacity.kind: factor") for f in features)
+    assert any("relu" in f for f in features)
+    assert str(err.value).count("\n") == len(features)  # one feature a line
+    with pytest.raises(Unsupported, match=r"router\.kind: hash"):
+        to_hf_model(model, "mixtral")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"dropout": 0.1}, "model.dropout: 0.1"),
+        ({"attention": GQA | {"qk_norm": "head"}}, "model.attention.qk_norm: head"),
+        ({"moe": MOE | {"num_experts": [4, 8], "top_k": 2}}, "model.moe.num_experts: [4, 8]"),
+        ({"moe": MOE | {"router": {"kind": "topk", "jitter_eps": 0.1}}}, "model.moe.router.jitter_eps: 0.1"),
+        ({"moe": MOE | {"shared_experts": {"count": 1}}}, "model.moe.shared_experts.count"),
+        (
+            {"moe": MOE | {"router": {"kind": "topk", "normalize": False}}},
+            "model.moe.router.normalize: false",
+        ),
+    ],
+)
+def test_mixtral_names_what_it_cannot_compute(change, expected):
+    model = build_model(_spec(SECTIONS["mixtral"] | change))
+    problems = FAMILIES["mixtral"].problems(model)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_mla_and_sinkhorn_name_their_spec_keys():
+    mla = {"kind": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+    section = SECTIONS["mixtral"] | {"attention": mla, "n_kv_heads": None}
+    section["moe"] = MOE | {"router": {"kind": "sinkhorn"}}
+    problems = FAMILIES["olmoe"].problems(build_model(_spec(section)))
+    assert problems[0].startswith("model.attention.kind: mla")
+    assert any(p.startswith("model.moe.router.kind: sinkhorn") for p in problems)
+
+
+def test_import_refuses_what_moeplat_cannot_compute():
+    config = transformers.OlmoeConfig(hidden_size=D, num_attention_heads=4, clip_qkv=8.0).to_dict()
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+    with pytest.raises(Unsupported) as err:
+        FAMILIES["olmoe"].model_section(config)
+    assert [f.split(":")[0] for f in err.value.features] == ["rope_parameters.rope_type", "clip_qkv"]
+
+
+def test_from_hf_names_missing_and_misshapen_tensors():
+    model = _randomised(SECTIONS["qwen2_moe"])
+    weights = FAMILIES["qwen2_moe"].to_hf(model)
+    del weights["model.layers.1.mlp.shared_expert_gate.weight"]
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(7)
+    weights["model.layers.0.mlp.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError) as err:
+        FAMILIES["qwen2_moe"].from_hf(build_model(_spec(SECTIONS["qwen2_moe"])), weights)
+    msg = str(err.value)
+    assert "missing tensor model.layers.1.mlp.shared_expert_gate.weight" in msg
+    assert "model.layers.0.self_attn.q_proj.bias: the checkpoint's shape is (7,)" in msg
+    assert "unexpected tensor model.layers.0.mlp.extra" in msg
+
+
+def test_read_hf_dir_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        read_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match=r"model_type .gpt2.*supported: llama"):
+        read_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
+        read_hf_dir(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"a": "shard-1.safetensors"}}')
+    with pytest.raises(FileNotFoundError, match=r"shard-1\.safetensors"):
+        read_hf_dir(tmp_path)
