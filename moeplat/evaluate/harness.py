@@ -130,35 +130,55 @@ class MoeplatLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context until one of its `until` strings (cut there), the
-        eot token, or max_gen_toks tokens."""
+        """Each context continued until one of its `until` strings (cut there), the eot token or
+        max_gen_toks tokens: greedy, or sampled when the task asks (do_sample, temperature, top_k,
+        top_p), with the KV cache of moeplat.evaluate.generate. As lm_eval's HFLM, the context is
+        left-truncated to max_seq_len - max_gen_toks tokens so that the whole generation fits."""
         out = []
         for req in requests:
             context, kwargs = req.args
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            text = self._greedy(self.tok_encode(context) or [self.eot_token_id], max_new, until)
+            until = [until] if isinstance(until, str) else [s for s in until if s]
+            max_new = min(int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), self.max_length - 1)
+            ids = (self.tok_encode(context) or [self.eot_token_id])[-(self.max_length - max_new) :]
+            text = self._continue(ids, max_new, until, _sampling(kwargs))
             self.cache_hook.add_partial("generate_until", req.args, text)
             out.append(text)
         return out
 
-    @torch.inference_mode()
-    def _greedy(self, ids: list[int], max_new: int, until: list[str]) -> str:
-        # A full forward per token over the last max_seq_len ids: no KV cache, but exact for every
-        # spec (a cached decoder lives in moeplat.evaluate.generate).
+    def _continue(self, ids: list[int], max_new: int, until: list[str], sampling: dict) -> str:
+        from moeplat.evaluate.generate import generate
+
         new: list[int] = []
-        for _ in range(max_new):
-            idx_1S = torch.tensor([(ids + new)[-self.max_length :]], device=self._device)
-            nxt = int(self.model(idx_1S).logits_BSV[0, -1].argmax())
-            if nxt == self.eot_token_id:
-                break
-            new.append(nxt)
-            text = self.tok_decode(new)
-            cuts = [text.index(s) for s in until if s and s in text]
-            if cuts:
-                return text[: min(cuts)]
-        return self.tok_decode(new) if new else ""
+
+        def seen(_, token: int) -> None:
+            new.append(token)
+            if until and any(s in self.tok_decode(new) for s in until):
+                raise _Stop  # the only way to end generate() early: the text is complete
+
+        with contextlib.suppress(_Stop):
+            generate(
+                self.model, [ids], max_new_tokens=max_new, eos_id=self.eot_token_id, on_token=seen, **sampling
+            )
+        text = self.tok_decode(new) if new else ""
+        cuts = [text.index(s) for s in until if s in text]
+        return text[: min(cuts)] if cuts else text
+
+
+class _Stop(Exception):
+    """An `until` string was generated."""
+
+
+def _sampling(kwargs: dict) -> dict:
+    """moeplat.evaluate.generate's sampling options from an lm_eval request's generation kwargs."""
+    if not kwargs.get("do_sample") or not kwargs.get("temperature", 1.0):
+        return {"temperature": 0.0}
+    return {
+        "temperature": float(kwargs.get("temperature", 1.0)),
+        "top_k": kwargs.get("top_k"),
+        "top_p": kwargs.get("top_p"),
+        "seed": torch.initial_seed() % 2**32,  # lm_eval seeds torch (torch_random_seed)
+    }
 
 
 def default_device() -> str:

@@ -119,6 +119,13 @@ def test_generate_until_is_greedy_and_stops_at_until(model):
     stop = greedy[3]
     (cut,) = lm.generate_until([_req("generate_until", context, {"until": [stop], "max_gen_toks": 6})])
     assert cut == greedy[: greedy.index(stop)]
+    # a context longer than the window keeps its last max_seq_len - max_gen_toks tokens (as HFLM)
+    long = "import os\n" * 5
+    ids = _ids(long)[-(L - 6) :]
+    for _ in range(6):
+        ids.append(int(_logp_rows(model, ids)[-1].argmax()))
+    (got,) = lm.generate_until([_req("generate_until", long, {"until": [], "max_gen_toks": 6})])
+    assert got == bytes(ids[L - 6 :]).decode("utf-8", "replace")
 
 
 def test_flat_results_drops_the_default_filter_and_keeps_stderr():
