@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 import moeplat
 from moeplat.errors import SpecError
-from moeplat.server import results, specs, worker_api
+from moeplat.server import results, routing, specs, worker_api
 from moeplat.server.jobs import FINAL, JobStore
 from moeplat.server.security import Guard, RequestModel, internal_error, invalid_request
 from moeplat.server.settings import ServerSettings
@@ -171,6 +171,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     _job_routes(app, settings, store)
     app.include_router(worker_api.router(settings, store))
     app.include_router(results.router)
+    app.include_router(routing.router(settings, store))
     _web(app, settings)
     return app
 

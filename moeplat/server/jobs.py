@@ -46,7 +46,7 @@ class Job(Base):
     __tablename__ = "moeplat_jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))  # run | sweep
+    kind: Mapped[str] = mapped_column(String(16))  # run | sweep | route (moeplat.server.routing)
     name: Mapped[str] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     text: Mapped[str] = mapped_column(Text)  # the exact submitted spec

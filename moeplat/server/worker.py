@@ -116,6 +116,10 @@ class Worker:
 
     def command(self, c: dict, spec_file: Path) -> list[str]:
         job, root = c["job"], Path(self.spec_root or c["spec_root"])
+        if job["kind"] == "route":  # moeplat.server.routing: the run id, the text ("" = validation)
+            text = ["--text", str(spec_file)] if c["text"] else ["--val-text"]
+            cmd = [self.python, "-m", "moeplat.cli.main", "route", c["overrides"][0], *text, "--log"]
+            return [*cmd, "--tracking-uri", c["tracking_uri"], "-o", str(spec_file.parent / "route.html")]
         runs = self.work_dir / "runs" / f"job-{job['id']}"
         cmd = [self.python, "-m", "moeplat.cli.main", job["kind"], str(spec_file)]
         cmd += ["--as-path", str(root / c["filename"]), "--tracking-uri", c["tracking_uri"]]

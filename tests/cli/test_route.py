@@ -1,6 +1,5 @@
 """`moeplat route RUN --text FILE`: the summary, the HTML and JSON files, --log into the MLflow run,
-and usage errors (exit 2). The model is the tiny spec's, built untrained and stored as a run's model/
-(the layout `moeplat run` writes) beside an MLflow run that holds it as its artifact."""
+and usage errors (exit 2). The run is tests/route_fixture.py's: the tiny MoE, untrained."""
 
 from __future__ import annotations
 
@@ -9,28 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 from mlflow import MlflowClient
+from route_fixture import model_dir, stored_run
 
 from moeplat.cli.main import main
-from moeplat.compile.model import build_model
-from moeplat.spec import load_spec
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny.yaml"
 TEXT = "for i in range(10):\n    print(i)  # <b>ok</b>\n" * 3  # 132 bytes: 5 windows of 32
-
-
-def _model_dir(run_dir: Path, overrides: list[str]) -> Path:
-    loaded = load_spec(TINY, overrides)
-    torch.manual_seed(0)
-    out = run_dir / "model"
-    out.mkdir(parents=True)
-    torch.save(build_model(loaded.spec).state_dict(), out / "weights.pt")
-    (out / "spec.yaml").write_text(yaml.safe_dump(loaded.resolved, sort_keys=False))
-    meta = {"step": 0, "spec_name": loaded.spec.name, "base_dir": str(TINY.parent)}
-    (out / "meta.json").write_text(json.dumps(meta))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +21,7 @@ def stored(tmp_path_factory):
     """(run id, tracking uri, run directory): an MLflow run whose model/ artifact is the tiny MoE."""
     tmp = tmp_path_factory.mktemp("route")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("route-tests")).info.run_id
-    run_dir = tmp / "runs" / "tiny" / "t0"
-    client.log_artifacts(run_id, str(_model_dir(run_dir, [])), "model")
-    client.set_terminated(run_id)
-    (run_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    run_id, run_dir = stored_run(tmp, uri)
     return run_id, uri, run_dir
 
 
@@ -113,7 +91,7 @@ def test_route_usage_errors_exit_2(stored, tmp_path, capsys):
     code, _, err = _route(capsys, run_id, "--text", text, "--max-tokens", 0, "--tracking-uri", uri)
     assert code == 2 and "--max-tokens" in err
 
-    dense = _model_dir(tmp_path / "dense", ["model.moe=null", "model.dense_ffn={kind: swiglu, d_ff: 32}"])
+    dense = model_dir(tmp_path / "dense", ["model.moe=null", "model.dense_ffn={kind: swiglu, d_ff: 32}"])
     code, _, err = _route(capsys, dense, "--text", text, "-o", tmp_path / "d.html")
     assert code == 2 and "no MoE layer" in err
     assert not (tmp_path / "d.html").exists()
