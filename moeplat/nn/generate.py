@@ -10,6 +10,9 @@ Prompts are generated one at a time, each as a batch of one: no padding, so ever
 positions start at 0 and its logits are exactly those of the model on that prompt alone (batched
 left padding would need an attention mask through the cache for a small gain on a CPU).
 A seed gives one torch.Generator for the whole call, drawn from in prompt order.
+
+It lives in nn (pure torch) so that training (moeplat.train.samples) can use it; readers of
+finished runs import it as moeplat.evaluate.generate.
 """
 
 from __future__ import annotations

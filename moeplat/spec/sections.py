@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PositiveInt, PrivateAttr, ValidationInfo, model_validator
 
 from moeplat.spec.base import Seed, Strict, check
+from moeplat.spec.samples import SamplesSpec
 
 # --- train -----------------------------------------------------------------------------------
 
@@ -171,6 +172,11 @@ class TrainSpec(Strict):
     eval: EvalTasks | None = Field(
         None,
         description="lm-evaluation-harness tasks run on the final model; metrics logged as eval/<task>/<metric>.",
+    )
+    samples: SamplesSpec | None = Field(
+        None,
+        description="Prompts the model continues at every checkpoint and at the end; logged as the "
+        "MLflow table samples/step_<N>.json (prompt, completion, step, settings).",
     )
 
     @model_validator(mode="after")

@@ -266,6 +266,11 @@ class TrackedRun:
         self._write({"op": "text", "text": text, "artifact_file": artifact_file})
 
     @_uninterrupted
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """An MLflow table (columns of equal length; shown by the UI's artifact view), once per file."""
+        self._write({"op": "table", "data": data, "artifact_file": artifact_file})
+
+    @_uninterrupted
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._write({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 

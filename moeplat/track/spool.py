@@ -1,7 +1,7 @@
 """A disk spool for MLflow writes made while the tracking server is unreachable.
 
 Each write a TrackedRun could not send is one JSON line in `run_dir/mlflow-spool.jsonl`: an `op`
-(metrics, params, tags, status, text, artifact, artifacts, terminate), the run id and the
+(metrics, params, tags, status, text, table, artifact, artifacts, terminate), the run id and the
 payload. Replay sends the lines in order and deletes the file once all are sent; a replay cut
 short keeps the unsent tail. Replay is idempotent, so a line sent twice (sent, then the process
 died before the file was rewritten) does no harm: a metric row keeps the timestamp it was logged
@@ -219,6 +219,10 @@ def send(client, record: dict) -> str | None:
         client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
     elif op == "text":
         client.log_text(run_id, record["text"], record["artifact_file"])
+    elif op == "table":  # log_table appends to an existing file: a replayed one is not sent twice
+        folder = os.path.dirname(record["artifact_file"]) or None
+        if record["artifact_file"] not in {a.path for a in client.list_artifacts(run_id, folder)}:
+            client.log_table(run_id, data=record["data"], artifact_file=record["artifact_file"])
     elif op == "artifact":
         client.log_artifact(run_id, record["path"], record["artifact_path"])
     elif op == "artifacts":

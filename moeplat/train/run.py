@@ -224,6 +224,7 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     from moeplat.train.callbacks import FiniteLoss, ResumeMetrics, Throughput
     from moeplat.train.interrupt import InterruptGuard
     from moeplat.train.plots import MoEPlots
+    from moeplat.train.samples import samples_callback
     from moeplat.train.system import LMSystem
 
     spec, train = loaded.spec, loaded.spec.train
@@ -235,6 +236,8 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
         upcycle_from_spec(spec, model)
     compile_model(spec, model)  # train.compile; after the weights are final, names unchanged
     datamodule, corpus = build_data(spec, loaded.base_dir)
+    # train.samples: prompt lengths are checked here, before an MLflow run is created
+    samples = samples_callback(spec, datamodule.tokenizer, run_dir / "samples")
     counts = plan(spec)
     # One MLflow run, on rank 0: the other ranks train and write their logs to run_dir/logs.
     spool = run_dir / SPOOL_FILE
@@ -261,6 +264,8 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     )
     guard = FiniteLoss()
     plots = [MoEPlots(tracked, run_dir / "plots")] if tracked and spec.model.moe else []
+    if samples is not None:
+        samples.tracked, plots = tracked, [*plots, samples]
     callbacks = [throughput, guard, InterruptGuard(), ResumeMetrics(), *plots, *callbacks]
     trainer = _trainer(loaded, run_dir, tracked, callbacks, progress and rank == 0, state)
     status, error = "FAILED", None
