@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_run)
 
-    from moeplat.cli import bench, compare, data, launch, server, sweep, sync, tokenizer
+    from moeplat.cli import bench, compare, data, launch, models, server, sweep, sync, tokenizer
     from moeplat.cli import eval as eval_cmd
     from moeplat.cli import route as route_cmd
 
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_commands(sub)
     tokenizer.add_commands(sub, _spec_args)
     data.add_commands(sub, _spec_args)
+    models.add_commands(sub)
     return parser
 
 

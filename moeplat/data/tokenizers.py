@@ -78,6 +78,34 @@ class ByteTok:
     def save(self, directory: str | Path) -> Path | None:
         return None
 
+    def to_tokenizers(self):
+        """The same tokenizer as a `tokenizers.Tokenizer` (for a transformers export): GPT-2's
+        byte-to-unicode alphabet with id = byte value and no merges, no regex split, so encoding
+        any text gives exactly its UTF-8 bytes and decoding joins them back. Byte 0 stays an
+        ordinary token (the packing's EOS is the NUL byte inside the separator)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins, unordered
+        by_byte = {ch: _gpt2_byte(ch) for ch in alphabet}
+        tok = Tokenizer(models.BPE(vocab=by_byte, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+
+def _gpt2_byte(ch: str) -> int:
+    """The byte GPT-2's bytes_to_unicode maps to `ch` (Radford et al. 2019's reversible table:
+    printable Latin-1 bytes map to themselves, the other 68 to U+0100 onwards in byte order)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    if ord(ch) in printable:
+        return ord(ch)
+    others = [b for b in range(256) if b not in printable]
+    return others[ord(ch) - 256]
+
 
 class HFTok:
     """A `tokenizers.Tokenizer` behind the `Tok` interface."""

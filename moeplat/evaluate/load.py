@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 TOKENIZER_FILE = "tokenizer.json"
+SAFETENSORS = "model.safetensors"
 
 
 class ModelNotFound(Exception):
@@ -33,6 +35,7 @@ class LoadedModel:
     run_id: str | None = None  # the MLflow run, when known
     tracking_uri: str | None = None
     source: str = ""  # what was loaded, for messages
+    resolved: dict = field(default_factory=dict)  # the resolved spec mapping (what was validated)
 
 
 def load_trained(ref: str, tracking_uri: str | None = None) -> LoadedModel:
@@ -62,6 +65,10 @@ def _from_run_id(run_id: str, tracking_uri: str | None) -> LoadedModel:
 
 
 def _from_path(path: Path) -> LoadedModel:
+    if path.is_file() and path.suffix == ".safetensors":
+        return _from_safetensors(path)
+    if path.is_dir() and (path / SAFETENSORS).is_file() and not (path / "config.json").is_file():
+        return _from_safetensors(path / SAFETENSORS)
     if path.is_dir() and (path / "weights.pt").is_file():
         return _from_model_dir(path, path.parent)
     if path.is_dir() and (path / "model" / "weights.pt").is_file():
@@ -90,6 +97,7 @@ def _from_model_dir(model_dir: Path, tok_dir: Path | None) -> LoadedModel:
         run_id=state.get("run_id"),
         tracking_uri=state.get("tracking_uri"),
         source=str(model_dir),
+        resolved=yaml.safe_load((model_dir / "spec.yaml").read_text()),
     )
 
 
@@ -130,6 +138,44 @@ def _from_checkpoint(ckpt: Path) -> LoadedModel:
         run_id=state.get("run_id"),
         tracking_uri=state.get("tracking_uri"),
         source=str(ckpt),
+        resolved=loaded_spec.resolved,
+    )
+
+
+def _from_safetensors(file: Path) -> LoadedModel:
+    """moeplat's single-file layout (`moeplat export --format safetensors`): the resolved spec and
+    run metadata in the header, the weights as the TransformerLM's state_dict."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    from moeplat.compile.model import build_model
+    from moeplat.evaluate.export import META_KEY, SPEC_KEY
+    from moeplat.spec import validate
+    from moeplat.spec.safe_yaml import compose_checked
+
+    with safe_open(str(file), "pt") as f:
+        header = f.metadata() or {}
+    if SPEC_KEY not in header:
+        raise ModelNotFound(
+            f"{file} has no moeplat spec in its header: it was not written by `moeplat export "
+            "--format safetensors` (a transformers directory is read by `moeplat import`)"
+        )
+    compose_checked(header[SPEC_KEY], str(file))  # the same limits as any spec file
+    resolved = yaml.safe_load(header[SPEC_KEY])
+    spec = validate(resolved)
+    model = build_model(spec)
+    load_model(model, str(file))
+    meta = json.loads(header.get(META_KEY, "{}"))
+    tok = _tokenizer(spec, file.parent, meta.get("base_dir", "."))
+    return LoadedModel(
+        spec,
+        model.eval(),
+        tok,
+        meta,
+        run_id=meta.get("run_id"),
+        tracking_uri=meta.get("tracking_uri"),
+        source=str(file),
+        resolved=resolved,
     )
 
 
@@ -142,18 +188,18 @@ def _tokenizer(spec, tok_dir: Path | None, base_dir: str):
     """The run's tokenizer: bytes; its BPE's tokenizer.json (saved with the run); an hf file."""
     from moeplat.data.tokenizers import ByteTok, load_tokenizer_file
 
-    kind = spec.data.tokenizer.kind
-    if kind == "byte":
+    tok_spec = spec.data.tokenizer
+    if tok_spec.kind == "byte":
         return ByteTok()
-    if kind == "hf":
+    file = tok_dir / TOKENIZER_FILE if tok_dir is not None else None
+    eos = tok_spec.eos_token if tok_spec.kind == "hf" else tok_spec.special_tokens[0]
+    if file is not None and file.is_file():  # the copy saved with the run or the export
+        return load_tokenizer_file(file, eos_token=eos)
+    if tok_spec.kind == "hf":
         from moeplat.compile.tokenizer import build_tokenizer
 
-        return build_tokenizer(spec.data.tokenizer, [], base_dir)
-    file = tok_dir / TOKENIZER_FILE if tok_dir is not None else None
-    if file is None or not file.is_file():
-        raise ModelNotFound(
-            f"the run's BPE tokenizer ({TOKENIZER_FILE}) is not here: expected it at {file} "
-            "(a run writes it into its run directory and the MLflow artifact tokenizer/)"
-        )
-    eos = spec.data.tokenizer.special_tokens[0] if spec.data.tokenizer.special_tokens else None
-    return load_tokenizer_file(file, eos_token=eos)
+        return build_tokenizer(tok_spec, [], base_dir)
+    raise ModelNotFound(
+        f"the run's BPE tokenizer ({TOKENIZER_FILE}) is not here: expected it at {file} "
+        "(a run writes it into its run directory and the MLflow artifact tokenizer/)"
+    )

@@ -117,6 +117,7 @@ def validate(resolved: dict, origins: dict | None = None, roots: tuple[Path, ...
     try:
         context = {
             "tokenizer_base_dir": _base_dir_of(origins, ("data", "tokenizer", "path")),
+            "init_base_dir": _base_dir_of(origins, ("train", "init", "path")),
             # a spec read back from a run (no origins) is not checked against this machine's files
             "eval_base_dir": _base_dir_of(origins, ("train", "eval", "include_path")) if origins else None,
             "roots": roots,

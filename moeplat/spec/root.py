@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, ValidationInfo, model_validator
@@ -13,6 +15,7 @@ from moeplat.spec.moe import Dropless
 from moeplat.spec.routers import UNLEARNED
 from moeplat.spec.sections import (
     ExpertParallel,
+    HfInit,
     ParallelSpec,
     TrackingSpec,
     TrainSpec,
@@ -44,6 +47,7 @@ class Spec(Strict):
             )
         context = info.context or {}
         problems += vocab_problems(self, context.get("tokenizer_base_dir", "."), context.get("roots"))
+        problems += hf_init_problems(self, context.get("init_base_dir", "."), context.get("roots"))
         moe = self.model.moe
         learned = moe is not None and moe.router.kind not in UNLEARNED
         problems += train_model_problems(self.train, moe is not None, learned)  # train's MoE options
@@ -81,6 +85,31 @@ def parallel_model_problems(spec: Spec) -> list[tuple[str, str]]:
             )
         )
     return problems
+
+
+def hf_init_problems(spec: Spec, base_dir: str, roots=None) -> list[tuple[str, str]]:
+    """Find `train.init: {kind: hf}`'s directory (relative to the file that set it) and record it;
+    its weights are read when the run starts (moeplat.compile.init)."""
+    init = spec.train.init
+    if not isinstance(init, HfInit):
+        return []
+    local = Path(base_dir, os.path.expanduser(init.path))
+    if roots is not None and not any(
+        Path(os.path.realpath(local)).is_relative_to(os.path.realpath(r)) for r in roots
+    ):
+        return [("train.init.path", "must stay inside the spec roots")]
+    if not (local / "config.json").is_file():
+        return [
+            (
+                "train.init.path",
+                f"{local} is not a transformers checkpoint directory (no config.json): give the directory "
+                "that save_pretrained wrote (config.json + model.safetensors)",
+            )
+        ]
+    object.__setattr__(init, "_dir", str(local.resolve()))
+    if init.upcycle and spec.model.moe is None:
+        return [("train.init.upcycle", "upcycling builds an MoE model, but model.moe is null")]
+    return []
 
 
 def tokenizer_vocab(spec: Spec) -> int:

@@ -72,7 +72,29 @@ class UpcycleInit(Strict):
     seed: Seed = 0
 
 
-Init = Annotated[ScratchInit | UpcycleInit, Field(discriminator="kind")]
+class HfInit(Strict):
+    """Start from a transformers checkpoint directory (config.json + model.safetensors) of a family
+    moeplat converts exactly (Llama, Qwen2, Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3; see
+    docs/interop.md): continued pretraining or fine-tuning. The spec's model section must be the one
+    the checkpoint describes (`moeplat import DIR -o spec.yaml` writes it); a difference is an error
+    naming each key. `upcycle: true` reads a dense Llama/Qwen2 checkpoint into this spec's MoE model
+    instead (sparse upcycling, as `kind: upcycle`: every expert a copy of the layer's dense FFN, or
+    slice e mod granularity of it, times (1 + noise * N(0, 1)) from `seed`; routers keep their fresh
+    initialisation). `path` is relative to the spec file; it is read when a fresh run starts."""
+
+    kind: Literal["hf"]
+    path: Annotated[str, Field(min_length=1)]
+    upcycle: bool = False
+    noise: Annotated[float, Field(ge=0)] = 0.0
+    seed: Seed = 0
+    _dir: str | None = PrivateAttr(None)  # the directory found at validation (absolute)
+
+    @property
+    def dir(self) -> str | None:
+        return self._dir
+
+
+Init = Annotated[ScratchInit | UpcycleInit | HfInit, Field(discriminator="kind")]
 
 # Parameter groups that `freeze` and the router options act on (moeplat.compile.optim.partition).
 PARAM_GROUPS = ("router", "experts", "non_moe")
@@ -126,10 +148,7 @@ class EvalTasks(Strict):
             return [("include_path", "must stay inside the spec roots")]
         if not local.is_dir():
             return [
-                (
-                    "include_path",
-                    f"{local} is not a directory of task YAML files (a relative path starts at the spec file)",
-                )
+                ("include_path", f"{local} is not a directory of task YAML files (a relative path starts at the spec file)")
             ]
         self._include_dir = str(local.resolve())
         return []

@@ -218,6 +218,7 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     import lightning as L
 
     from moeplat.compile.data import build_data
+    from moeplat.compile.hf_init import init_from_hf
     from moeplat.compile.model import build_model, compile_model
     from moeplat.compile.optim import build_optimizer, build_scheduler, build_update_schedule
     from moeplat.compile.upcycle import upcycle_from_spec
@@ -232,8 +233,8 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     resuming = bool(resume) and last_ckpt.exists()
     model = build_model(spec)  # draws from its own seeded RNG: the order here changes nothing
-    if not resuming:  # train.init (upcycling); a resumed run's weights come from its own checkpoint
-        upcycle_from_spec(spec, model)
+    if not resuming:  # train.init; a resumed run's weights come from its own checkpoint
+        upcycle_from_spec(spec, model) or init_from_hf(spec, model)
     compile_model(spec, model)  # train.compile; after the weights are final, names unchanged
     datamodule, corpus = build_data(spec, loaded.base_dir)
     # train.samples: prompt lengths are checked here, before an MLflow run is created

@@ -50,3 +50,19 @@ def test_encode_documents_puts_separator_between_documents():
     assert tok.encode_documents(docs, separator=b"|").tobytes() == "first|zwéi|".encode()
     assert tok.encode_documents([]).size == 0
     assert ByteTokenizer.vocab_size == 256
+
+
+def test_the_byte_tokenizer_as_a_tokenizers_object_encodes_exactly_the_bytes():
+    """What a transformers export ships for a byte-level run: id = byte value, every text."""
+    from moeplat.data.tokenizers import ByteTok
+
+    tok = ByteTok()
+    fast = tok.to_tokenizers()
+    assert fast.get_vocab_size() == 256
+    for text in ["plain ascii", "  two  spaces\n\ttab", "héllo ✓ Ā \x00 NUL", "def f():\n    return 1\n"]:
+        ids = fast.encode(text).ids
+        assert ids == list(text.encode()) == tok.encode_texts([text])[0].tolist()
+        assert fast.decode(ids) == text == tok.decode(ids)
+    assert fast.encode(bytes(range(256)).decode("latin-1")).ids == list(
+        bytes(range(256)).decode("latin-1").encode()
+    )

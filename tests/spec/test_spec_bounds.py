@@ -45,6 +45,7 @@ BASES = [
 # Models no probe can build here, and why (anything else unplaced fails the test).
 UNPLACED = {
     "UpcycleInit": "needs a dense checkpoint to upcycle",
+    "HfInit": "needs a transformers checkpoint directory (its numbers, noise and seed, are UpcycleInit's too)",
     "TextFilesSource": "needs text files (its only number, max_bytes, is PythonStdlibSource's too)",
     "HfDatasetSource": "needs dataset files (its only number, max_bytes, is PythonStdlibSource's too)",
 }
