@@ -29,6 +29,8 @@ KEY_METRICS: tuple[tuple[str, str, str], ...] = (
     ("last logged step", "*", "steps"),
 )
 CURVES = ("train/loss", "val/loss")
+EVAL_PREFIX = "eval/"
+_STDERR = re.compile(r"_stderr(/|$)")
 _LOAD = re.compile(r"^moe/layer(\d+)/load/e(\d+)$")
 
 
@@ -184,7 +186,15 @@ def _summary(r: RunData, key: str, how: str) -> float | None:
 
 def key_metrics(runs: list[RunData]) -> dict[str, list[float | None]]:
     rows = {label: [_summary(r, key, how) for r in runs] for label, key, how in KEY_METRICS}
+    rows |= {key: [r.metrics.get(key) for r in runs] for key in eval_keys(runs)}
     return {label: v for label, v in rows.items() if any(x is not None for x in v)}
+
+
+def eval_keys(runs: list[RunData]) -> list[str]:
+    """Downstream-task scores (eval/<task>/<metric>, `moeplat eval --tasks`, train.eval) that any of
+    the runs has, sorted; their standard errors are left to the JSON of the runs themselves."""
+    keys = {k for r in runs for k in r.metrics if k.startswith(EVAL_PREFIX)}
+    return sorted(k for k in keys if not _STDERR.search(k))
 
 
 def compare(

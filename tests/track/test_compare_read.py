@@ -33,6 +33,16 @@ def test_key_metrics_last_best_and_last_step():
     assert "perf/tokens_per_s (last)" not in m  # rows no run has are left out
 
 
+def test_key_metrics_has_a_row_per_eval_score_any_run_has():
+    a = _run({}, metrics={"val/loss": 3.0, "eval/mc/acc": 0.5, "eval/mc/acc_stderr": 0.1})
+    b = _run({}, metrics={"val/loss": 2.0, "eval/ppl/bits_per_byte": 4.2, "eval/gen/em_stderr/strict": 0.2})
+    m = key_metrics([a, b])
+    eval_rows = [k for k in m if k.startswith("eval/")]
+    assert eval_rows == ["eval/mc/acc", "eval/ppl/bits_per_byte"]  # sorted, no standard errors
+    assert m["eval/mc/acc"] == [0.5, None] and m["eval/ppl/bits_per_byte"] == [None, 4.2]
+    assert list(m)[-2:] == eval_rows  # after the training metrics
+
+
 def test_final_load_is_layer_by_expert_with_gaps_in_layers():
     metrics = {
         "moe/layer01/load/e00": 0.25,
