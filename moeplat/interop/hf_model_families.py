@@ -157,7 +157,7 @@ def _section(c: dict, *, qkv_bias: bool, qk_norm: str | None) -> dict:
         "d_model": D,
         "n_layers": c["num_hidden_layers"],
         "n_heads": H,
-        "n_kv_heads": c.get("num_key_value_heads") or H,
+        "n_kv_heads": kv if (kv := c.get("num_key_value_heads") or H) != H else None,  # null: = n_heads
         "attention": attention,
         "max_seq_len": c["max_position_embeddings"],
         "rope_theta": float(rope["rope_theta"]),

@@ -17,7 +17,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moeplat.compile.model import build_model  # noqa: E402
-from moeplat.interop.hf_model import FAMILIES, Unsupported, choose_family, read_hf_dir, to_hf_model  # noqa: E402
+from moeplat.interop.hf_model import (  # noqa: E402
+    FAMILIES,
+    Unsupported,
+    choose_family,
+    hf_logits,
+    read_hf_dir,
+    to_hf_model,
+)
 from moeplat.spec import validate  # noqa: E402
 
 V, D, S = 256, 32, 16  # the byte tokenizer of the spec needs 256 ids
@@ -229,3 +236,19 @@ def test_read_hf_dir_errors_name_the_problem(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"a": "shard-1.safetensors"}}')
     with pytest.raises(FileNotFoundError, match=r"shard-1\.safetensors"):
         read_hf_dir(tmp_path)
+
+
+def test_hf_logits_reads_a_saved_directory(tmp_path):
+    model = _randomised(SECTIONS["qwen3_moe"])
+    _, hf = to_hf_model(model)
+    hf.save_pretrained(tmp_path)
+    idx = _idx()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(tmp_path, idx), model(idx).logits_BSV, rtol=0, atol=1e-5)
+
+
+def test_multi_head_import_leaves_n_kv_heads_null():
+    config = transformers.LlamaConfig(hidden_size=D, num_attention_heads=4, num_key_value_heads=4)
+    section = FAMILIES["llama"].model_section(config.to_dict())
+    assert section["n_kv_heads"] is None and "head_dim" not in section["attention"]
+    assert _spec(section | {"vocab_size": V, "max_seq_len": 32}).model.kv_heads == 4
