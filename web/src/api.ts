@@ -12,7 +12,7 @@ export interface Issue {
 
 export interface Job {
   id: number;
-  kind: "run" | "sweep";
+  kind: "run" | "sweep" | "route";
   name: string;
   state: "queued" | "running" | "succeeded" | "failed" | "cancelled";
   created_at: string | null;
@@ -165,6 +165,8 @@ export const api = {
       `/api/runs/${q(runId)}/history?keys=${keys.map(q).join(",")}`,
     ),
   load: (runId: string) => request<ExpertLoad>("GET", `/api/runs/${q(runId)}/load`),
+  routing: (runId: string) => request<{ html: string | null }>("GET", `/api/runs/${q(runId)}/routing`),
+  route: (runId: string, text: string) => request<Job>("POST", `/api/runs/${q(runId)}/routing`, { text: text || null }),
   study: (name: string) => request<Study>("GET", `/api/studies/${q(name)}`),
 };
 

@@ -69,7 +69,7 @@ function runsTable(runs: RunSummary[]): HTMLElement {
   return h(
     "table",
     { class: "grid", id: "job-runs" },
-    h("thead", {}, h("tr", {}, ...["run", "status", ...keys, "MLflow", ""].map((c) => h("th", {}, c)))),
+    h("thead", {}, h("tr", {}, ...["run", "status", ...keys, "MLflow", "", ""].map((c) => h("th", {}, c)))),
     h(
       "tbody",
       {},
@@ -82,6 +82,7 @@ function runsTable(runs: RunSummary[]): HTMLElement {
           ...keys.map((k) => h("td", {}, num(r.metrics?.[k]))),
           h("td", {}, link(r.mlflow_url, "open in MLflow")),
           h("td", {}, h("a", { href: `#/compare?runs=${r.run_id}` }, "curves & load")),
+          h("td", {}, h("a", { href: `#/runs/${r.run_id}`, class: "run-link" }, "routing")),
         ),
       ),
     ),

@@ -2,12 +2,14 @@
 //   #/editor (default)  spec editor with live errors, plan, launch
 //   #/jobs, #/jobs/ID   job list and one job (log, cancel, runs, studies)
 //   #/compare?runs=a,b | ?job=ID | ?study=NAME   curves, expert load, Pareto front, importances
+//   #/runs/ID           one run: its routing view (docs/routing.md), or a job to make it
 import "./style.css";
 import { api, getToken, messageOf, setToken, setUnauthorizedHandler } from "./api";
 import { comparePage } from "./compare";
 import { clear, h } from "./dom";
 import { editorPage } from "./editor";
 import { jobPage, jobsPage } from "./jobs";
+import { runPage } from "./run";
 
 const app = document.getElementById("app")!;
 const nav = document.getElementById("nav")!;
@@ -25,6 +27,7 @@ function route(): void {
   if (parts[0] === "jobs" && parts[1]) leave = jobPage(app, Number(parts[1]));
   else if (parts[0] === "jobs") leave = jobsPage(app);
   else if (parts[0] === "compare") leave = comparePage(app, params);
+  else if (parts[0] === "runs" && parts[1]) leave = runPage(app, decodeURIComponent(parts[1]));
   else leave = editorPage(app);
 }
 
