@@ -120,10 +120,18 @@ def _spans(table: RouteTable) -> str:
     return "".join(out)
 
 
+_VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
+
+
+def visible(token: str) -> str:
+    """A token label whose whitespace shows: a table cell of one space would look empty."""
+    return token.translate(_VISIBLE) if token.strip() != token or not token else token
+
+
 def _tops(title: str, rows: list[TopToken], lift: bool) -> str:
     head = "<tr><th>token</th><th>count</th>" + ("<th>lift</th>" if lift else "") + "</tr>"
     body = "".join(
-        f'<tr><td class="tok">{_esc(t.token)}</td><td>{t.count}</td>'
+        f'<tr><td class="tok">{_esc(visible(t.token))}</td><td>{t.count}</td>'
         + (f"<td>{t.lift:.2f}</td>" if lift else "")
         + "</tr>"
         for t in rows

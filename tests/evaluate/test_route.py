@@ -138,3 +138,4 @@ def test_html_has_one_span_per_token_and_escapes_the_text():
     data = page.split('id="route-data">')[1].split("</script>")[0]
     assert "<" not in data and "\\u003c" in data  # the JSON cannot close its element
     assert page.count('<section class="layer"') == 3
+    assert '<td class="tok">␣</td>' in page  # a space in the top-token tables shows
