@@ -32,6 +32,9 @@ BASE = {"vocab_size": V, "d_model": D, "n_layers": 2, "n_heads": 4, "n_kv_heads"
 BASE |= {"rope_theta": 500.0, "norm_eps": 1e-6, "tie_embeddings": False}
 MOE = {"num_experts": 4, "top_k": 2, "experts": {"kind": "swiglu", "d_ff": 24}}
 GQA = {"kind": "gqa"}
+# float32 logits of magnitude ~5-10 agree to ~1e-5: moeplat's RoPE tables come from float64 angles,
+# transformers' from float32 ones (the largest part of the difference, more with rope_theta 1e6)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 # family -> the model section of a spec it must compute exactly
 SECTIONS = {
@@ -94,7 +97,7 @@ def test_export_computes_the_same_logits(family):
     with torch.no_grad():
         ours, theirs = model(idx).logits_BSV, hf(idx).logits
     assert ours.abs().max() > 1.0  # random weights give logits far from 0
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs, ours, **TOL)
 
 
 @pytest.mark.parametrize("family", SECTIONS)
@@ -139,7 +142,7 @@ def test_import_computes_transformers_logits(family):
     FAMILIES[family].from_hf(model, hf.state_dict())
     idx = _idx(2)
     with torch.no_grad():
-        torch.testing.assert_close(model(idx).logits_BSV, hf(idx).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(idx).logits_BSV, hf(idx).logits, **TOL)
 
 
 def test_mixtral_balancing_coefficient_is_converted():
@@ -244,7 +247,7 @@ def test_hf_logits_reads_a_saved_directory(tmp_path):
     hf.save_pretrained(tmp_path)
     idx = _idx()
     with torch.no_grad():
-        torch.testing.assert_close(hf_logits(tmp_path, idx), model(idx).logits_BSV, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf_logits(tmp_path, idx), model(idx).logits_BSV, **TOL)
 
 
 def test_multi_head_import_leaves_n_kv_heads_null():
@@ -252,3 +255,49 @@ def test_multi_head_import_leaves_n_kv_heads_null():
     section = FAMILIES["llama"].model_section(config.to_dict())
     assert section["n_kv_heads"] is None and "head_dim" not in section["attention"]
     assert _spec(section | {"vocab_size": V, "max_seq_len": 32}).model.kv_heads == 4
+
+
+# transformers configs written directly (their defaults for everything else): the import direction
+COMMON = {"vocab_size": V, "hidden_size": D, "num_hidden_layers": 3, "num_attention_heads": 4}
+COMMON |= {
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+    "pad_token_id": None,
+    "eos_token_id": None,
+}
+CONFIGS = {
+    "llama": ("LlamaConfig", {"intermediate_size": 40, "tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", {"intermediate_size": 40, "hidden_act": "gelu"}),
+    "mixtral": ("MixtralConfig", {"intermediate_size": 24, "num_local_experts": 4}),
+    "olmoe": ("OlmoeConfig", {"intermediate_size": 24, "num_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {"intermediate_size": 40, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 20}
+        | {"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 2, "norm_topk_prob": True},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {"intermediate_size": 40, "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 3}
+        | {"mlp_only_layers": [0], "head_dim": 12, "qkv_bias": False},
+    ),
+}
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_a_transformers_model_imports_with_its_logits(family):
+    cls, kw = CONFIGS[family]
+    config = getattr(transformers, cls)(**COMMON, **kw)
+    torch.manual_seed(4)
+    hf = getattr(transformers, FAMILIES[family].model_class)(config).eval()
+    with torch.no_grad():  # transformers' init leaves norms at 1 and biases at 0: move them too
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    section = FAMILIES[family].model_section(config.to_dict())
+    model = build_model(_spec(section)).eval()
+    FAMILIES[family].from_hf(model, hf.state_dict())
+    idx = _idx(5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits_BSV, hf(idx).logits, **TOL)
+    assert choose_family(model).name == family
+    if family == "qwen2_moe":  # decoder_sparse_step 2: layers 1 and 3 of 0..2 are MoE
+        assert section["moe"]["layers"] == {"kind": "list", "layers": [1]}
