@@ -9,6 +9,8 @@ problems() and model_section() name what is in the way.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from moeplat.compile.model import build_model  # noqa: E402
 from moeplat.interop import hf_deepseek as ds  # noqa: E402
 from moeplat.interop.hf_model import Unsupported, choose_family, read_hf_dir, to_hf_model  # noqa: E402
-from moeplat.spec import validate  # noqa: E402
+from moeplat.spec import load_spec, validate  # noqa: E402
 
 TOL = 1e-5  # float32 (transformers computes the RoPE angles in float32 even for float64 models)
 IDX = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -284,3 +286,29 @@ def test_model_section_refuses_what_moeplat_cannot_compute():
     features = " ".join(err.value.features)
     for name in ("rope_type: yarn", "rope_interleave: false", "attention_bias", "quantization_config: fp8"):
         assert name in features
+
+
+def test_the_reference_deepseek_v3_spec_shrunk_is_exactly_deepseek_v3():
+    """specs/reference/deepseek-v3.yaml at toy sizes (structure untouched) exports with no problem."""
+    shrink = [
+        "model.vocab_size=256",
+        "model.d_model=32",
+        "model.n_layers=3",
+        "model.n_heads=4",
+        "model.max_seq_len=32",
+        "model.attention={kind: mla, kv_lora_rank: 16, q_lora_rank: 12, qk_nope_head_dim: 8,"
+        " qk_rope_head_dim: 8, v_head_dim: 8}",
+        "model.dense_ffn.d_ff=48",
+        "model.moe.num_experts=8",
+        "model.moe.top_k=2",
+        "model.moe.layers.k=1",
+        "model.moe.router.n_groups=4",
+        "model.moe.router.topk_groups=2",
+        "model.moe.experts.d_ff=16",
+        "data.seq_len=16",
+    ]
+    path = Path(__file__).resolve().parents[2] / "specs" / "reference" / "deepseek-v3.yaml"
+    model = build_model(load_spec(path, shrink).spec).eval()
+    assert ds.problems(model) == []
+    config = ds.config(model)
+    assert (config["first_k_dense_replace"], config["n_group"], config["n_shared_experts"]) == (1, 4, 1)
