@@ -153,12 +153,16 @@ def cmd_run(args) -> int:
     from moeplat.train.run import run
 
     run_preflight(loaded.spec)  # moeplat.cli.launch: the same checks as `moeplat plan --devices`
+    from moeplat.cli.eval_tasks import final_eval_hook
+
+    final_eval = final_eval_hook(loaded.spec)  # train.eval's task names are checked before training
     result = run(
         loaded,
         runs_root=args.runs_dir,
         resume=args.resume,
         tracking_uri=args.tracking_uri,
         progress=not args.no_progress,
+        final_eval=final_eval,
     )
     if result.rank == 0:  # the other ranks of a multi-process run: their log is run_dir/logs
         print(format_summary(loaded.spec, result))

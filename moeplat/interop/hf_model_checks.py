@@ -36,22 +36,27 @@ def model_problems(model: TransformerLM, rules) -> list[str]:
     moe = [b.ffn for b in model.blocks if isinstance(b.ffn, MoELayer)]
     dense = [b.ffn for b in model.blocks if isinstance(b.ffn, DenseFFN)]
     problems += _layout_problems(model, rules, len(moe))
-    kinds = {f.activation for f in dense} | {m.experts.activation for m in moe}
-    kinds |= {m.shared.activation for m in moe if m.shared is not None}
-    bad = sorted(k for k in kinds if k not in ("swiglu", "geglu"))
-    if bad:
-        problems.append(
-            f"MLP kind {', '.join(bad)} (transformers' families have gated MLPs: swiglu or geglu)"
-        )
-    elif len(kinds) > 1:
-        problems.append(
-            f"model.dense_ffn.kind and model.moe.experts.kind differ ({', '.join(sorted(kinds))}): "
-            "transformers has one hidden_act for every MLP"
-        )
+    problems += _kind_problems({f.activation for f in dense}, {m.experts.activation for m in moe})
     if len({f.w_up.out_features for f in dense}) > 1:
         problems.append("model.dense_ffn.d_ff differs between layers")
     if moe:
         problems += _moe_problems(moe, rules)
+    return problems
+
+
+def _kind_problems(dense: set[str], experts: set[str]) -> list[str]:
+    """The MLP kinds (the shared experts take the routed experts' kind) against one gated hidden_act."""
+    problems = [
+        f"{key}: {kind} (transformers' families have gated MLPs: swiglu or geglu)"
+        for key, kinds in (("model.dense_ffn.kind", dense), ("model.moe.experts.kind", experts))
+        for kind in sorted(kinds)
+        if kind not in ("swiglu", "geglu")
+    ]
+    if not problems and len(dense | experts) > 1:
+        problems.append(
+            f"model.dense_ffn.kind: {', '.join(sorted(dense))} and model.moe.experts.kind: "
+            f"{', '.join(sorted(experts))} differ (transformers has one hidden_act for every MLP)"
+        )
     return problems
 
 

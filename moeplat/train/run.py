@@ -187,11 +187,12 @@ def run(
     callbacks: tuple = (),
     tags: dict | None = None,
     end_tags: dict[str, dict] | None = None,
+    final_eval=None,
 ) -> RunResult:
     """Train `loaded` and track it. `callbacks` are extra Lightning callbacks (a sweep's pruner);
     `tags` are extra MLflow tags for a new run; `end_tags` maps a final MLflow status (FINISHED,
     FAILED, KILLED) to tags set just before the run is closed with it. A failure's message is
-    kept in the tag moeplat.error.
+    kept in the tag moeplat.error. `final_eval` runs train.eval's tasks (see _final_eval).
 
     Several devices: every rank runs this function (started by Lightning's launcher, torchrun or
     srun); they share one run directory ($MOEPLAT_RUN_DIR, set here by rank 0 for the ranks it
@@ -211,10 +212,25 @@ def run(
     # interrupts_recorded: a Ctrl-C swallowed anywhere in here is raised at the next batch
     with share_run_dir(run_dir, rank, world), rank_logs(run_dir, rank, world), interrupts_recorded():
         opts = dict(resume=resume, tracking_uri=tracking_uri, progress=progress, callbacks=callbacks)
+        opts["final_eval"] = final_eval
         return _run(loaded, run_dir, state, rank, t_start, tags=tags, end_tags=end_tags, **opts)
 
 
-def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progress, callbacks, tags, end_tags):
+def _run(
+    loaded,
+    run_dir,
+    state,
+    rank,
+    t_start,
+    *,
+    resume,
+    tracking_uri,
+    progress,
+    callbacks,
+    tags,
+    end_tags,
+    final_eval,
+):
     import lightning as L
 
     from moeplat.compile.data import build_data
@@ -276,6 +292,8 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
             trainer.validate(system, datamodule=datamodule, verbose=False)
         if spec.tracking.enabled and spec.tracking.log_model:
             _log_model(trainer, system, tracked, loaded, run_dir)
+        if spec.train.eval is not None:
+            _final_eval(trainer, loaded, datamodule, rank, final_eval)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as e:
         # Lightning handles Ctrl-C itself, ignores SIGINT from then on and leaves with
@@ -318,6 +336,33 @@ def _run(loaded, run_dir, state, rank, t_start, *, resume, tracking_uri, progres
         val_bpb=system.last_val.get("val/bpb"),
         unigram_baseline_bpb=getattr(corpus, "unigram_baseline_bpb", None),
     )
+
+
+def _final_eval(trainer, loaded: LoadedSpec, datamodule, rank: int, final_eval) -> None:
+    """train.eval: downstream tasks on the final weights, logged as eval/<task>/<metric> at the last
+    step. Task evaluation lives in moeplat.evaluate, above train, so the caller passes it in as
+    `final_eval(loaded, model, tokenizer) -> metrics` (`moeplat run` does, a sweep trial does not).
+    A failure here is logged and leaves the trained run FINISHED: its weights are already saved."""
+    from moeplat.compile.model import build_model
+    from moeplat.train.model_artifact import PREFIX
+
+    state = trainer.strategy.lightning_module_state_dict()  # every rank: sharded strategies gather
+    if rank != 0:
+        return
+    if final_eval is None:
+        log.warning("train.eval is set, but this caller runs no tasks: use `moeplat eval RUN --tasks ...`")
+        return
+    model = build_model(loaded.spec)  # a plain copy: not compiled, not sharded, on one device
+    model.load_state_dict({k.removeprefix(PREFIX): v for k, v in state.items() if k.startswith(PREFIX)})
+    try:
+        metrics = final_eval(loaded, model.eval(), datamodule.tokenizer)
+    except Exception:
+        log.exception("train.eval failed (the run itself is complete)")
+        return
+    for key, value in metrics.items():
+        log.info("%s %.6g", key, value)
+    if trainer.logger:
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def _save_tokenizer(datamodule, run_dir: Path, tracked) -> None:

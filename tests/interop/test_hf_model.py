@@ -170,7 +170,7 @@ def test_unsupported_lists_every_feature_in_spec_terms():
     assert err.value.family == "mixtral"
     assert any(f.startswith("model.moe.router.kind: hash") for f in features)
     assert any(f.startswith("model.moe.capacity.kind: factor") for f in features)
-    assert any("relu" in f for f in features)
+    assert any(f.startswith("model.moe.experts.kind: relu") for f in features)
     assert str(err.value).count("\n") == len(features)  # one feature a line
     with pytest.raises(Unsupported, match=r"router\.kind: hash"):
         to_hf_model(model, "mixtral")
@@ -301,3 +301,31 @@ def test_a_transformers_model_imports_with_its_logits(family):
     assert choose_family(model).name == family
     if family == "qwen2_moe":  # decoder_sparse_step 2: layers 1 and 3 of 0..2 are MoE
         assert section["moe"]["layers"] == {"kind": "list", "layers": [1]}
+
+
+def test_head_dim_rules_of_olmoe_and_llama():
+    olmoe = SECTIONS["olmoe"] | {"attention": GQA | {"qk_norm": True, "head_dim": 12}}
+    problems = FAMILIES["olmoe"].problems(build_model(_spec(olmoe)))
+    assert problems == ["model.attention.head_dim: 12 (this family's head_dim is d_model / n_heads)"]
+    llama = SECTIONS["llama"] | {"n_heads": 3, "n_kv_heads": 1, "attention": GQA | {"head_dim": 8}}
+    problems = FAMILIES["llama"].problems(build_model(_spec(llama)))
+    assert problems == ["model.n_heads: 3 (transformers needs d_model 32 divisible by it)"]
+
+
+def test_a_dense_model_with_relu_is_closest_to_llama():
+    model = build_model(_spec(SECTIONS["llama"] | {"dense_ffn": {"kind": "relu", "d_ff": 40}}))
+    with pytest.raises(Unsupported) as err:
+        choose_family(model)
+    assert err.value.family == "llama"
+    assert err.value.features == [
+        "model.dense_ffn.kind: relu (transformers' families have gated MLPs: swiglu or geglu)"
+    ]
+
+
+def test_dense_and_expert_kinds_must_agree():
+    section = SECTIONS["qwen3_moe"] | {"dense_ffn": {"kind": "geglu", "d_ff": 40}}
+    problems = FAMILIES["qwen3_moe"].problems(build_model(_spec(section)))
+    assert problems == [
+        "model.dense_ffn.kind: geglu and model.moe.experts.kind: swiglu differ "
+        "(transformers has one hidden_act for every MLP)"
+    ]
