@@ -1,4 +1,5 @@
-"""`moeplat eval RUN_ID`: rebuild a run's final model from its MLflow model/ artifact and print val loss."""
+"""`moeplat eval RUN_ID`: rebuild a run's final model from its MLflow model/ artifact and print val loss;
+`moeplat eval RUN --tasks T1,T2`: score it on lm-evaluation-harness tasks instead (moeplat.cli.eval_tasks)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 
 
 def cmd_eval(args) -> int:
+    if args.tasks is not None:
+        from moeplat.cli.eval_tasks import cmd_eval_tasks
+
+        return cmd_eval_tasks(args)
     from moeplat.track.mlflow_run import resolve_tracking_uri
     from moeplat.track.model_store import RunNotFound, download_model, register_model
 
@@ -63,8 +68,17 @@ def cmd_eval(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("eval", help="load a run's final model from MLflow and print its validation loss")
-    p.add_argument("run_id", metavar="RUN_ID", help="MLflow run id (of a finished `moeplat run`)")
+    from moeplat.cli.eval_tasks import add_task_options
+
+    p = sub.add_parser(
+        "eval", help="a run's final model: its validation loss, or lm-evaluation-harness tasks (--tasks)"
+    )
+    p.add_argument(
+        "run_id",
+        metavar="RUN",
+        help="MLflow run id (of a finished `moeplat run`); with --tasks also a run directory, "
+        "a .ckpt of one, or a model/ directory",
+    )
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)"
     )
@@ -78,4 +92,5 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--register", metavar="NAME", help="also register the model in the MLflow model registry")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_task_options(p)
     p.set_defaults(fn=cmd_eval)

@@ -21,6 +21,8 @@ import contextlib
 import difflib
 import logging
 import os
+import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,14 @@ from lm_eval.api.model import TemplateLM
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's HFLM default for generate_until
+
+
+@dataclass
+class LoadedTask:
+    """What run_tasks needs of a model (moeplat.evaluate.load.LoadedModel has it too)."""
+
+    model: torch.nn.Module
+    tok: object
 
 
 class UnknownTask(Exception):
@@ -286,3 +296,31 @@ def run_tasks(
             fewshot_random_seed=seed,
         )
     return flat_results(out["results"])
+
+
+def eval_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """MLflow metric names eval/<task>/<metric> (characters MLflow refuses become _)."""
+
+    def clean(s: str) -> str:
+        return re.sub(r"[^\w\-. /:]", "_", s)
+
+    return {f"eval/{clean(t)}/{clean(m)}": v for t, row in results.items() for m, v in row.items()}
+
+
+def end_of_run(loaded_spec, model: torch.nn.Module, tok) -> dict[str, float]:
+    """train.eval of `loaded_spec` (a LoadedSpec) on a run's final model: MLflow metrics
+    eval/<task>/<metric> (moeplat.train.run calls it through the hook `moeplat run` passes)."""
+    ev, spec = loaded_spec.spec.train.eval, loaded_spec.spec
+    device = "cuda" if spec.parallel.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+    loaded = LoadedTask(model, tok)
+    results = run_tasks(
+        loaded,
+        ev.tasks,
+        include_path=ev.include_dir,
+        num_fewshot=ev.num_fewshot,
+        limit=ev.limit,
+        batch_size=spec.train.batch_size,
+        seed=spec.train.seed,
+        device=device,
+    )
+    return eval_metrics(results)

@@ -69,3 +69,21 @@ def register_model(tracking_uri: str, run_id: str, name: str) -> str:
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
     version = client.create_model_version(name, source, run_id=run_id, tags={"moeplat.format": "weights.pt"})
     return str(version.version)
+
+
+def log_metrics_to_run(
+    tracking_uri: str, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None
+) -> None:
+    """Add `metrics` (at `step`) and `tags` to an existing run, finished or not: what is measured
+    on a run's model later (moeplat eval --tasks) sits beside what training logged."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(tracking_uri)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
