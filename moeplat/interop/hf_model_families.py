@@ -88,6 +88,7 @@ def moe_config(model: TransformerLM, experts_key: str) -> dict:
 
 def _mixtral(model: TransformerLM) -> dict:
     out = {**base_config(model), **moe_config(model, "num_local_experts"), "router_jitter_noise": 0.0}
+    out["sliding_window"] = None  # Mixtral's attention is windowed whenever this is set
     del out["norm_topk_prob"]  # always renormalised
     return out
 
@@ -112,10 +113,10 @@ def _qwen_moe(model: TransformerLM) -> dict:
 def _qwen2_moe(model: TransformerLM) -> dict:
     layer = _ffns(model)[0][0]
     shared = layer.shared.w_up.out_features
-    return _qwen_moe(model) | {"shared_expert_intermediate_size": shared, "qkv_bias": layer_bias(model)}
+    return _qwen_moe(model) | {"shared_expert_intermediate_size": shared, "qkv_bias": _qkv_bias(model)}
 
 
-def layer_bias(model: TransformerLM) -> bool:
+def _qkv_bias(model: TransformerLM) -> bool:
     return model.blocks[0].attn.wq.bias is not None
 
 
@@ -136,6 +137,10 @@ def _section(c: dict, *, qkv_bias: bool, qk_norm: str | None) -> dict:
         problems.append(f"hidden_act: {c.get('hidden_act')} (moeplat's gated MLPs take silu or gelu)")
     if c.get("use_sliding_window") or ("sliding_attention" in (c.get("layer_types") or [])):
         problems.append("use_sliding_window: true (moeplat attends to the whole causal context)")
+    elif c.get("model_type") == "mixtral" and c.get("sliding_window") is not None:  # Mixtral has no switch
+        problems.append(
+            f"sliding_window: {c['sliding_window']} (moeplat attends to the whole causal context)"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
             problems.append(f"{key}: true (moeplat has no o_proj / MLP biases)")

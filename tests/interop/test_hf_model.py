@@ -211,6 +211,9 @@ def test_import_refuses_what_moeplat_cannot_compute():
     with pytest.raises(Unsupported) as err:
         FAMILIES["olmoe"].model_section(config)
     assert [f.split(":")[0] for f in err.value.features] == ["rope_parameters.rope_type", "clip_qkv"]
+    mixtral = transformers.MixtralConfig(hidden_size=D, num_attention_heads=4, sliding_window=64).to_dict()
+    with pytest.raises(Unsupported, match=r"sliding_window: 64"):
+        FAMILIES["mixtral"].model_section(mixtral)
 
 
 def test_from_hf_names_missing_and_misshapen_tensors():
