@@ -50,7 +50,7 @@ body{font:14px system-ui,sans-serif;margin:1.2em;color:#222}
 table{border-collapse:collapse;margin:.4em 1.2em .8em 0;font-size:12px}
 td,th{border:1px solid #ddd;padding:1px 6px;text-align:left}
 .tok{font-family:ui-monospace,monospace;white-space:pre;background:#f4f4f4}
-.experts{display:flex;flex-wrap:wrap}.muted{color:#777}
+.experts{display:flex;flex-wrap:wrap;gap:0 1.5em}.muted{color:#777}
 #tip{position:fixed;pointer-events:none;background:#222;color:#fff;padding:4px 7px;border-radius:3px;
  font:12px ui-monospace,monospace;white-space:pre;display:none}
 """
