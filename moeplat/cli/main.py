@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from moeplat.cli import bench, compare, data, launch, models, server, sweep, sync, tokenizer
     from moeplat.cli import eval as eval_cmd
+    from moeplat.cli import generate as generate_cmd
     from moeplat.cli import route as route_cmd
 
     sweep.add_commands(sub)
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_commands(sub, _spec_args)
     eval_cmd.add_commands(sub)
     route_cmd.add_commands(sub)
+    generate_cmd.add_commands(sub)
     sync.add_commands(sub)
     tokenizer.add_commands(sub, _spec_args)
     data.add_commands(sub, _spec_args)
