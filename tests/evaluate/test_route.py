@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from moeplat.data.tokenizers import ByteTok
-from moeplat.evaluate.route import NoMoELayers, moe_layers, route_text, top_tokens
+from moeplat.evaluate.route import (
+    NoMoELayers,
+    moe_layers,
+    route_text,
+    token_labels,
+    token_pieces,
+    top_tokens,
+)
 from moeplat.evaluate.route_html import render_html
 from moeplat.nn.experts import DenseFFN
 from moeplat.nn.model import TransformerLM
@@ -139,3 +146,21 @@ def test_html_has_one_span_per_token_and_escapes_the_text():
     assert "<" not in data and "\\u003c" in data  # the JSON cannot close its element
     assert page.count('<section class="layer"') == 3
     assert '<td class="tok">␣</td>' in page  # a space in the top-token tables shows
+
+
+def test_byte_level_bpe_pieces_rebuild_the_text(tmp_path):
+    from moeplat.data.corpus import Document
+    from moeplat.data.tokenizers import train_bpe
+
+    corpus = "naïve café 日本語 the the the 🙂 " * 20
+    tok = train_bpe([Document("a.txt", corpus.encode())], vocab_size=300, cache_dir=tmp_path)
+    text = "a 日本 🙂 café the<|endoftext|>"
+    ids = [int(i) for i in tok.encode_texts([text])[0]]
+    pieces = token_pieces(tok, ids)
+    assert "".join(pieces) == text  # special-token spelling is text here, and every byte is kept
+    labels = token_labels(tok, ids)
+    # 300 symbols leave some of 日本 split mid-character: a token whose bytes end no character
+    # shows "" in the text and its bytes in hex in the tables
+    assert "" in pieces
+    assert re.fullmatch(r"(<[0-9a-f]{2}>)+", labels[ids[pieces.index("")]])
+    assert labels[ids[0]] == "a"
