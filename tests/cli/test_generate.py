@@ -128,3 +128,21 @@ def test_an_empty_prompts_file_exits_2(capsys, tmp_path):
     empty.write_text("\n  \n")
     code, _, err = _gen(capsys, "whatever", "--prompts", str(empty))
     assert code == 2 and "no prompt in it" in err
+
+
+def test_the_stream_holds_back_a_split_utf8_character():
+    import io
+
+    from moeplat.cli.generate import _Stream
+    from moeplat.data.tokenizers import ByteTok
+
+    out = io.StringIO()
+    stream = _Stream(ByteTok(), out)
+    shown = []
+    for byte in "aé€".encode():
+        stream.token(0, byte)
+        shown.append(out.getvalue())
+    assert shown == ["a", "a", "aé", "aé", "aé", "aé€"]  # é is 2 bytes, € is 3
+    stream.token(0, 0xE2)  # the first byte of a character that never ends
+    stream.finish()
+    assert out.getvalue() == "aé€\ufffd"
