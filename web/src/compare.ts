@@ -98,14 +98,33 @@ function colorOf(i: number): string {
   return PALETTE[i % PALETTE.length];
 }
 
+// downstream-task scores (eval/<task>/<metric>: `moeplat eval --tasks`, train.eval) that any shown
+// run has, sorted; their standard errors stay in MLflow
+function evalKeys(runs: RunSummary[]): string[] {
+  const keys = new Set<string>();
+  for (const r of runs) for (const k of Object.keys(r.metrics ?? {})) if (k.startsWith("eval/") && !/_stderr(\/|$)/.test(k)) keys.add(k);
+  return [...keys].sort();
+}
+
 function runsTable(runs: RunSummary[], total: number): HTMLElement {
+  const metrics = [...CURVE_KEYS, ...evalKeys(runs)];
   return h(
     "div",
     {},
     h(
       "table",
       { class: "grid", id: "compare-runs" },
-      h("thead", {}, h("tr", {}, ...["", "run", "run id", "status", ...CURVE_KEYS, "MLflow"].map((c) => h("th", {}, c)))),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          ...["", "run", "run id", "status"].map((c) => h("th", {}, c)),
+          ...metrics.map((k) => h("th", { "data-metric": k }, k)),
+          h("th", {}, "MLflow"),
+        ),
+      ),
       h(
         "tbody",
         {},
@@ -117,7 +136,7 @@ function runsTable(runs: RunSummary[], total: number): HTMLElement {
             h("td", {}, r.name),
             h("td", { class: "mono" }, r.run_id.slice(0, 12)),
             h("td", {}, r.status),
-            ...CURVE_KEYS.map((k) => h("td", {}, num(r.metrics?.[k]))),
+            ...metrics.map((k) => h("td", { "data-metric": k }, num(r.metrics?.[k]))),
             h("td", {}, link(r.mlflow_url, "open in MLflow")),
           ),
         ),
