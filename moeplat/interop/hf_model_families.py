@@ -241,6 +241,14 @@ def _qwen_moe_section(c: dict, *, qkv_bias: bool, qk_norm: str | None, shared: b
 # --- the families ---------------------------------------------------------------------------
 
 
+def complete(config: dict, config_class: str) -> dict:
+    """A config.json dict with transformers' defaults filled in (a config.json may leave them out)
+    and older keys in today's form (rope_theta -> rope_parameters), as transformers reads it."""
+    import transformers
+
+    return getattr(transformers, config_class).from_dict(config).to_dict()
+
+
 def _family(name: str, cls: str, rules: Rules, config, section) -> Family:
     return Family(
         name=name,
@@ -249,7 +257,7 @@ def _family(name: str, cls: str, rules: Rules, config, section) -> Family:
         problems=lambda model: model_problems(model, rules),
         config=config,
         to_hf=lambda model: state_dict(model, model_slots(model)),
-        model_section=section,
+        model_section=lambda c: section(complete(c, f"{cls}Config")),
         from_hf=lambda model, weights: load(model, model_slots(model), weights),
     )
 

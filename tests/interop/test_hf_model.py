@@ -332,3 +332,14 @@ def test_dense_and_expert_kinds_must_agree():
         "model.dense_ffn.kind: geglu and model.moe.experts.kind: swiglu differ "
         "(transformers has one hidden_act for every MLP)"
     ]
+
+
+def test_import_fills_in_what_a_config_json_leaves_out():
+    """An older, minimal config.json: transformers' defaults and the legacy rope_theta key."""
+    config = {"model_type": "mixtral", "vocab_size": V, "hidden_size": D, "num_attention_heads": 4}
+    config |= {"num_hidden_layers": 2, "num_local_experts": 4, "intermediate_size": 24, "rope_theta": 1e6}
+    config |= {"num_key_value_heads": 2}
+    section = FAMILIES["mixtral"].model_section(config)
+    assert section["rope_theta"] == 1e6 and section["norm_eps"] == 1e-5  # MixtralConfig's default
+    assert section["moe"]["top_k"] == 2 and section["max_seq_len"] == 131072  # defaults too
+    _spec(section | {"max_seq_len": 32})
