@@ -77,8 +77,9 @@ def export_hf(
 ) -> dict:
     """Write `loaded` (a LoadedModel) as a transformers model directory; returns a summary."""
     from moeplat.interop.hf_model import Unsupported, to_hf_model
-    from moeplat.interop.hf_tokenizer import save_hf_tokenizer
+    from moeplat.interop.hf_tokenizer import quiet_progress_bars, save_hf_tokenizer
 
+    quiet_progress_bars()
     try:
         config, hf_model = to_hf_model(loaded.model, family)
     except Unsupported as e:

@@ -17,3 +17,10 @@ def save_hf_tokenizer(tokenizer, out_dir: str | Path, *, eos_id: int, model_max_
     if eos_id in added:
         fast.eos_token = added[eos_id]
     fast.save_pretrained(str(out_dir))
+
+
+def quiet_progress_bars() -> None:
+    """transformers' per-shard progress bars say nothing for a CLI that prints its own summary."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

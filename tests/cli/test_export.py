@@ -4,6 +4,7 @@ run from the checkpoint with transformers' logits, and bad input is refused with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,106 @@ def test_a_run_directory_and_its_checkpoint_load_the_run_s_final_weights(finishe
         by_path = load_trained(ref)
         assert by_path.run_id == result.run_id and by_path.meta["step"] == 4
         torch.testing.assert_close(_logits(by_path.model, IDX), _logits(by_id.model, IDX), rtol=0, atol=0)
+
+
+def test_hf_export_reads_back_in_transformers_and_imports_into_a_run(finished, tmp_path, capsys):
+    import transformers
+
+    from moeplat.compile.hf_init import init_from_hf
+    from moeplat.compile.model import build_model
+    from moeplat.interop.hf_model import hf_logits
+
+    result, uri = finished
+    out = tmp_path / "hf"
+    code, stdout, err = _cli(capsys, "export", result.run_id, "--tracking-uri", uri, "-o", str(out), "--json")
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["family"] == "mixtral" and info["max_abs_logit_diff"] < 1e-5 and info["step"] == 4
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok("déf f():", add_special_tokens=False)["input_ids"] == list("déf f():".encode())
+    original = load_trained(result.run_id, uri)
+    torch.testing.assert_close(hf_logits(out, IDX), _logits(original.model, IDX), rtol=0, atol=1e-5)
+
+    spec_file = tmp_path / "imported.yaml"
+    code, _, err = _cli(capsys, "import", str(out), "-o", str(spec_file))
+    assert code == 0, err
+    spec = load_spec(spec_file).spec
+    assert spec.train.init.kind == "hf" and spec.data.tokenizer.kind == "byte"
+    model = build_model(spec)
+    assert init_from_hf(spec, model)
+    torch.testing.assert_close(_logits(model.eval(), IDX), _logits(original.model, IDX), rtol=0, atol=0)
+    short = [
+        "train.max_steps=2",
+        "train.val_every=2",
+        "train.schedule.warmup_steps=1",
+        "data.source.max_bytes=400000",
+        "data.val_tokens=1024",
+    ]
+    loaded = load_spec(spec_file, [*short, "tracking.system_metrics=false"])
+    again = run(loaded, runs_root=tmp_path / "runs", tracking_uri=uri, progress=False)
+    # it continued the checkpoint (val loss 5.2 after 4 steps), not a fresh start (ln 256 = 5.55)
+    assert again.steps == 2 and again.val_loss == pytest.approx(result.val_loss, abs=0.05)
+
+    code, _, err = _cli(capsys, "import", str(out), "-o", str(spec_file))
+    assert code == 2 and "exists" in err
+    code, _, err = _cli(capsys, "import", str(tmp_path), "-o", str(tmp_path / "x.yaml"))
+    assert code == 2 and "no config.json" in err
+
+
+def test_train_init_hf_refuses_a_spec_whose_model_differs(finished, tmp_path, capsys):
+    from moeplat.errors import SpecError
+
+    result, uri = finished
+    out = tmp_path / "hf"
+    assert _cli(capsys, "export", result.run_id, "--tracking-uri", uri, "-o", str(out))[0] == 0
+    spec_file = tmp_path / "imported.yaml"
+    assert _cli(capsys, "import", str(out), "-o", str(spec_file))[0] == 0
+    from moeplat.compile.hf_init import init_from_hf
+    from moeplat.compile.model import build_model
+
+    spec = load_spec(spec_file, ["model.moe.top_k=1", "model.rope_theta=500000.0"]).spec
+    with pytest.raises(SpecError) as e:
+        init_from_hf(spec, build_model(spec))
+    text = str(e.value)
+    assert "train.init.path" in text and "model.moe.top_k: spec has 1, checkpoint has 2" in text
+    assert "model.rope_theta" in text
+    with pytest.raises(SpecError, match=r"no config\.json"):
+        load_spec(spec_file, [f"train.init.path={tmp_path}"])
+
+
+def test_a_dense_transformers_checkpoint_upcycles_into_an_moe_model_with_its_function(tmp_path, capsys):
+    """Sparse upcycling from a dense Llama export: top-1 experts that copy the dense FFN compute
+    the dense model's logits at step 0."""
+    from moeplat.compile.hf_init import init_from_hf
+    from moeplat.compile.model import build_model
+    from moeplat.data.tokenizers import ByteTok
+    from moeplat.evaluate.load import LoadedModel
+
+    dense = load_spec(TINY, ["model.moe=null", "model.dense_ffn={kind: swiglu, d_ff: 64}"])
+    model = build_model(dense.spec).eval()
+    loaded = LoadedModel(dense.spec, model, ByteTok(), {"step": 0}, source="dense", resolved=dense.resolved)
+    assert export_mod.export_hf(loaded, tmp_path / "llama")["family"] == "llama"
+    spec_file = tmp_path / "moe.yaml"
+    code, _, err = _cli(
+        capsys,
+        "import",
+        str(tmp_path / "llama"),
+        "-o",
+        str(spec_file),
+        "--upcycle",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "1",
+    )
+    assert code == 0, err
+    spec = load_spec(spec_file).spec
+    assert spec.model.moe.num_experts == 4 and spec.train.init.upcycle
+    moe = build_model(spec)
+    assert init_from_hf(spec, moe)
+    torch.testing.assert_close(_logits(moe.eval(), IDX), _logits(model, IDX), rtol=1e-5, atol=1e-5)
+    code, _, err = _cli(
+        capsys, "import", str(tmp_path / "llama"), "-o", str(tmp_path / "y.yaml"), "--upcycle"
+    )
+    assert code == 2 and "--num-experts" in err
