@@ -220,3 +220,24 @@ def test_a_dense_transformers_checkpoint_upcycles_into_an_moe_model_with_its_fun
         capsys, "import", str(tmp_path / "llama"), "-o", str(tmp_path / "y.yaml"), "--upcycle"
     )
     assert code == 2 and "--num-experts" in err
+
+
+def test_a_spec_no_family_expresses_is_refused_naming_each_feature(tmp_path):
+    from moeplat.compile.model import build_model
+    from moeplat.data.tokenizers import ByteTok
+    from moeplat.evaluate.load import LoadedModel
+
+    odd = load_spec(
+        TINY,
+        [
+            "model.moe.router={kind: hash}",
+            "model.moe.top_k=1",
+            "model.moe.losses={}",
+            "model.moe.capacity={kind: factor}",
+        ],
+    )
+    loaded = LoadedModel(odd.spec, build_model(odd.spec), ByteTok(), {"step": 0}, resolved=odd.resolved)
+    with pytest.raises(export_mod.ExportError) as e:
+        export_mod.export_hf(loaded, tmp_path / "out")
+    assert "model.moe.router.kind: hash" in str(e.value) and "model.moe.capacity" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
