@@ -171,12 +171,25 @@ def _section(c: dict, *, qkv_bias: bool, qk_norm: str | None) -> dict:
     }
 
 
+def layer_selection(moe_layers: list[int], n_layers: int) -> dict:
+    """The spec's `moe.layers` for these MoE layer indices, in the plainest form that says it."""
+    if moe_layers == list(range(n_layers)):
+        return {"kind": "all"}
+    first = moe_layers[0]
+    if moe_layers == list(range(first, n_layers)):
+        return {"kind": "first_dense", "k": first}
+    step = moe_layers[1] - first if len(moe_layers) > 1 else 0
+    if step > 1 and moe_layers == list(range(first, n_layers, step)) and n_layers - moe_layers[-1] <= step:
+        return {"kind": "every", "n": step, "offset": first}
+    return {"kind": "list", "layers": moe_layers}
+
+
 def _moe_section(c: dict, *, experts: int, d_ff: int, normalize: bool, moe_layers: list[int]) -> dict:
     K, n = c["num_experts_per_tok"], c["num_hidden_layers"]
     moe: dict = {
         "num_experts": experts,
         "top_k": K,
-        "layers": {"kind": "all"} if moe_layers == list(range(n)) else {"kind": "list", "layers": moe_layers},
+        "layers": layer_selection(moe_layers, n),
         # transformers computes the router's logits in the activations' dtype
         "router": {"kind": "topk", "normalize": normalize, "logits_precision": "input"},
         "experts": {"kind": KIND[c["hidden_act"]], "d_ff": d_ff},

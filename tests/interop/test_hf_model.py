@@ -343,3 +343,25 @@ def test_import_fills_in_what_a_config_json_leaves_out():
     assert section["rope_theta"] == 1e6 and section["norm_eps"] == 1e-5  # MixtralConfig's default
     assert section["moe"]["top_k"] == 2 and section["max_seq_len"] == 131072  # defaults too
     _spec(section | {"max_seq_len": 32})
+
+
+@pytest.mark.parametrize(
+    ("layers", "n", "selection"),
+    [
+        ([0, 1, 2, 3], 4, {"kind": "all"}),
+        ([1, 2, 3], 4, {"kind": "first_dense", "k": 1}),
+        ([1, 3, 5], 6, {"kind": "every", "n": 2, "offset": 1}),
+        ([0, 3], 5, {"kind": "every", "n": 3, "offset": 0}),
+        ([0, 3], 7, {"kind": "list", "layers": [0, 3]}),  # every 3rd would add layer 6
+        ([0, 2], 4, {"kind": "every", "n": 2, "offset": 0}),
+        ([1, 2], 4, {"kind": "list", "layers": [1, 2]}),
+    ],
+)
+def test_layer_selection_is_the_plainest_that_says_it(layers, n, selection):
+    from pydantic import TypeAdapter
+
+    from moeplat.interop.hf_model_families import layer_selection
+    from moeplat.spec.moe import LayerSelection, moe_layer_indices
+
+    assert layer_selection(layers, n) == selection
+    assert moe_layer_indices(TypeAdapter(LayerSelection).validate_python(selection), n) == layers
