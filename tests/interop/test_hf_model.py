@@ -365,3 +365,12 @@ def test_layer_selection_is_the_plainest_that_says_it(layers, n, selection):
 
     assert layer_selection(layers, n) == selection
     assert moe_layer_indices(TypeAdapter(LayerSelection).validate_python(selection), n) == layers
+
+
+def test_a_bf16_model_exports_in_float32():
+    model = _randomised(SECTIONS["qwen2_moe"]).to(torch.bfloat16)
+    _, hf = to_hf_model(model)
+    assert {p.dtype for p in hf.parameters()} == {torch.float32}
+    weights = FAMILIES["qwen2_moe"].to_hf(model)
+    for key, value in hf.state_dict().items():
+        assert torch.equal(value, weights[key].float()), key
