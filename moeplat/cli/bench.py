@@ -48,6 +48,18 @@ def add_commands(sub) -> None:
         metavar="GiB",
         help="training tokens of the big prepared corpus of the RSS figure, GiB (default 1; 0: skip it)",
     )
+    p.add_argument(
+        "--no-generate",
+        action="store_true",
+        help="skip generation speed (KV cache vs recomputing the prefix vs transformers generate)",
+    )
+    p.add_argument(
+        "--gen-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="new tokens per generation figure (default 256)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE (the tables still print)")
     p.set_defaults(fn=cmd_bench)
@@ -117,6 +129,12 @@ def cmd_bench(args) -> int:
         result["data"] = data_bench(args.step_spec, rss=big > 0, big_tokens=big)
         if not args.json:
             print(format_data(result["data"]), flush=True)
+    if not args.no_generate:
+        from moeplat.bench.generate import format_generation, generation_bench
+
+        result["generate"] = generation_bench(REFERENCE_SPEC, new_tokens=args.gen_tokens, device=str(device))
+        if not args.json:
+            print(format_generation(result["generate"]), flush=True)
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     if args.json_out:

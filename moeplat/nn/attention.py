@@ -35,14 +35,19 @@ def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor)
     return out.to(x_BHSd.dtype)
 
 
+# qk_norm values: off, the whole projection (True or "whole"), or per head ("head")
+QK_NORMS = (False, True, "whole", "head")
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention; n_kv_heads < n_heads gives GQA (Ainslie et al. 2023).
 
     Parameters: wq [H*hd, D], wk and wv [KV*hd, D], wo [D, H*hd]; hd = head_dim or D // H.
     Query head h reads key/value head h // (H // KV), as in Llama's repeat_kv.
-    qkv_bias adds biases to wq, wk, wv (Qwen1.5 / Qwen2); qk_norm applies RMSNorm to the whole
-    projected queries [H*hd] and keys [KV*hd] before RoPE (OLMoE, Muennighoff et al. 2024, sec. 2,
-    as transformers' modeling_olmoe does).
+    qkv_bias adds biases to wq, wk, wv (Qwen1.5 / Qwen2); qk_norm applies RMSNorm before RoPE:
+    True (or "whole") to the whole projected queries [H*hd] and keys [KV*hd] (OLMoE, Muennighoff
+    et al. 2024, sec. 2, as transformers' modeling_olmoe does); "head" to each head's hd values,
+    one hd-wide weight shared by all heads (Qwen3, as transformers' modeling_qwen3_moe does).
     """
 
     def __init__(
@@ -56,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         *,
         head_dim: int | None = None,
         qkv_bias: bool = False,
-        qk_norm: bool = False,
+        qk_norm: bool | str = False,
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
@@ -67,14 +72,18 @@ class CausalSelfAttention(nn.Module):
             )
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
-        self.dropout, self.max_seq_len = dropout, max_seq_len
+        self.dropout, self.max_seq_len, self.rope_theta = dropout, max_seq_len, rope_theta
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+        self.qk_norm = {False: None, True: "whole"}.get(qk_norm, qk_norm)  # None | "whole" | "head"
         q_dim, kv_dim = n_heads * self.head_dim, n_kv_heads * self.head_dim
         self.wq = nn.Linear(d_model, q_dim, bias=qkv_bias)
         self.wk = nn.Linear(d_model, kv_dim, bias=qkv_bias)
         self.wv = nn.Linear(d_model, kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(q_dim, d_model, bias=False)
-        self.q_norm = nn.RMSNorm(q_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = nn.RMSNorm(kv_dim, eps=norm_eps) if qk_norm else None
+        q_n, k_n = (self.head_dim, self.head_dim) if self.qk_norm == "head" else (q_dim, kv_dim)
+        self.q_norm = nn.RMSNorm(q_n, eps=norm_eps) if self.qk_norm else None
+        self.k_norm = nn.RMSNorm(k_n, eps=norm_eps) if self.qk_norm else None
         self.out_drop = nn.Dropout(dropout)
         cos_Sd, sin_Sd = rope_cos_sin(max_seq_len, self.head_dim, rope_theta)
         # Non-persistent: derived from the config, so not in state_dict and not a parameter.
@@ -89,10 +98,12 @@ class CausalSelfAttention(nn.Module):
         if self.max_seq_len < start + S:
             raise ValueError(f"sequence length {start + S} > max_seq_len {self.max_seq_len}")
         q, k = self.wq(x_BSD), self.wk(x_BSD)
-        if self.q_norm is not None:
+        if self.qk_norm == "whole":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":  # over the last dim, hd, of [B, H, S, hd]
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rope_cos[start:], self.rope_sin[start:]  # absolute positions start ..
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -24,6 +24,7 @@ QUICK = [
     "--no-memory",
     "--no-step",
     "--no-data",
+    "--no-generate",
 ]
 MOEPLAT = {"moeplat:loop", "moeplat:sorted", "moeplat:capacity"}
 

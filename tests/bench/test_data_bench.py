@@ -63,6 +63,7 @@ def test_bench_cli_data_section_json(tmp_path, capsys, monkeypatch):
         "--no-layers",
         "--no-step",
         "--no-memory",
+        "--no-generate",
         "--step-spec",
         str(TINY),
         "--data-tokens",
