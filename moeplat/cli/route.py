@@ -38,6 +38,8 @@ def cmd_route(args) -> int:
     if args.log and loaded.run_id is None:
         return _fail(f"--log needs the MLflow run of {loaded.source}: pass its run id (or its run directory)")
     text, what = _text(args, loaded)
+    if not text:
+        return _fail(f"{what} is empty: give a text with at least one token")
     try:
         table = route_text(loaded.model, loaded.tok, text, max_tokens=args.max_tokens, source=what)
     except NoMoELayers as e:

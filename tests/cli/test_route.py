@@ -90,6 +90,9 @@ def test_route_usage_errors_exit_2(stored, tmp_path, capsys):
     assert code == 2 and "no run '0123456789abcdef'" in err
     code, _, err = _route(capsys, run_id, "--text", text, "--max-tokens", 0, "--tracking-uri", uri)
     assert code == 2 and "--max-tokens" in err
+    (tmp_path / "empty.txt").write_text("")
+    code, _, err = _route(capsys, run_id, "--text", tmp_path / "empty.txt", "--tracking-uri", uri)
+    assert code == 2 and "empty.txt is empty" in err
 
     dense = model_dir(tmp_path / "dense", ["model.moe=null", "model.dense_ffn={kind: swiglu, d_ff: 32}"])
     code, _, err = _route(capsys, dense, "--text", text, "-o", tmp_path / "d.html")
