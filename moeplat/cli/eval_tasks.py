@@ -58,6 +58,10 @@ def cmd_eval_tasks(args) -> int:
         )
     except (ModelNotFound, UnknownTask) as e:
         return _usage(str(e))
+    except (OSError, ValueError) as e:  # a task's data unreachable or unreadable, a request too long
+        hint = " (a task's data comes from the Hugging Face Hub on first use: it needs internet access once)"
+        print(f"error: {e}{hint if isinstance(e, ConnectionError) else ''}", file=sys.stderr)
+        return 1
     step = loaded.meta.get("step")
     logged = None
     if not args.no_log and loaded.run_id and loaded.tracking_uri:
@@ -96,7 +100,7 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
             if name.endswith("_stderr") or "_stderr/" in name:
                 continue
             err = metrics.get(name.replace("/", "_stderr/", 1) if "/" in name else f"{name}_stderr")
-            rows.append((task, name, f"{value:.4f}", "-" if err is None else f"{err:.4f}"))
+            rows.append((task, name, _num(value), "-" if err is None else _num(err)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [
         "  ".join(
@@ -109,6 +113,10 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
         for r in rows
     ]
     return "\n".join(lines)
+
+
+def _num(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"  # a tiny model's word perplexity is huge
 
 
 def add_task_options(p) -> None:
