@@ -231,12 +231,17 @@ def data_wait(base_spec: str, corpus: Path, *, steps: int = 30, warmup: int = 3)
 
 
 def data_bench(
-    base_spec: str, *, rss: bool = True, big_tokens: int = 2**30, max_bytes: int = 12 * MiB
+    base_spec: str,
+    *,
+    rss: bool = True,
+    big_tokens: int = 2**30,
+    max_bytes: int = 12 * MiB,
+    wait_tokens: int = 64 * MiB,
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix="moeplat-bench-data-") as tmp:
         tmp = Path(tmp)
         result = {"prepare": prepare_throughput(tmp, max_bytes=max_bytes)}
-        corpus = repeated_corpus(tmp / "wait", 64 * MiB)
+        corpus = repeated_corpus(tmp / "wait", wait_tokens, shard_tokens=min(wait_tokens, 64 * MiB))
         result["wait"] = data_wait(base_spec, corpus)
         if rss:
             result["rss"] = rss_growth(tmp, base_spec, big_tokens=big_tokens)

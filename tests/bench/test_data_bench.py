@@ -57,19 +57,29 @@ def test_data_wait_and_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_bench_cli_data_section_json(tmp_path, capsys, monkeypatch):
+    """The CLI wiring of the section; its figures are tested at small sizes above and the RSS runs
+    by the slow test below, so the prepared text and the wait corpus are small here and the RSS
+    size only reaches data_bench (the defaults take minutes)."""
+    import functools
+
+    import moeplat.bench.data as bench_data
+
     monkeypatch.chdir(tmp_path)
-    argv = [
-        "bench",
-        "--no-layers",
-        "--no-step",
-        "--no-memory",
-        "--no-generate",
-        "--step-spec",
-        str(TINY),
-        "--data-tokens",
-        "0.02",
-    ]
-    assert main([*argv, "--json"]) == 0
+    real, calls = bench_data.data_bench, []
+
+    def small(spec, **kw):
+        calls.append(kw)
+        return real(spec, **{**kw, "rss": False}, max_bytes=MiB // 2, wait_tokens=2 * MiB)
+
+    monkeypatch.setattr(bench_data, "data_bench", small)
+    argv = ["bench", "--no-layers", "--no-step", "--no-memory", "--no-generate", "--json"]
+    argv += ["--step-spec", str(TINY)]
+    assert main([*argv, "--data-tokens", "0"]) == 0
     data = json.loads(capsys.readouterr().out)["data"]
-    assert set(data) == {"prepare", "wait", "rss"}
-    assert data["rss"]["big_tokens"] == int(0.02 * 2**30)
+    assert set(data) == {"prepare", "wait"} and data["prepare"]["text_mib"] > 0.3
+    assert calls[-1] == {"rss": False, "big_tokens": 0}
+    monkeypatch.setattr(
+        bench_data, "data_bench", functools.partial(lambda spec, **kw: calls.append(kw) or {})
+    )
+    assert main([*argv, "--data-tokens", "0.02"]) == 0
+    assert calls[-1] == {"rss": True, "big_tokens": int(0.02 * 2**30)}
