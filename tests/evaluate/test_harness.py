@@ -4,6 +4,7 @@ forward, and run_tasks on three local tasks against the same hand computation.""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,28 @@ def test_an_unknown_task_names_close_matches(model, tmp_path):
     loaded = LoadedModel(spec=None, model=model, tok=ByteTok())
     with pytest.raises(UnknownTask, match=r"unknown task 'tiny_mcc'.*close matches: tiny_mc"):
         run_tasks(loaded, ["tiny_mcc"], include_path=str(include))
+
+
+def test_offline_switches_the_hub_off_and_restores_it(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from moeplat.evaluate.harness import offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with offline():  # what datasets and huggingface_hub read when asked to download
+        assert datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert not datasets.config.HF_HUB_OFFLINE and not huggingface_hub.constants.HF_HUB_OFFLINE
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scores_on_cuda_equal_the_cpu_ones(model):
+    reqs = [_req("loglikelihood", "def add(a, b):", " return a"), _req("loglikelihood", "x", " = 1")]
+    cpu = MoeplatLM(model, ByteTok(), device="cpu").loglikelihood(reqs)
+    gpu = MoeplatLM(model, ByteTok(), device="cuda").loglikelihood(reqs)
+    model.to("cpu")
+    assert [g for g, _ in gpu] == pytest.approx([c for c, _ in cpu], abs=1e-3)
