@@ -20,7 +20,15 @@ from moeplat.spec.root import Spec
 from moeplat.spec.sections import HfInit
 
 # Model keys that do not change the function the weights compute (training-time settings).
-IGNORED = ("dropout", "init_std", "max_seq_len", "vocab_multiple", "moe.losses", "moe.dispatch")
+IGNORED = (
+    "dropout",
+    "init_std",
+    "max_seq_len",
+    "vocab_multiple",
+    "moe.losses",
+    "moe.dispatch",
+    "moe.router.logits_precision",  # the same function in float32, the precision a run starts in
+)
 
 
 def init_from_hf(spec: Spec, model: TransformerLM) -> bool:
@@ -78,13 +86,27 @@ def _copy(family, model: TransformerLM, weights: dict[str, torch.Tensor], where:
 
 def differences(ours: ModelSpec, theirs: ModelSpec) -> list[str]:
     """`model.KEY: spec has A, checkpoint has B` for every key that changes the function."""
-    a, b = _flat(ours.model_dump()), _flat(theirs.model_dump())
+    a, b = _flat(_canonical(ours)), _flat(_canonical(theirs))
     keys = sorted(set(a) | set(b))
     return [
         f"model.{k}: spec has {a.get(k)!r}, checkpoint has {b.get(k)!r}"
         for k in keys
         if a.get(k) != b.get(k) and not any(k == i or k.startswith(i + ".") for i in IGNORED)
     ]
+
+
+def _canonical(m: ModelSpec) -> dict:
+    """The model section with equal models written alike: the MoE layers as indices, the KV heads
+    as a number, the shared experts as their fused width (moeplat fuses count x d_ff into one MLP)."""
+    d = m.model_dump()
+    d["n_kv_heads"] = m.kv_heads
+    if m.moe is not None:
+        d["moe"]["layers"] = m.moe_layers
+        shared = d["moe"].get("shared_experts")
+        if shared is not None:
+            width = shared.pop("count") * (shared.pop("d_ff") or m.moe.experts.d_ff)
+            shared["width"] = width
+    return d
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

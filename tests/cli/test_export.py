@@ -181,6 +181,9 @@ def test_train_init_hf_refuses_a_spec_whose_model_differs(finished, tmp_path, ca
     text = str(e.value)
     assert "train.init.path" in text and "model.moe.top_k: spec has 1, checkpoint has 2" in text
     assert "model.rope_theta" in text
+    same = ["model.moe.layers={kind: list, layers: [0, 1]}", "model.moe.router.logits_precision=float32"]
+    spec = load_spec(spec_file, same).spec  # the same model written another way is accepted
+    assert init_from_hf(spec, build_model(spec))
     with pytest.raises(SpecError, match=r"no config\.json"):
         load_spec(spec_file, [f"train.init.path={tmp_path}"])
 
