@@ -192,7 +192,7 @@ def run(
     """Train `loaded` and track it. `callbacks` are extra Lightning callbacks (a sweep's pruner);
     `tags` are extra MLflow tags for a new run; `end_tags` maps a final MLflow status (FINISHED,
     FAILED, KILLED) to tags set just before the run is closed with it. A failure's message is
-    kept in the tag moeplat.error. `final_eval` runs train.eval's tasks (see _final_eval).
+    kept in the tag moeplat.error. `final_eval` runs train.eval's tasks (moeplat.train.final_eval).
 
     Several devices: every rank runs this function (started by Lightning's launcher, torchrun or
     srun); they share one run directory ($MOEPLAT_RUN_DIR, set here by rank 0 for the ranks it
@@ -239,6 +239,7 @@ def _run(
     from moeplat.compile.optim import build_optimizer, build_scheduler, build_update_schedule
     from moeplat.compile.upcycle import upcycle_from_spec
     from moeplat.train.callbacks import FiniteLoss, ResumeMetrics, Throughput
+    from moeplat.train.final_eval import run_final_eval
     from moeplat.train.interrupt import InterruptGuard
     from moeplat.train.plots import MoEPlots
     from moeplat.train.samples import samples_callback
@@ -293,7 +294,7 @@ def _run(
         if spec.tracking.enabled and spec.tracking.log_model:
             _log_model(trainer, system, tracked, loaded, run_dir)
         if spec.train.eval is not None:
-            _final_eval(trainer, loaded, datamodule, rank, final_eval)
+            run_final_eval(trainer, loaded, datamodule, rank, final_eval)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as e:
         # Lightning handles Ctrl-C itself, ignores SIGINT from then on and leaves with
@@ -336,33 +337,6 @@ def _run(
         val_bpb=system.last_val.get("val/bpb"),
         unigram_baseline_bpb=getattr(corpus, "unigram_baseline_bpb", None),
     )
-
-
-def _final_eval(trainer, loaded: LoadedSpec, datamodule, rank: int, final_eval) -> None:
-    """train.eval: downstream tasks on the final weights, logged as eval/<task>/<metric> at the last
-    step. Task evaluation lives in moeplat.evaluate, above train, so the caller passes it in as
-    `final_eval(loaded, model, tokenizer) -> metrics` (`moeplat run` does, a sweep trial does not).
-    A failure here is logged and leaves the trained run FINISHED: its weights are already saved."""
-    from moeplat.compile.model import build_model
-    from moeplat.train.model_artifact import PREFIX
-
-    state = trainer.strategy.lightning_module_state_dict()  # every rank: sharded strategies gather
-    if rank != 0:
-        return
-    if final_eval is None:
-        log.warning("train.eval is set, but this caller runs no tasks: use `moeplat eval RUN --tasks ...`")
-        return
-    model = build_model(loaded.spec)  # a plain copy: not compiled, not sharded, on one device
-    model.load_state_dict({k.removeprefix(PREFIX): v for k, v in state.items() if k.startswith(PREFIX)})
-    try:
-        metrics = final_eval(loaded, model.eval(), datamodule.tokenizer)
-    except Exception:
-        log.exception("train.eval failed (the run itself is complete)")
-        return
-    for key, value in metrics.items():
-        log.info("%s %.6g", key, value)
-    if trainer.logger:
-        trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def _save_tokenizer(datamodule, run_dir: Path, tracked) -> None:
