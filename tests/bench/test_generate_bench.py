@@ -34,6 +34,8 @@ def test_generation_bench_rows_and_ratios():
 def test_bench_cli_generation_section_json(capsys):
     argv = ["bench", "--no-layers", "--no-step", "--no-memory", "--no-data", "--gen-tokens", "3", "--json"]
     assert main(argv) == 0
-    g = json.loads(capsys.readouterr().out)["generate"]
-    assert g["new_tokens"] == 3 and g["max_seq_len"] == 512 and g["spec"] == "specs/quickstart.yaml"
-    assert len(g["rows"]) == 3 and g["cache_speedup"] > 0
+    short, long = json.loads(capsys.readouterr().out)["generate"]
+    assert (short["prompt_tokens"], long["prompt_tokens"]) == (32, 256)
+    for g in (short, long):
+        assert g["new_tokens"] == 3 and g["max_seq_len"] == 512 and g["spec"] == "specs/quickstart.yaml"
+        assert len(g["rows"]) == 3 and g["cache_speedup"] > 0
