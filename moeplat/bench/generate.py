@@ -26,7 +26,9 @@ def generation_bench(
     device: str = "cpu",
     hf: bool = True,
 ) -> dict:
-    """Seconds and tokens/s per candidate, the cache's speed-up and transformers' ratio."""
+    """Seconds and tokens/s per candidate, the cache's speed-up and transformers' ratio; the
+    model's max_seq_len is `max_seq_len`, or prompt + new tokens where that is more."""
+    max_seq_len = max(max_seq_len, prompt_tokens + new_tokens)
     spec = load_spec(spec_file, [f"model.max_seq_len={max_seq_len}"]).spec
     torch.manual_seed(0)
     model = build_model(spec).to(device).eval()

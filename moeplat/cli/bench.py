@@ -5,6 +5,7 @@ memory estimate vs the measured peak of a training step."""
 from __future__ import annotations
 
 import json
+import sys
 
 REFERENCE_SPEC = "specs/quickstart.yaml"
 # plan vs measured memory: the quick-start and every reference mini (globs, from the repo root)
@@ -93,6 +94,9 @@ def cmd_bench(args) -> int:
     from moeplat.bench.layer import GRIDS, bench_point
     from moeplat.bench.report import format_overhead, format_rows
 
+    if args.gen_tokens < 1:
+        print(f"error: --gen-tokens must be >= 1, got {args.gen_tokens}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     if args.no_layers:

@@ -39,3 +39,8 @@ def test_bench_cli_generation_section_json(capsys):
     for g in (short, long):
         assert g["new_tokens"] == 3 and g["max_seq_len"] == 512 and g["spec"] == "specs/quickstart.yaml"
         assert len(g["rows"]) == 3 and g["cache_speedup"] > 0
+
+
+def test_bench_gen_tokens_must_be_positive(capsys):
+    assert main(["bench", "--no-layers", "--no-step", "--no-memory", "--no-data", "--gen-tokens", "0"]) == 2
+    assert "--gen-tokens must be >= 1, got 0" in capsys.readouterr().err
