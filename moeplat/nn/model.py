@@ -16,6 +16,7 @@ from moeplat.nn.experts import DenseFFN, MLPExperts
 from moeplat.nn.kv_cache import KVCache, LayerKV
 from moeplat.nn.mla import MultiHeadLatentAttention
 from moeplat.nn.moe import MoELayer, MoEOutput, StepLoadArg
+from moeplat.nn.profiling import ATTENTION, phase
 from moeplat.nn.routers import Router
 
 
@@ -53,7 +54,9 @@ class Block(nn.Module):
         step_load (optional) too, for its global-batch balancing loss (MoELayer.forward); `cache`
         (decoding) to the attention, which then sees the cached tokens too."""
         a_BSD = self.attn_norm(x_BSD)
-        h_BSD = x_BSD + (self.attn(a_BSD) if cache is None else self.attn(a_BSD, cache=cache))
+        with phase(ATTENTION):  # a named range for moeplat bench's per-phase breakdown
+            a_BSD = self.attn(a_BSD) if cache is None else self.attn(a_BSD, cache=cache)
+        h_BSD = x_BSD + a_BSD
         # an MoELayer, or one sharded by moeplat.parallel (ExpertParallelMoE, same signature)
         if isinstance(self.ffn, MoELayer) or getattr(self.ffn, "shards_moe_layer", False):
             out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, step_load=step_load)

@@ -14,14 +14,17 @@ from moeplat.nn.experts import DenseFFN, MLPExperts
 from moeplat.nn.losses import (
     communication_balance_loss,
     device_balance_loss,
+    dynamic_loss,
     importance_loss,
     load_balancing_loss,
     load_loss,
+    null_balancing_loss,
     probability_variance_loss,
     routed_counts,
     router_z_loss,
     sequence_balance_loss,
 )
+from moeplat.nn.profiling import AUX_LOSSES, DISPATCH, EXPERTS, ROUTER, STATS, phase
 from moeplat.nn.routers import ReinforceRouter, Router, RouterOutput, TopKRouter
 from moeplat.nn.stats import RoutingStats, routing_stats
 
@@ -42,7 +45,7 @@ class MoEOutput:
     losses: dict[str, torch.Tensor]  # unweighted, detached: "load_balancing", "importance",
     #   "sequence_balance", "variance"; "device_balance", "communication_balance" (num_devices
     #   set); "z_loss" (routers with logits); "load" (noisy_topk in training); "reinforce"
-    #   (policy routers, once rewarded)
+    #   (policy routers, once rewarded); "dynamic" (its coefficient set)
     stats: RoutingStats  # detached routing statistics (moeplat.nn.stats)
     policy_logprob_T: torch.Tensor | None = None  # policy routers in training: awaits the reward
     # float32 [E] routed slots per expert before capacity drops, of the tokens the losses saw
@@ -83,6 +86,11 @@ class MoELayer(nn.Module):
     instead of adding them (DeepSpeed-MoE's Residual MoE, Rajbhandari et al. 2022, sec. 4.1.1:
     y = c_0 * routed + c_1 * shared, c = softmax(x W_c + b_c), W_c a D x 2 projection with bias).
 
+    `dynamic_coef` weights the dynamic loss of top-p routing, the router entropy (Huang et al.
+    2024; moeplat.nn.losses.dynamic_loss). With a router that has null experts (TopKRouter
+    null_experts, MoE++) the load-balancing loss is MoE++'s heterogeneous one over the real and null
+    experts, the null ones weighted by `null_balance_weight` (tau, MoE++ eq. 7), micro-batch scope.
+
     `balance_loss_scope` says over which tokens the load-balancing loss counts f_i:
     "micro_batch" (this forward's tokens), "sequence" (per sequence, averaged: the same function
     as sequence_balance, DeepSeek-V3 eq. 17-20) or "global_batch" (the optimizer step's tokens on
@@ -121,6 +129,8 @@ class MoELayer(nn.Module):
         dispatch: str = "sorted",
         activation: str = "swiglu",
         expert_dropout: float = 0.0,
+        dynamic_coef: float = 0.0,
+        null_balance_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if dispatch not in DISPATCHERS:
@@ -149,6 +159,7 @@ class MoELayer(nn.Module):
             "variance": variance_coef,
             "device_balance": device_balance_coef,
             "communication_balance": communication_balance_coef,
+            "dynamic": dynamic_coef,
         }
         if n_shared_experts < 0 or min(self.loss_coefs.values()) < 0:
             raise ValueError("n_shared_experts and the loss coefficients must be >= 0")
@@ -166,6 +177,13 @@ class MoELayer(nn.Module):
         if router.num_experts != num_experts:
             raise ValueError(f"router has {router.num_experts} experts, the layer {num_experts}")
         self.num_experts, self.top_k = num_experts, top_k
+        if getattr(router, "null_experts", 0) and balance_loss_scope != "micro_batch":
+            raise ValueError(
+                "a router with null experts balances per micro-batch: balance_loss_scope micro_batch"
+            )
+        if null_balance_weight <= 0:
+            raise ValueError(f"null_balance_weight must be > 0, got {null_balance_weight}")
+        self.null_balance_weight = null_balance_weight
         self.capacity_factor_train, self.capacity_factor_eval = capacity_factor_train, capacity_factor_eval
         self.min_capacity, self.drop_policy = min_capacity, drop_policy
         self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
@@ -218,14 +236,17 @@ class MoELayer(nn.Module):
         step_load: the optimizer step's expert frequencies for balance_loss_scope "global_batch"
         (f_E, or a function of this forward's routed counts [E], moeplat.nn.balance.StepLoad)."""
         x_TD = x.reshape(-1, x.shape[-1])
-        route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        keep_TK = self.keep_mask(route.topk_idx_TK, route.valid_TK, route.topk_weight_TK)
+        with phase(ROUTER):  # named ranges: moeplat bench's per-phase breakdown
+            route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+            keep_TK = self.keep_mask(route.topk_idx_TK, route.valid_TK, route.topk_weight_TK)
         sized = {"capacity": self.capacity(*keep_TK.shape)} if self.dispatch == "capacity" else {}
-        y_TD = DISPATCHERS[self.dispatch](
-            self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK, **sized
-        )
+        with phase(DISPATCH):
+            y_TD = DISPATCHERS[self.dispatch](
+                self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK, **sized
+            )
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
+            with phase(EXPERTS):  # shared experts are expert GEMMs too
+                shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x w_g) * shared(x), [T, 1] gate
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             if self.residual_coef is not None:  # DeepSpeed-MoE residual MoE: softmax mix, [T, 2]
@@ -234,11 +255,19 @@ class MoELayer(nn.Module):
             else:
                 y_TD = y_TD + shared_TD
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
-        aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load)
-        stats = routing_stats(
-            route.probs_TE, route.topk_idx_TK, keep_TK, self.num_experts, route.valid_TK, route.bias_E
-        )
-        routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
+        with phase(AUX_LOSSES):
+            aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load)
+        with phase(STATS):
+            stats = routing_stats(
+                route.probs_TE,
+                route.topk_idx_TK,
+                keep_TK,
+                self.num_experts,
+                route.valid_TK,
+                route.bias_E,
+                route.null_slots(self.num_experts),
+            )
+            routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
         return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T, routed_E)
 
     def _losses(
@@ -259,6 +288,8 @@ class MoELayer(nn.Module):
             "sequence_balance": sequence_balance,
         }
         values["variance"] = probability_variance_loss(route.probs_TE)
+        if self.loss_coefs["dynamic"]:
+            values["dynamic"] = dynamic_loss(route.probs_TE)
         if self.num_devices:
             D, M = self.num_devices, self.max_devices
             values["device_balance"] = device_balance_loss(route.probs_TE, idx_TK, D, valid_TK)
@@ -282,6 +313,10 @@ class MoELayer(nn.Module):
         E, idx_TK, valid_TK = self.num_experts, route.topk_idx_TK, route.valid_TK
         if self.balance_loss_scope == "sequence":  # f_i and P_i per sequence, averaged
             return sequence_balance
+        if route.null is not None:  # MoE++ eq. 7 over the real and the null experts
+            return null_balancing_loss(
+                route.null.probs_TX, route.null.topk_idx_TK, E, self.null_balance_weight
+            )
         load_E = None
         if self.balance_loss_scope == "global_batch" and step_load is not None:
             load_E = (
