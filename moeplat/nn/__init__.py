@@ -39,6 +39,7 @@ from moeplat.nn.routers import (
     SinkhornRouter,
     SwitchRouter,
     TopKRouter,
+    TopPRouter,
 )
 from moeplat.nn.stats import RoutingStats, moe_metrics, routing_stats
 
@@ -68,6 +69,7 @@ __all__ = [
     "SwiGLUExperts",
     "SwitchRouter",
     "TopKRouter",
+    "TopPRouter",
     "TransformerLM",
     "apply_rope",
     "capacity_keep_mask",

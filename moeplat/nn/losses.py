@@ -194,3 +194,35 @@ def communication_balance_loss(
     f_D = num_devices / (max_devices * T) * on_device_TD.float().sum(dim=0)
     P_D = probs_TE.float().mean(dim=0).reshape(num_devices, -1).sum(dim=1)
     return (f_D * P_D).sum()
+
+
+def dynamic_loss(probs_TE: torch.Tensor) -> torch.Tensor:
+    """The dynamic loss of top-p routing (Huang et al. 2024): the mean over tokens of the entropy
+    of the router distribution, L_d = -sum_i P_i log P_i (0 log 0 = 0). Minimising it sharpens the
+    distributions, so top-p needs fewer experts to reach p. Differentiable. Hand check: one token
+    with probs [.5, .5] -> ln 2 ~= 0.6931; a one-hot token -> 0."""
+    return torch.special.entr(probs_TE.float()).sum(dim=-1).mean()
+
+
+def null_balancing_loss(
+    probs_TX: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, null_weight: float
+) -> torch.Tensor:
+    """MoE++'s heterogeneous load balance loss (Jin et al. 2024, eq. 7) over E real experts and
+    N = X - E zero-computation experts (ids >= E), scaled as the Switch loss here:
+
+        loss  = X * sum_i eta_i * f_i * P_i,   eta_i = 1 (real expert) or tau = null_weight (null)
+        f_i   = (slots routed to expert i) / (T * K)      -- counts, no gradient
+        P_i   = (1/T) * sum_t probs_TX[t, i]             -- differentiable
+
+    MoE++ writes f_i per token (sum_i f_i = K) without the factor X: this is eq. 7 times X / K, so
+    at tau = 1 it is load_balancing_loss over all X experts (1.0 at balance). tau < 1 makes null
+    slots cheaper, so more tokens go to null experts (MoE++ Table 1: a real-expert share of
+    tau E / (tau E + N) at balance). Hand check: E=1, N=1, tau=.5, T=2, K=1, slots [0, 1],
+    probs [[.75, .25], [.25, .75]] -> f = [.5, .5], P = [.5, .5] -> 2 * (.25 + .5 * .25) = 0.75.
+    """
+    dtype = torch.promote_types(probs_TX.dtype, torch.float32)
+    X = probs_TX.shape[1]
+    f_X = expert_load(topk_idx_TK, X).to(dtype)
+    eta_X = torch.ones(X, dtype=dtype, device=probs_TX.device)
+    eta_X[num_experts:] = null_weight
+    return X * (eta_X * f_X * probs_TX.to(dtype).mean(dim=0)).sum()

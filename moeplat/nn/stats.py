@@ -14,7 +14,15 @@ import torch
 from moeplat.nn.losses import expert_load
 
 # Scalar statistics, in the order they are logged; each is also averaged over layers (moe/all/...).
-SCALARS = ("maxvio", "load_cv", "router_entropy", "dead_frac", "dropped_frac", "unrouted_frac")
+SCALARS = (
+    "maxvio",
+    "load_cv",
+    "router_entropy",
+    "dead_frac",
+    "dropped_frac",
+    "unrouted_frac",
+    "experts_per_token",
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,12 @@ class RoutingStats:
     maxvio: torch.Tensor  # max(load) / mean(load) - 1 (Wang et al. 2024, aux-loss-free balancing)
     router_entropy: torch.Tensor  # mean over tokens of -sum_e p log p of probs_TE, in nats
     dead_frac: torch.Tensor  # fraction of experts routed no token in this batch
+    # mean over tokens of the (real) experts computed for it: top_k for a dropless top-k router,
+    # fewer with top-p, null experts, expert choice, GShard's skipped slots or capacity drops
+    experts_per_token: torch.Tensor
     bias_E: torch.Tensor | None = None  # aux-loss-free selection bias (sigmoid_bias), else None
+    null_frac: torch.Tensor | None = None  # routed slots that went to a null expert / all; None
+    #                                        for routers without null experts (MoE++)
 
 
 def routing_stats(
@@ -38,8 +51,10 @@ def routing_stats(
     num_experts: int,
     valid_TK: torch.Tensor | None = None,
     bias_E: torch.Tensor | None = None,
+    null_TK: torch.Tensor | None = None,
 ) -> RoutingStats:
-    """Statistics of one routing decision; `valid_TK` = routed slots (None: all), `keep_TK` = computed."""
+    """Statistics of one routing decision; `valid_TK` = routed slots (None: all), `keep_TK` =
+    computed, `null_TK` = the slots a router with null experts sent to one (they are not valid)."""
     with torch.no_grad():
         valid_TK = torch.ones_like(keep_TK) if valid_TK is None else valid_TK
         load_E = expert_load(topk_idx_TK, num_experts, valid_TK)
@@ -54,7 +69,9 @@ def routing_stats(
             maxvio=load_E.max() / mean - 1,
             router_entropy=torch.special.entr(probs_TE.float()).sum(dim=-1).mean(),
             dead_frac=(load_E == 0).float().mean(),
+            experts_per_token=keep_TK.sum(dim=1).float().mean(),
             bias_E=bias_E,
+            null_frac=None if null_TK is None else null_TK.float().mean(),
         )
 
 
@@ -77,7 +94,7 @@ def world_stats(
     """Each layer's statistics over every data-parallel rank's tokens, from each rank's own, where
     `mean(t)` is the mean of `t` over the ranks (a collective: every rank calls it, once per call
     here). Ranks hold equal-sized shards, so the load fractions, drop and unrouted fractions, router
-    entropy and losses of the whole batch are the means of the ranks'; load_cv, maxvio and
+    entropy, experts per token, null fraction and losses of the whole batch are the means of the ranks'; load_cv, maxvio and
     dead_frac are recomputed from that load (a mean of the ranks' maxvio is not the batch's)."""
     layers = sorted(outputs)
     if not layers:
@@ -85,18 +102,17 @@ def world_stats(
     parts = []
     for layer in layers:
         s, losses = outputs[layer].stats, outputs[layer].losses
-        scalars = [s.dropped_frac, s.unrouted_frac, s.router_entropy, *(losses[k] for k in sorted(losses))]
+        scalars = [s.dropped_frac, s.unrouted_frac, s.router_entropy, s.experts_per_token]
+        scalars += [*([] if s.null_frac is None else [s.null_frac]), *(losses[k] for k in sorted(losses))]
         parts += [s.load_E.float(), torch.stack([v.float() for v in scalars])]
     flat = mean(torch.cat(parts))
     out, at = {}, 0
     for layer in layers:
         s, names = outputs[layer].stats, sorted(outputs[layer].losses)
-        E = s.load_E.numel()
-        load_E, (dropped, unrouted, entropy, *loss_values) = (
-            flat[at : at + E],
-            flat[at + E : at + E + 3 + len(names)],
-        )
-        at += E + 3 + len(names)
+        E, n = s.load_E.numel(), 4 + (s.null_frac is not None) + len(names)
+        load_E, (dropped, unrouted, entropy, per_token, *rest) = flat[at : at + E], flat[at + E : at + E + n]
+        at += E + n
+        null_frac, loss_values = (None, rest) if s.null_frac is None else (rest[0], rest[1:])
         mean_load = load_E.mean().clamp_min(1e-12)
         stats = replace(
             s,
@@ -104,6 +120,8 @@ def world_stats(
             dropped_frac=dropped,
             unrouted_frac=unrouted,
             router_entropy=entropy,
+            experts_per_token=per_token,
+            null_frac=null_frac,
             load_cv=load_E.std(correction=0) / mean_load,
             maxvio=load_E.max() / mean_load - 1,
             dead_frac=(load_E == 0).float().mean(),
@@ -116,7 +134,8 @@ def moe_metrics(outputs: Mapping[int, _HasStats]) -> dict[str, float]:
     """Flat metrics of the MoE layers' outputs (layer index -> MoEOutput), as the training loop logs them:
 
     moe/layerNN/{load/eXX, bias/eXX, maxvio, load_cv, router_entropy, dead_frac, dropped_frac,
-    unrouted_frac, <each unweighted loss>} and moe/all/<each scalar and loss> = mean over layers.
+    unrouted_frac, experts_per_token, null_frac (null experts only), <each unweighted loss>} and
+    moe/all/<each scalar and loss> = mean over layers.
     """
     metrics: dict[str, float] = {}
     per_name: dict[str, list[float]] = {}
@@ -128,6 +147,8 @@ def moe_metrics(outputs: Mapping[int, _HasStats]) -> dict[str, float]:
             for e, b in enumerate(s.bias_E.tolist()):
                 metrics[f"{p}/bias/e{e:02d}"] = b
         scalars = {name: float(getattr(s, name)) for name in SCALARS}
+        if s.null_frac is not None:
+            scalars["null_frac"] = float(s.null_frac)
         scalars.update({name: float(value) for name, value in out.losses.items()})
         for name, value in scalars.items():
             metrics[f"{p}/{name}"] = value

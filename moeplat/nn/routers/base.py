@@ -29,6 +29,22 @@ class RouterOutput:
     logprob_T: torch.Tensor | None = None  # policy routers in training: log-prob of the sampled choice
     load_prob_TE: torch.Tensor | None = None  # noisy top-k in training: P(expert in top-k), Shazeer eq. 9
     bias_E: torch.Tensor | None = None  # aux-loss-free selection bias (detached copy)
+    null: NullRoute | None = None  # routers with zero-computation experts: the choice over all
+
+    def null_slots(self, num_experts: int) -> torch.Tensor | None:
+        """bool [T, K]: the slots sent to a null expert; None for a router without null experts."""
+        return None if self.null is None else self.null.topk_idx_TK >= num_experts
+
+
+@dataclass(frozen=True)
+class NullRoute:
+    """The routing decision over the E real and N zero-computation ("null") experts (MoE++, Jin
+    et al. 2024), of which RouterOutput keeps the real part: slots that went to a null expert are
+    invalid there (never computed, weight 0) and probs_TE is renormalised over the real experts.
+    The heterogeneous balancing loss (moeplat.nn.losses.null_balancing_loss) reads this."""
+
+    probs_TX: torch.Tensor  # float32 softmax over the X = E + N experts, real ones first
+    topk_idx_TK: torch.Tensor  # int64 ids in [0, X): >= E is a null expert
 
 
 class Router(nn.Module):
@@ -147,3 +163,30 @@ def chosen_weights(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, normalize
     """Scores of the chosen experts, optionally rescaled to sum to 1 per token (Mixtral)."""
     weight_TK = scores_TE.gather(1, topk_idx_TK)
     return weight_TK / weight_TK.sum(dim=-1, keepdim=True) if normalize else weight_TK
+
+
+def without_null_experts(
+    logits_TX: torch.Tensor,
+    probs_TX: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    weight_TK: torch.Tensor,
+    num_experts: int,
+) -> RouterOutput:
+    """The real-expert part of a choice over E real + N null experts (ids >= E are null).
+
+    A null slot is invalid (so no dispatcher, capacity queue or load count sees it) with weight 0
+    (a zero expert's output is 0 whatever its weight, MoE++ eq. 3). probs_TE is the real columns
+    renormalised, so the losses and statistics that read it balance the real experts among
+    themselves; the logits keep all X columns (the z-loss bounds the whole softmax's normaliser).
+    """
+    null_TK = topk_idx_TK >= num_experts
+    probs_TE = probs_TX[:, :num_experts]
+    probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
+    return RouterOutput(
+        logits_TX,
+        probs_TE,
+        topk_idx_TK.masked_fill(null_TK, 0),
+        weight_TK.masked_fill(null_TK, 0.0),
+        valid_TK=~null_TK,
+        null=NullRoute(probs_TX, topk_idx_TK),
+    )

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeplat.nn.routers.base import LinearRouter, RouterOutput, chosen_weights
+from moeplat.nn.routers.base import LinearRouter, RouterOutput, chosen_weights, without_null_experts
 
 
 class TopKRouter(LinearRouter):
@@ -17,22 +17,44 @@ class TopKRouter(LinearRouter):
     `normalize=True` rescales the K chosen probabilities to sum to 1 (Mixtral, Jiang et al. 2024);
     `normalize=False` keeps the raw softmax probabilities (Switch, Fedus et al. 2021 eq. 1-2;
     Qwen1.5-MoE), so a token's routed output is damped when the router is unsure.
+
+    `null_experts` N > 0 adds N zero experts (MoE++, Jin et al. 2024, eq. 3: E_zero(x) = 0): the
+    router scores X = E + N experts (an [X, D] weight), and the softmax, the top-k and the weights
+    are those of this router over X experts (MoE++ eq. 1 is normalize=False). A slot that goes to a
+    null expert adds zero, so it is returned invalid (moeplat.nn.routers.base.without_null_experts):
+    never dispatched, no FLOPs, no capacity; a token with all K slots null gets the residual only.
+    MoE++'s copy (E(x) = x) and constant (a1 x + a2 v) experts, its gating residuals (eq. 6) and
+    per-kind capacity (eq. 8) are not implemented; its balancing loss is losses.null_balancing_loss.
+    `num_experts` stays E, the real experts the layer computes.
     """
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, normalize: bool = True, **options) -> None:
-        super().__init__(d_model, num_experts, top_k, **options)
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        normalize: bool = True,
+        null_experts: int = 0,
+        **options,
+    ) -> None:
+        if null_experts < 0:
+            raise ValueError(f"null_experts must be >= 0, got {null_experts}")
+        super().__init__(d_model, num_experts + null_experts, top_k, **options)
+        self.num_experts, self.null_experts = num_experts, null_experts
         self.normalize = normalize
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
-        logits_TE = self.logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
-        topk_idx_TK = probs_TE.topk(self.top_k, dim=-1).indices
-        return RouterOutput(
-            logits_TE, probs_TE, topk_idx_TK, chosen_weights(probs_TE, topk_idx_TK, self.normalize)
-        )
+        logits_TX = self.logits(x_TD)  # X = E + null_experts columns (X = E without null experts)
+        probs_TX = logits_TX.softmax(dim=-1)
+        topk_idx_TK = probs_TX.topk(self.top_k, dim=-1).indices
+        weight_TK = chosen_weights(probs_TX, topk_idx_TK, self.normalize)
+        if self.null_experts:
+            return without_null_experts(logits_TX, probs_TX, topk_idx_TK, weight_TK, self.num_experts)
+        return RouterOutput(logits_TX, probs_TX, topk_idx_TK, weight_TK)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, normalize={self.normalize}"
+        nulls = f", null_experts={self.null_experts}" if self.null_experts else ""
+        return f"{super().extra_repr()}, normalize={self.normalize}{nulls}"
 
 
 class SwitchRouter(TopKRouter):
