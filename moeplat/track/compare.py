@@ -24,6 +24,8 @@ KEY_METRICS: tuple[tuple[str, str, str], ...] = (
     ("data/bytes_per_token", "data/bytes_per_token", "last"),
     ("moe/all/maxvio (last)", "moe/all/maxvio", "last"),
     ("moe/all/dropped_frac (last)", "moe/all/dropped_frac", "last"),
+    # expert specialisation by validation source, bits (a mixture's runs; moeplat.train.specialization)
+    ("moe/specialization (last)", "moe/specialization", "last"),
     ("perf/tokens_per_s (last)", "perf/tokens_per_s", "last"),
     ("perf/wall_s", "perf/wall_s", "last"),
     ("last logged step", "*", "steps"),
@@ -32,6 +34,8 @@ CURVES = ("train/loss", "val/loss")
 EVAL_PREFIX = "eval/"
 _STDERR = re.compile(r"_stderr(/|$)")
 _LOAD = re.compile(r"^moe/layer(\d+)/load/e(\d+)$")
+_SPECIALIZATION = re.compile(r"^moe/layer\d+/specialization$")
+MAX_LAYER_ROWS = 8  # per-layer specialisation rows only while the table stays short
 
 
 class CompareError(ValueError):
@@ -186,7 +190,7 @@ def _summary(r: RunData, key: str, how: str) -> float | None:
 
 def key_metrics(runs: list[RunData]) -> dict[str, list[float | None]]:
     rows = {label: [_summary(r, key, how) for r in runs] for label, key, how in KEY_METRICS}
-    rows |= {key: [r.metrics.get(key) for r in runs] for key in eval_keys(runs)}
+    rows |= {key: [r.metrics.get(key) for r in runs] for key in specialization_keys(runs) + eval_keys(runs)}
     return {label: v for label, v in rows.items() if any(x is not None for x in v)}
 
 
@@ -195,6 +199,13 @@ def eval_keys(runs: list[RunData]) -> list[str]:
     the runs has, sorted; their standard errors are left to the JSON of the runs themselves."""
     keys = {k for r in runs for k in r.metrics if k.startswith(EVAL_PREFIX)}
     return sorted(k for k in keys if not _STDERR.search(k))
+
+
+def specialization_keys(runs: list[RunData]) -> list[str]:
+    """moe/layerNN/specialization of any of the runs, sorted; none past MAX_LAYER_ROWS layers
+    (the mean, moe/specialization, is a row of its own)."""
+    keys = sorted({k for r in runs for k in r.metrics if _SPECIALIZATION.match(k)})
+    return keys if len(keys) <= MAX_LAYER_ROWS else []
 
 
 def compare(

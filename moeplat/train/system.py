@@ -19,6 +19,7 @@ from torch import nn
 from moeplat.compile.optim import UpdateSchedule, count_trainable, partition
 from moeplat.nn.balance import StepLoad, count_step_load
 from moeplat.nn.stats import moe_metrics, world_stats
+from moeplat.train.specialization import SourceLoad, SourceRouting, source_load, specialization_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class LMSystem(L.LightningModule):
         self.trainable_params: int | None = None
         self.last_val: dict[str, float] = {}
         self._val_sums: dict[int, list[float]] = {}  # validation set -> [loss nats, tokens, bytes]
+        self._routing = SourceRouting()  # routed counts per validation set and MoE layer
+        # the last validation's expert load per source (several sources), read by MoEPlots
+        self.val_source_load: SourceLoad | None = None
         self._step_load: dict[int, torch.Tensor] = {}  # layer -> routed load summed over this step
         # global-batch load balancing with accumulation: this step's expert frequencies, counted
         # by the routing pre-pass at its first micro-batch (moeplat.nn.balance)
@@ -160,6 +164,7 @@ class LMSystem(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
+        self._routing = SourceRouting()
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         """Sums, per validation set (a mixture's source), of loss in nats, scored tokens and the
@@ -169,9 +174,15 @@ class LMSystem(L.LightningModule):
         scored_BS = y_BS != -100
         n = int(scored_BS.sum())
         if n == 0:  # a batch of padding only: the forward still runs for collectives (EP)
-            self.model(x_BS, None)
+            self._routing.add(dataloader_idx, self.model(x_BS, None).moe, scored=False)
             return
+        rows_B = scored_BS.any(dim=1)
+        if self.expert_shards == 1 and not rows_B.all():
+            # padding sequences score nothing, but routed they would count as the source's tokens
+            # in the expert load per source; under EP every rank routes its whole batch (all-to-all)
+            x_BS, y_BS, scored_BS = x_BS[rows_B], y_BS[rows_B], scored_BS[rows_B]
         out = self.model(x_BS, y_BS)
+        self._routing.add(dataloader_idx, out.moe)
         sums = self._val_sums.setdefault(dataloader_idx, [0.0, 0.0, 0.0])
         sums[0] += float(out.loss) * n
         sums[1] += n
@@ -203,6 +214,7 @@ class LMSystem(L.LightningModule):
             for name, sums in zip(names, sums_S3):
                 if sums[1] > 0:
                     metrics.update(_val_metrics(f"val/{name}", sums))
+            metrics.update(self._specialization(names))
         self.last_val = {**metrics, "step": self.global_step}
         if not self.trainer.sanity_checking:
             # already the whole world's numbers; sync_dist averages equal values (and tells
@@ -212,6 +224,23 @@ class LMSystem(L.LightningModule):
             for key, value in metrics.items():
                 if key != "val/loss":
                     self.log(key, value, sync_dist=sync)
+
+    def _specialization(self, names: list[str]) -> dict[str, float]:
+        """moe/specialization and per layer (moeplat.train.specialization) over the whole world's
+        validation tokens; keeps the counts for the heatmap (not at the sanity check)."""
+        if len(names) < 2:
+            return {}
+        reduce = None
+        over_world = any(getattr(m, "losses_over_world", False) for m in self.model.modules())
+        if self._trainer is not None and self.trainer.world_size > 1 and not over_world:
+            reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
+        found = self._routing.counts(len(names), reduce)
+        if found is None:  # a dense model
+            return {}
+        layers, counts_SLE = found
+        if not self.trainer.sanity_checking:
+            self.val_source_load = source_load(self.global_step, names, layers, counts_SLE)
+        return specialization_metrics(names, layers, counts_SLE)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Dropout and any stochastic routing draw from these: a resumed run continues the streams.
