@@ -106,8 +106,14 @@ function evalKeys(runs: RunSummary[]): string[] {
   return [...keys].sort();
 }
 
+// expert specialisation by validation source, in bits (runs validated on a mixture; docs/tracking.md):
+// a column only when some shown run logged it
+function specializationKeys(runs: RunSummary[]): string[] {
+  return runs.some((r) => r.metrics?.["moe/specialization"] !== undefined) ? ["moe/specialization"] : [];
+}
+
 function runsTable(runs: RunSummary[], total: number): HTMLElement {
-  const metrics = [...CURVE_KEYS, ...evalKeys(runs)];
+  const metrics = [...CURVE_KEYS, ...specializationKeys(runs), ...evalKeys(runs)];
   return h(
     "div",
     {},
