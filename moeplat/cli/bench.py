@@ -1,6 +1,7 @@
 """`moeplat bench`: MoE layer speed and memory vs its dense equivalent and transformers, the
-training loop's overhead vs a plain loop, `moeplat validate`'s wall time, and `moeplat plan`'s
-memory estimate vs the measured peak of a training step."""
+whole training step end to end (MoE vs dense vs transformers, and its phases), the training
+loop's overhead vs a plain loop, `moeplat validate`'s wall time, and `moeplat plan`'s memory
+estimate vs the measured peak of a training step."""
 
 from __future__ import annotations
 
@@ -62,6 +63,27 @@ def add_commands(sub) -> None:
         metavar="N",
         help="new tokens per generation figure (default 256)",
     )
+    p.add_argument(
+        "--no-e2e",
+        action="store_true",
+        help="skip the end-to-end step (moeplat MoE vs dense vs transformers, and its phases)",
+    )
+    p.add_argument(
+        "--e2e-spec", default=REFERENCE_SPEC, metavar="FILE", help="model of the end-to-end section"
+    )
+    p.add_argument(
+        "--e2e-dense-spec",
+        metavar="FILE",
+        help="its dense counterpart (default: quickstart-dense.yaml for the quick-start, else derived: "
+        "each MoE layer -> one FFN of hidden top_k * d_ff)",
+    )
+    p.add_argument("--e2e-rounds", type=int, default=5, metavar="N", help="interleaved rounds (median)")
+    p.add_argument("--e2e-steps", type=int, default=3, metavar="N", help="steps per candidate and round")
+    p.add_argument(
+        "--e2e-compile",
+        action="store_true",
+        help="add torch.compile of the moeplat MoE step (compiling takes minutes on 2 CPU cores)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON to FILE (the tables still print)")
     p.set_defaults(fn=cmd_bench)
@@ -94,9 +116,14 @@ def cmd_bench(args) -> int:
     from moeplat.bench.layer import GRIDS, bench_point
     from moeplat.bench.report import format_overhead, format_rows
 
-    if args.gen_tokens < 1:
-        print(f"error: --gen-tokens must be >= 1, got {args.gen_tokens}", file=sys.stderr)
-        return 2
+    for flag, value in (
+        ("--gen-tokens", args.gen_tokens),
+        ("--e2e-rounds", args.e2e_rounds),
+        ("--e2e-steps", args.e2e_steps),
+    ):
+        if value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     if args.no_layers:
@@ -117,6 +144,8 @@ def cmd_bench(args) -> int:
                 )
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
     result["layers"] = [r.to_dict() for r in rows]
+    if not args.no_e2e:
+        result["e2e"] = _e2e(args, device)
     if not args.no_step:
         from moeplat.bench.step import step_overhead, validate_wall_s
 
@@ -149,6 +178,17 @@ def cmd_bench(args) -> int:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2, default=float)
     return 0
+
+
+def _e2e(args, device) -> dict:
+    """The whole training step of the MoE model vs its dense counterpart and transformers."""
+    from moeplat.bench.e2e import e2e_bench, format_e2e
+
+    kw = {"rounds": args.e2e_rounds, "steps": args.e2e_steps, "compiled": args.e2e_compile}
+    result = e2e_bench(args.e2e_spec, args.e2e_dense_spec, device=str(device), **kw)
+    if not args.json:
+        print(format_e2e(result), flush=True)
+    return result
 
 
 def _memory(args, device) -> list[dict]:

@@ -17,6 +17,14 @@ from moeplat.nn import MoELayer, TopKRouter
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
+def all_experts_implementations() -> list[str]:
+    """Every experts implementation the installed transformers has: eager and each registered
+    kernel (transformers 5: batched_mm, grouped_mm, and the CUDA-only deepgemm and sonicmoe)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]
+
+
 def peer_family(layer: MoELayer) -> str | None:
     """The transformers family whose block has this layer's structure: Mixtral (no shared experts)
     or Qwen2-MoE (one gated shared expert), both softmax top-k; None for anything else."""

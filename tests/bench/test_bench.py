@@ -25,6 +25,7 @@ QUICK = [
     "--no-step",
     "--no-data",
     "--no-generate",
+    "--no-e2e",
 ]
 MOEPLAT = {"moeplat:loop", "moeplat:sorted", "moeplat:capacity"}
 

@@ -72,7 +72,7 @@ def test_bench_cli_data_section_json(tmp_path, capsys, monkeypatch):
         return real(spec, **{**kw, "rss": False}, max_bytes=MiB // 2, wait_tokens=2 * MiB)
 
     monkeypatch.setattr(bench_data, "data_bench", small)
-    argv = ["bench", "--no-layers", "--no-step", "--no-memory", "--no-generate", "--json"]
+    argv = ["bench", "--no-layers", "--no-step", "--no-memory", "--no-generate", "--no-e2e", "--json"]
     argv += ["--step-spec", str(TINY)]
     assert main([*argv, "--data-tokens", "0"]) == 0
     data = json.loads(capsys.readouterr().out)["data"]

@@ -32,7 +32,17 @@ def test_generation_bench_rows_and_ratios():
 
 
 def test_bench_cli_generation_section_json(capsys):
-    argv = ["bench", "--no-layers", "--no-step", "--no-memory", "--no-data", "--gen-tokens", "3", "--json"]
+    argv = [
+        "bench",
+        "--no-layers",
+        "--no-step",
+        "--no-memory",
+        "--no-data",
+        "--no-e2e",
+        "--gen-tokens",
+        "3",
+        "--json",
+    ]
     assert main(argv) == 0
     short, long = json.loads(capsys.readouterr().out)["generate"]
     assert (short["prompt_tokens"], long["prompt_tokens"]) == (32, 256)

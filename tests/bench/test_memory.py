@@ -113,7 +113,16 @@ def test_plan_within_25_percent_of_the_measured_step_peak(spec_file, overrides):
 
 
 def test_bench_memory_section(capsys):
-    argv = ["bench", "--no-layers", "--no-step", "--no-data", "--no-generate", "--memory-spec", str(TINY)]
+    argv = [
+        "bench",
+        "--no-layers",
+        "--no-step",
+        "--no-data",
+        "--no-generate",
+        "--no-e2e",
+        "--memory-spec",
+        str(TINY),
+    ]
     assert main([*argv, "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["memory"]
     assert row["spec"] == "tiny" and row["ratio"] == pytest.approx(
