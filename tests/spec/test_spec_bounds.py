@@ -48,6 +48,7 @@ UNPLACED = {
     "HfInit": "needs a transformers checkpoint directory (its numbers, noise and seed, are UpcycleInit's too)",
     "TextFilesSource": "needs text files (its only number, max_bytes, is PythonStdlibSource's too)",
     "HfDatasetSource": "needs dataset files (its only number, max_bytes, is PythonStdlibSource's too)",
+    "SamplesSpec": "needs prompts (text); its bounds are probed in tests/train/test_samples.py",
 }
 
 

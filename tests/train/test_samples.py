@@ -66,3 +66,26 @@ def test_empty_prompts_are_refused_by_validation():
         load_spec(TINY, ['train.samples={prompts: ["a", ""]}'])
     with pytest.raises(SpecError, match=r"train.samples.prompts"):
         load_spec(TINY, ["train.samples={prompts: []}"])
+
+
+@pytest.mark.parametrize(
+    ("field", "inside", "outside"),
+    [
+        ("max_new_tokens", 1, 0),
+        ("temperature", 0.0, -1e-6),
+        ("top_k", 1, 0),
+        ("top_p", 1e-6, 0.0),
+        ("seed", 0, -1),
+    ],
+)
+def test_the_numbers_of_train_samples_are_bounded(field, inside, outside):
+    """The bound probe of tests/spec/test_spec_bounds.py cannot place train.samples (prompts are
+    text): its numbers are probed here, at and just past each bound."""
+    ok = load_spec(TINY, [f"train.samples={{prompts: [a], {field}: {inside}}}"])
+    assert getattr(ok.spec.train.samples, field) == inside
+    with pytest.raises(SpecError, match=rf"train\.samples\.{field}"):
+        load_spec(TINY, [f"train.samples={{prompts: [a], {field}: {outside}}}"])
+    if field == "top_p":
+        assert load_spec(TINY, ["train.samples={prompts: [a], top_p: 1.0}"]).spec.train.samples.top_p == 1.0
+        with pytest.raises(SpecError, match=r"train\.samples\.top_p"):
+            load_spec(TINY, ["train.samples={prompts: [a], top_p: 1.000001}"])
