@@ -173,12 +173,11 @@ def _one(model, ids, index, max_new_tokens, sampling, use_cache, eos_id, on_toke
     """One prompt: (new ids, stopped at eos). With the cache, the prompt is one prefill forward
     and each later step a forward of one token; without it, every step reruns the whole prefix."""
     device = next(model.parameters()).device
-    seq_1S = torch.tensor([ids], dtype=torch.long, device=device)
+    seq_1S = torch.tensor([ids], dtype=torch.long, device=device)  # the next forward's input
     cache = KVCache(model.n_layers, len(ids) + max_new_tokens) if use_cache else None
     new: list[int] = []
-    step_in_1S = seq_1S
     for _ in range(max_new_tokens):
-        logits_1SV = model(step_in_1S, cache=cache).logits_BSV
+        logits_1SV = model(seq_1S, cache=cache).logits_BSV
         token = next_token(logits_1SV[0, -1], *sampling)
         if token == eos_id:
             return new, True
@@ -186,6 +185,5 @@ def _one(model, ids, index, max_new_tokens, sampling, use_cache, eos_id, on_toke
         if on_token is not None:
             on_token(index, token)
         token_11 = torch.tensor([[token]], dtype=torch.long, device=device)
-        seq_1S = torch.cat([seq_1S, token_11], dim=1)
-        step_in_1S = token_11 if use_cache else seq_1S
+        seq_1S = token_11 if use_cache else torch.cat([seq_1S, token_11], dim=1)  # the next input
     return new, False
