@@ -43,21 +43,21 @@ def render_specialization(
     vmax = max(float(s.max()) for s in shares) or 1.0
     E, cols = counts_SLE.shape[2], min(2, len(layers))
     rows = -(-len(layers) // cols)
-    panel_w, panel_h = max(4.0, 0.3 * E + 2.0), max(1.6, 0.35 * len(names) + 1.1)
+    panel_w, panel_h = max(4.0, 0.3 * E + 2.0), max(2.2, 0.35 * len(names) + 1.2)
     size = (panel_w * cols + 1.2, panel_h * rows + 0.8)
     fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
     for ax in axes.flat[len(layers) :]:
         ax.axis("off")
     for ax, layer, share_SE in zip(axes.flat, layers, shares, strict=False):
         im = ax.imshow(share_SE, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"MoE layer {layer}: JSD = {scores[layer]:.3f} bits", fontsize="medium")
+        ax.set_title(f"MoE layer {layer}: JSD = {scores[layer]:.3g} bits", fontsize="medium")
         ax.set_yticks(range(len(names)), names)
         ticks = range(0, E, max(1, E // 16))  # at most ~16 labels
         ax.set_xticks(list(ticks), [str(t) for t in ticks])
         ax.set_xlabel("expert")
     mean = sum(scores.values()) / max(1, len(scores))
-    fig.suptitle(f"Expert load by validation source at step {step} (mean specialisation {mean:.3f} bits)")
-    fig.colorbar(im, ax=axes.ravel().tolist(), label=f"share of the source's routed slots (uniform = 1/{E})")
+    fig.suptitle(f"Expert load by validation source after {step} steps (mean specialisation {mean:.3g} bits)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label=f"share of the source's slots (even: 1/{E})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILE
