@@ -27,7 +27,9 @@ def build_router(moe: MoESpec, shape: LayerShape, d_model: int, vocab_size: int 
     opts = {"jitter_eps": r.jitter_eps, "logit_softcap": r.logit_softcap, "dropout": r.dropout}
     opts["logits_precision"] = r.logits_precision
     if isinstance(r, rs.TopKRouter):
-        return mnn.TopKRouter(d_model, E, K, normalize=r.normalize, **opts)
+        return mnn.TopKRouter(d_model, E, K, normalize=r.normalize, null_experts=r.null_experts, **opts)
+    if isinstance(r, rs.TopPRouter):
+        return mnn.TopPRouter(d_model, E, K, p=r.p, normalize=r.normalize, **opts)
     if isinstance(r, rs.SwitchRouter):
         return mnn.SwitchRouter(d_model, E, **opts)
     if isinstance(r, rs.NoisyTopKRouter):
@@ -83,6 +85,8 @@ def build_moe_layer(
         variance_coef=_coef(moe.losses.variance),
         device_balance_coef=_coef(moe.losses.device_balance),
         communication_balance_coef=_coef(moe.losses.communication_balance),
+        dynamic_coef=_coef(moe.losses.dynamic),
+        null_balance_weight=getattr(moe.router, "null_balance_weight", None) or rs.NULL_BALANCE_WEIGHT,
         num_devices=num_devices,
         max_devices=max_devices,
         dispatch=resolve_dispatch(moe, compiled),

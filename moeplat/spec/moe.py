@@ -150,6 +150,8 @@ class Losses(Strict):
     variance: E^2 * the variance over experts of the mean router probability (0 at balance).
     device_balance: DeepSeek-V2 eq. 26-27, the Switch-style loss over `devices` groups of experts.
     communication_balance: DeepSeek-V2 eq. 28-30, balances the tokens each device receives.
+    dynamic: Huang et al. 2024, the router entropy -sum_i P_i log P_i averaged over tokens: sharpens
+        the distributions so top-p routing (router kind top_p) needs fewer experts.
 
     `devices` (D) splits the experts into D contiguous groups for the last two; null takes the
     router's n_groups (group-limited routing puts a group on a device). `max_devices` (M, the most
@@ -164,6 +166,7 @@ class Losses(Strict):
     variance: LossCoef | None = None
     device_balance: LossCoef | None = None
     communication_balance: LossCoef | None = None
+    dynamic: LossCoef | None = None
     devices: PositiveInt | None = None
     max_devices: PositiveInt | None = None
 
@@ -185,6 +188,7 @@ LOSS_NAMES = (
     "variance",
     "device_balance",
     "communication_balance",
+    "dynamic",
 )
 
 
@@ -324,7 +328,7 @@ class MoESpec(Strict):
             )
         if self.losses.load is not None and self.router.kind != "noisy_topk":
             problems.append(("losses.load", "the load loss needs the noise of router kind 'noisy_topk'"))
-        return check(problems) or self
+        return check(problems + _null_problems(self.router, self.losses)) or self
 
     def _shape_problems(self, shapes: list[LayerShape]) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -352,3 +356,27 @@ class MoESpec(Strict):
         if M > D:
             return [("losses.max_devices", f"max_devices ({M}) must be <= devices ({D})")]
         return []
+
+
+def _null_problems(router: Router, losses: Losses) -> list[tuple[str, str]]:
+    """Null experts (MoE++) balance per micro-batch, and their tau only acts with null experts
+    and the load-balancing loss."""
+    nulls, lb = getattr(router, "null_experts", 0), losses.load_balancing
+    if nulls and lb is not None and lb.scope != "micro_batch":
+        return [
+            (
+                "losses.load_balancing.scope",
+                "null experts (router.null_experts) balance per micro-batch: set scope: micro_batch",
+            )
+        ]
+    if getattr(router, "null_balance_weight", None) is None:
+        return []
+    if not nulls:
+        return [
+            ("router.null_balance_weight", "weighs null experts: set router.null_experts >= 1 or drop it")
+        ]
+    if lb is None:
+        return [
+            ("router.null_balance_weight", "weighs the null experts in losses.load_balancing, which is off")
+        ]
+    return []

@@ -8,6 +8,10 @@ at sequence length data.seq_len. Attention scores count the full S x S product (
 as the dense SDPA kernel computes it; the causal half is not subtracted. Embedding lookup, norms,
 softmax and activations are not counted. Training = 3 x forward (backward = 2 x forward).
 The forward counted is the training-mode one: noisy_topk's noise projection (training only) is in.
+
+Routers with a varying number of experts per token (top_p, null experts) are counted at their
+maximum, every top_k slot computed (active_params, flops_per_token_*); `expected_*` counts them at
+the assumption `expected_assumption` states (moeplat.spec.routers.expected_experts).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from moeplat.spec.attention import attention_flops, attention_params
 from moeplat.spec.ffn import ffn_matrices
 from moeplat.spec.plan_memory import activation_bytes
 from moeplat.spec.root import Spec
-from moeplat.spec.routers import router_params
+from moeplat.spec.routers import expected_experts, router_params
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,10 @@ class Plan:
     memory_bytes: dict  # estimate, see memory_estimate()
     layers: list[LayerCount]
     moe_layers: list[int]
+    # per token at the routers' expected number of experts (= the maximum for fixed top-k routers)
+    expected_active_params: int = 0
+    expected_flops_per_token_fwd: int = 0
+    expected_assumption: str = ""  # "" when every token always uses top_k experts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,13 +63,14 @@ def _attention(spec: Spec) -> tuple[int, int]:
     return attention_params(*shape), attention_flops(*shape, spec.data.seq_len)
 
 
-def _ffn(spec: Spec, moe_j: int | None) -> tuple[int, int, int, int]:
-    """(params, active params, forward FLOPs per token, routed-expert params) of one layer's FFN;
-    moe_j is the layer's position among the MoE layers, None for a dense layer."""
+def _ffn(spec: Spec, moe_j: int | None) -> tuple[int, int, int, int, float]:
+    """(params, active params, forward FLOPs per token, routed-expert params, expected active
+    params) of one layer's FFN; moe_j is the layer's position among the MoE layers, None for a
+    dense layer."""
     m, d = spec.model, spec.model.d_model
     if moe_j is None:
         p = ffn_matrices(m.dense_ffn.kind) * d * m.dense_ffn.d_ff
-        return p, p, 2 * p, 0
+        return p, p, 2 * p, 0, p
     moe = m.moe
     mats = ffn_matrices(moe.experts.kind)  # 3 for swiglu/geglu (gate, up, down), 2 for gelu/relu
     # Fine-grained segmentation (granularity m): E*m experts of width d_ff/m, K*m chosen.
@@ -75,7 +84,8 @@ def _ffn(spec: Spec, moe_j: int | None) -> tuple[int, int, int, int]:
     total = router + E * expert + shared + mix
     active = router + K * expert + shared + mix
     # Dropless: every token runs K experts; with a capacity factor this is the upper bound.
-    return total, active, 2 * (active - (2 if mix else 0)), E * expert
+    expected = active - (K - expected_experts(moe.router, E, K)[0]) * expert
+    return total, active, 2 * (active - (2 if mix else 0)), E * expert, expected
 
 
 def plan(spec: Spec) -> Plan:
@@ -83,9 +93,10 @@ def plan(spec: Spec) -> Plan:
     attn_p, attn_f = _attention(spec)
     moe_pos = {layer: j for j, layer in enumerate(m.moe_layers)}
     moe_idx = set(moe_pos)
-    layers, expert_params = [], 0
+    layers, expert_params, unused = [], 0, 0.0  # unused: active params the expected routing skips
     for i in range(m.n_layers):
-        p, a, f, e = _ffn(spec, moe_pos.get(i))
+        p, a, f, e, x = _ffn(spec, moe_pos.get(i))
+        unused += a - x
         norms = 2 * m.d_model
         layers.append(
             LayerCount(
@@ -112,7 +123,21 @@ def plan(spec: Spec) -> Plan:
         memory_bytes=memory_estimate(spec, total),
         layers=layers,
         moe_layers=sorted(moe_idx),
+        expected_active_params=round(active - unused),
+        expected_flops_per_token_fwd=round(fwd - 2 * unused),
+        expected_assumption=_assumption(spec),
     )
+
+
+def _assumption(spec: Spec) -> str:
+    m = spec.model
+    if not m.moe_layers:
+        return ""
+    notes = {
+        expected_experts(m.moe.router, s.routed_experts, s.routed_top_k)[1]
+        for s in m.moe.shapes(len(m.moe_layers))
+    }
+    return "; ".join(sorted(n for n in notes if n))
 
 
 def memory_estimate(spec: Spec, total_params: int) -> dict:

@@ -55,7 +55,7 @@ def format_plan(spec, p) -> str:
     if moe:
         lines.append(
             f"experts         {moe.num_experts} x {moe.experts.kind}(d_ff={moe.experts.d_ff}), top_k={moe.top_k}, "
-            f"shared={moe.shared_experts.count}, router={moe.router.kind}, capacity={moe.capacity.kind}, "
+            f"shared={moe.shared_experts.count}, router={moe.router.kind}{_nulls(moe)}, capacity={moe.capacity.kind}, "
             f"dispatch={_dispatch(spec)}"
         )
     lines += [
@@ -63,12 +63,25 @@ def format_plan(spec, p) -> str:
         f"active params   {_n(p.active_params)} per token ({p.active_params / p.total_params:.1%} of total)",
         f"expert params   {_n(p.expert_params)} routed; embedding {_n(p.embedding_params)}",
         f"FLOPs/token     {_n(p.flops_per_token_fwd)} forward, {_n(p.flops_per_token_train)} train (fwd+bwd)",
+    ]
+    if p.expected_assumption:  # a varying number of experts per token: the counts above are its maximum
+        lines += [
+            f"expected        {_n(p.expected_active_params)} active params, "
+            f"{_n(p.expected_flops_per_token_fwd)} FLOPs/token forward (the lines above: every top_k "
+            f"slot used); {p.expected_assumption}",
+        ]
+    lines += [
         f"tokens/step     {p.tokens_per_step:,} -> {_n(p.flops_per_step_train)} FLOP per optimizer step",
         "memory (est.)   " + ", ".join(f"{k} {_bytes(v)}" for k, v in p.memory_bytes.items()),
         f"activations     per micro-batch of {spec.train.batch_size} x {spec.data.seq_len} tokens, "
         f"{_kernel(spec)}",
     ]
     return "\n".join(lines)
+
+
+def _nulls(moe) -> str:
+    n = getattr(moe.router, "null_experts", 0)
+    return f" + {n} null experts" if n else ""
 
 
 def _vocab_origin(spec) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt
@@ -35,10 +37,39 @@ class TopKRouter(_Learned):
 
     `normalize: true` renormalises the k chosen weights to sum to 1 (Mixtral); `false` keeps the raw
     softmax probabilities (Switch, Qwen1.5-MoE).
+
+    `null_experts: N` adds N zero experts (MoE++, Jin et al. 2024, eq. 3: output 0): the softmax and
+    the top-k run over num_experts + N, and a slot that picks a null expert is not computed (zero
+    FLOPs), so easy tokens can use fewer real experts. The load-balancing loss becomes MoE++'s
+    heterogeneous one (eq. 7), whose null terms weigh `null_balance_weight` (tau; smaller sends more
+    tokens to null experts; null = 0.75, MoE++'s 7B model's). Adds N x d_model router weights.
     """
 
     kind: Literal["topk"]
     normalize: bool = True
+    null_experts: Annotated[int, Field(ge=0)] = Field(
+        0, description="Zero-computation experts (MoE++): slots routed to one cost nothing."
+    )
+    null_balance_weight: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="MoE++ tau: the null experts' weight in losses.load_balancing; null = 0.75 "
+        "(MoE++ 7B). Needs null_experts.",
+    )
+
+
+class TopPRouter(_Learned):
+    """Top-p dynamic routing (Huang et al. 2024, "Harder Tasks Need More Experts"): experts in
+    decreasing softmax probability until their cumulative probability reaches `p` (the expert that
+    crosses p included: at least one); `top_k` caps the count, so buffers, capacity and plan's
+    maximum follow top_k (top_k = num_experts: no cap). Weights are the chosen probabilities, raw
+    as in the paper; `normalize: true` rescales them to sum to 1. Pair it with losses.dynamic (the
+    paper's entropy loss), else the router can flatten its distributions and use many experts.
+    p defaults to 0.4, the threshold of the authors' released configuration.
+    """
+
+    kind: Literal["top_p"]
+    p: Annotated[float, Field(gt=0, le=1)] = 0.4
+    normalize: bool = False
 
 
 class SwitchRouter(_Learned):
@@ -132,6 +163,7 @@ class ReinforceRouter(_Learned):
 
 Router = Annotated[
     TopKRouter
+    | TopPRouter
     | SwitchRouter
     | NoisyTopKRouter
     | GShardRouter
@@ -146,6 +178,9 @@ Router = Annotated[
 ]
 
 FIXED_TOP_K = {"switch": 1, "gshard": 2, "hash": 1}
+NULL_BALANCE_WEIGHT = (
+    0.75  # MoE++ tau when null_balance_weight is null: its 7B model's (Jin et al. 2024, Table 3)
+)
 UNLEARNED = ("hash", "random")
 
 
@@ -153,7 +188,23 @@ def router_params(router: Router, num_experts: int, d_model: int) -> int:
     """Parameters of one layer's router: E x D scores, plus E x D noise weights for noisy_topk."""
     if router.kind in UNLEARNED:
         return 0
-    return (2 if router.kind == "noisy_topk" else 1) * num_experts * d_model
+    scored = num_experts + getattr(router, "null_experts", 0)  # MoE++ null experts are scored too
+    return (2 if router.kind == "noisy_topk" else 1) * scored * d_model
+
+
+def expected_experts(router: Router, num_experts: int, top_k: int) -> tuple[float, str]:
+    """(real experts computed per token, on what assumption) for plan's expected counts; top_k, ""
+    for the routers that always fill top_k slots. At uniform router probabilities (the state at
+    initialisation): top_p takes ceil(p * E) experts (capped by top_k), and null experts take
+    N / (E + N) of the slots (MoE++'s loss aims at tau E / (tau E + N) of them for real experts)."""
+    if isinstance(router, TopPRouter):
+        k = min(top_k, math.ceil(Fraction(repr(router.p)) * num_experts))
+        return float(k), f"top_p at uniform router probabilities: ceil(p * E) = {k} of top_k {top_k}"
+    nulls = getattr(router, "null_experts", 0)
+    if nulls:
+        k = top_k * num_experts / (num_experts + nulls)
+        return k, f"null experts at uniform router probabilities: top_k * E / (E + N) = {k:.3g}"
+    return float(top_k), ""
 
 
 def router_problems(

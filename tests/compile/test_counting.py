@@ -119,12 +119,20 @@ VARIANTS = {
         "specs/quickstart.yaml",
         ["model.moe.router={kind: hash}", "model.moe.top_k=1", "model.moe.losses={}"],
     ),
+    # Huang et al. 2024 top-p: 1..top_k experts per token; plan's counts are the maximum.
+    "top-p": ("specs/quickstart-top-p.yaml", ["model.moe.router.p=0.3"]),
+    # MoE++ null experts: the router scores 8 + 4 experts; null slots compute nothing.
+    "null-experts": ("specs/quickstart-null-experts.yaml", []),
 }
 
 
 def _load(name, *extra):
     path, overrides = VARIANTS[name]
     return load_spec(REPO / path, [*overrides, *extra]).spec
+
+
+def spec_has_moe(name: str) -> bool:
+    return "dense" not in VARIANTS[name][0]
 
 
 def _active_params(model) -> int:
@@ -160,16 +168,43 @@ def test_forward_flops_equal_flop_counter(name):
     The loop dispatch is measured: FlopCounterMode does not see torch._grouped_mm, and both
     dispatchers compute the same products (tests/nn/test_nn_dispatch.py).
     """
-    spec = _load(
-        name, *(["model.moe.dispatch={kind: loop}"] if VARIANTS[name][0].endswith("quickstart.yaml") else [])
-    )
+    spec = _load(name, *(["model.moe.dispatch={kind: loop}"] if spec_has_moe(name) else []))
     model = build_model(spec).train()
     b, s = 2, spec.data.seq_len
     idx = torch.randint(0, spec.model.vocab_size, (b, s))
     # The math SDPA backend decomposes into matmuls the counter sees (the fused CPU kernel is not counted).
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(idx)
-    assert counter.get_total_flops() == plan(spec).flops_per_token_fwd * b * s
+        out = model(idx)
+    # Plan counts every top_k slot computed; a slot top-p leaves unused or a null expert takes
+    # costs nothing (0 for the fixed top-k routers).
+    skipped = 0
+    for i, o in out.moe.items():
+        layer = model.blocks[i].ffn
+        per_slot = 2 * sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+        skipped += (b * s * layer.top_k - int(o.stats.tokens_per_expert_E.sum())) * per_slot
+    if name in ("top-p", "null-experts"):
+        assert skipped > 0
+    assert counter.get_total_flops() == plan(spec).flops_per_token_fwd * b * s - skipped
+
+
+def test_expected_counts_of_dynamic_routers():
+    """Expected active params at uniform router probabilities: top-p with p = 0.3 of 8 experts
+    takes ceil(2.4) = 3 of its top_k 4; 4 null experts beside 8 leave top_k * 8 / 12 real experts."""
+    expert = 3 * 128 * 256  # swiglu: 3 matrices of d_model x d_ff
+    top_p = plan(_load("top-p"))
+    assert top_p.active_params - top_p.expected_active_params == 4 * (4 - 3) * expert  # 4 MoE layers
+    assert top_p.flops_per_token_fwd - top_p.expected_flops_per_token_fwd == 2 * 4 * expert
+    assert "ceil(p * E) = 3 of top_k 4" in top_p.expected_assumption
+    nulls = plan(_load("null-experts"))
+    assert nulls.active_params - nulls.expected_active_params == round(4 * (2 - 2 * 8 / 12) * expert)
+    assert nulls.total_params - plan(_load("quickstart")).total_params == 4 * 4 * 128  # router rows
+    fixed = plan(_load("quickstart"))
+    assert (fixed.expected_active_params, fixed.expected_assumption) == (fixed.active_params, "")
+    from moeplat.spec.plan_text import format_plan
+
+    text = format_plan(_load("null-experts"), nulls)
+    assert "router=topk + 4 null experts" in text and "expected" in text
+    assert "expected" not in format_plan(_load("quickstart"), fixed)
 
 
 def test_router_params_per_kind():

@@ -200,6 +200,7 @@ REFUSED_AT_A_BOUND: dict[str, str] = {
     "model.moe.layers.k=0": "first_dense with no dense layer leaves dense_ffn unused",
     "model.moe.router.n_groups=1": "topk_groups must be <= n_groups",
     "model.moe.losses.load.coef=0.0": "the load loss needs a noisy_topk router",
+    "model.moe.router.null_balance_weight=1e-06": "weighs null experts: needs router.null_experts >= 1",
     "train.max_steps=1": "warmup must end before max_steps",
     "data.val_tokens=1": "validation needs at least one sequence (data.seq_len tokens)",
 }

@@ -63,7 +63,7 @@ def test_every_object_forbids_additional_properties(schema):
             "MoESpec",
             "router",
             {"topk", "switch", "noisy_topk", "gshard", "hash", "random", "sigmoid_bias", "group_limited"}
-            | {"sinkhorn", "expert_choice", "reinforce"},
+            | {"sinkhorn", "expert_choice", "reinforce", "top_p"},
         ),
         ("MoESpec", "capacity", {"dropless", "factor"}),
         ("MoESpec", "dispatch", {"loop", "sorted", "capacity", "auto"}),
