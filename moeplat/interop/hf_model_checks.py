@@ -27,6 +27,7 @@ ROUTER_KINDS = {  # nn router class -> (spec router kind, why no family here com
         "experts choose tokens; these families route each token to top_k",
     ),
     "ReinforceRouter": ("reinforce", "experts sampled in training"),
+    "TopPRouter": ("top_p", "a varying number of experts per token; these families route to top_k"),
 }
 QK_NORM = {None: "false", "whole": "true", "head": "head"}
 
@@ -123,6 +124,10 @@ def _moe_problems(layers: list[MoELayer], rules) -> list[str]:
         if rules.normalize is not None and r.normalize != rules.normalize:
             problems.append(
                 f"model.moe.router.normalize: {str(r.normalize).lower()} (this family renormalises the top-k weights)"
+            )
+        if r.null_experts:
+            problems.append(
+                f"model.moe.router.null_experts: {r.null_experts} (no transformers family has MoE++ zero experts: 0)"
             )
     for opt, value in (
         ("jitter_eps", getattr(r, "jitter_eps", 0.0)),

@@ -188,6 +188,11 @@ def test_unsupported_lists_every_feature_in_spec_terms():
             {"moe": MOE | {"router": {"kind": "topk", "normalize": False}}},
             "model.moe.router.normalize: false",
         ),
+        (
+            {"moe": MOE | {"router": {"kind": "topk", "null_experts": 2}}},
+            "model.moe.router.null_experts: 2",
+        ),
+        ({"moe": MOE | {"router": {"kind": "top_p", "p": 0.5}}}, "model.moe.router.kind: top_p"),
     ],
 )
 def test_mixtral_names_what_it_cannot_compute(change, expected):
