@@ -42,6 +42,8 @@ class RoutingStats:
     bias_E: torch.Tensor | None = None  # aux-loss-free selection bias (sigmoid_bias), else None
     null_frac: torch.Tensor | None = None  # routed slots that went to a null expert / all; None
     #                                        for routers without null experts (MoE++)
+    routed_per_token: torch.Tensor | None = None  # routed (valid) slots / T: weighs load_E and
+    #                                               dropped_frac when ranks are pooled (world_stats)
 
 
 def routing_stats(
@@ -72,6 +74,7 @@ def routing_stats(
             experts_per_token=keep_TK.sum(dim=1).float().mean(),
             bias_E=bias_E,
             null_frac=None if null_TK is None else null_TK.float().mean(),
+            routed_per_token=valid_TK.sum() / valid_TK.shape[0],
         )
 
 
@@ -93,25 +96,28 @@ def world_stats(
 ) -> dict[int, WorldStats]:
     """Each layer's statistics over every data-parallel rank's tokens, from each rank's own, where
     `mean(t)` is the mean of `t` over the ranks (a collective: every rank calls it, once per call
-    here). Ranks hold equal-sized shards, so the load fractions, drop and unrouted fractions, router
-    entropy, experts per token, null fraction and losses of the whole batch are the means of the ranks'; load_cv, maxvio and
-    dead_frac are recomputed from that load (a mean of the ranks' maxvio is not the batch's)."""
+    here). Ranks hold equal-sized shards, so the per-token and per-slot means (unrouted fraction,
+    router entropy, experts per token, null fraction, losses) of the whole batch are the means of
+    the ranks'; the load and drop fractions, whose denominator is the routed slots (which vary per
+    rank with top-p, null experts, GShard or expert choice), are weighted by each rank's routed
+    slots per token; load_cv, maxvio and dead_frac are recomputed from that load (a mean of the
+    ranks' maxvio is not the batch's)."""
     layers = sorted(outputs)
     if not layers:
         return {}
-    parts = []
-    for layer in layers:
-        s, losses = outputs[layer].stats, outputs[layer].losses
-        scalars = [s.dropped_frac, s.unrouted_frac, s.router_entropy, s.experts_per_token]
-        scalars += [*([] if s.null_frac is None else [s.null_frac]), *(losses[k] for k in sorted(losses))]
-        parts += [s.load_E.float(), torch.stack([v.float() for v in scalars])]
+    parts = [_packed(outputs[layer].stats, outputs[layer].losses) for layer in layers]
     flat = mean(torch.cat(parts))
     out, at = {}, 0
-    for layer in layers:
+    for layer, part in zip(layers, parts, strict=True):
         s, names = outputs[layer].stats, sorted(outputs[layer].losses)
-        E, n = s.load_E.numel(), 4 + (s.null_frac is not None) + len(names)
-        load_E, (dropped, unrouted, entropy, per_token, *rest) = flat[at : at + E], flat[at + E : at + E + n]
-        at += E + n
+        E, values = s.load_E.numel(), flat[at : at + part.numel()]
+        at += part.numel()
+        routed, load_E, (dropped, unrouted, entropy, per_token, *rest) = (
+            values[0],
+            values[1 : E + 1],
+            values[E + 1 :],
+        )
+        load_E, dropped = load_E / routed.clamp_min(1e-12), dropped / routed.clamp_min(1e-12)
         null_frac, loss_values = (None, rest) if s.null_frac is None else (rest[0], rest[1:])
         mean_load = load_E.mean().clamp_min(1e-12)
         stats = replace(
@@ -122,12 +128,23 @@ def world_stats(
             router_entropy=entropy,
             experts_per_token=per_token,
             null_frac=null_frac,
+            routed_per_token=routed,
             load_cv=load_E.std(correction=0) / mean_load,
             maxvio=load_E.max() / mean_load - 1,
             dead_frac=(load_E == 0).float().mean(),
         )
-        out[layer] = WorldStats(stats, dict(zip(names, loss_values)))
+        out[layer] = WorldStats(stats, dict(zip(names, loss_values, strict=True)))
     return out
+
+
+def _packed(s: RoutingStats, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One rank's layer statistics as a flat float vector for world_stats: routed slots per token,
+    the load and the drop fraction times it (so their means are the batch's counts per token),
+    then the per-token means and the losses (sorted by name)."""
+    routed = s.routed_per_token.float() if s.routed_per_token is not None else s.load_E.new_ones(())
+    scalars = [s.dropped_frac * routed, s.unrouted_frac, s.router_entropy, s.experts_per_token]
+    scalars += [*([] if s.null_frac is None else [s.null_frac]), *(losses[k] for k in sorted(losses))]
+    return torch.cat([routed.view(1), s.load_E.float() * routed, torch.stack([v.float() for v in scalars])])
 
 
 def moe_metrics(outputs: Mapping[int, _HasStats]) -> dict[str, float]:

@@ -228,3 +228,37 @@ def test_null_layer_uses_the_heterogeneous_balancing_loss():
     )
     with pytest.raises(ValueError, match="micro_batch"):
         MoELayer(8, 4, 2, 8, router=TopKRouter(8, 4, 2, null_experts=2), balance_loss_scope="sequence")
+
+
+def test_telemetry_names_and_world_statistics_of_dynamic_routers():
+    """experts_per_token for every layer, null_frac only where a router has null experts; over
+    two data-parallel ranks both are the whole batch's (world_stats), not one rank's, and so is
+    the load although the ranks route different numbers of slots."""
+    from types import SimpleNamespace
+
+    from moeplat.nn import moe_metrics
+    from moeplat.nn.stats import world_stats
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    top_p = MoELayer(8, 4, 4, 8, router=TopPRouter(8, 4, 4, p=0.6))
+    nulls = MoELayer(8, 4, 2, 8, router=TopKRouter(8, 4, 2, null_experts=4))
+    outs = {0: top_p(x), 1: nulls(x)}
+    m = moe_metrics(outs)
+    assert m["moe/layer00/experts_per_token"] == pytest.approx(float(outs[0].stats.experts_per_token))
+    assert m["moe/layer01/null_frac"] == pytest.approx(float(outs[1].stats.null_frac))
+    assert "moe/layer00/null_frac" not in m and m["moe/all/null_frac"] == m["moe/layer01/null_frac"]
+    assert m["moe/all/experts_per_token"] == pytest.approx(
+        (m["moe/layer00/experts_per_token"] + m["moe/layer01/experts_per_token"]) / 2
+    )
+    halves = [{i: nulls(x[s]) for i in (0,)} for s in (slice(0, 16), slice(16, 32))]
+    packed = []
+    for out in halves:
+        world_stats(
+            {0: SimpleNamespace(stats=out[0].stats, losses=out[0].losses)}, lambda t: packed.append(t) or t
+        )
+    pooled = world_stats(halves[0], lambda t: torch.stack(packed).mean(0))[0].stats
+    whole = nulls(x).stats
+    torch.testing.assert_close(pooled.null_frac, whole.null_frac)
+    torch.testing.assert_close(pooled.experts_per_token, whole.experts_per_token)
+    torch.testing.assert_close(pooled.load_E, whole.load_E)  # weighted by each rank's routed slots
