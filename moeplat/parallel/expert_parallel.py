@@ -39,7 +39,7 @@ from moeplat.nn.dispatch import _accumulate_dtype, _segmented_mlp, dispatch_sort
 from moeplat.nn.experts import MLPExperts
 from moeplat.nn.losses import routed_counts
 from moeplat.nn.moe import MoELayer, MoEOutput, StepLoadArg
-from moeplat.nn.routers import RouterOutput
+from moeplat.nn.routers import NullRoute, RouterOutput
 from moeplat.nn.stats import routing_stats
 from moeplat.parallel.all_to_all import (
     all_gather_rows,
@@ -137,7 +137,13 @@ class ExpertParallelMoE(nn.Module):
             route, keep_TK = _gather_route(route, keep_TK, self.groups.dp_group)
         aux_loss, losses = self._moe._losses(route, (route.probs_TE.shape[0] // S, S), step_load)
         stats = routing_stats(
-            route.probs_TE, route.topk_idx_TK, keep_TK, self.num_experts, route.valid_TK, route.bias_E
+            route.probs_TE,
+            route.topk_idx_TK,
+            keep_TK,
+            self.num_experts,
+            route.valid_TK,
+            route.bias_E,
+            route.null_slots(self.num_experts),
         )
         routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
         return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T, routed_E)
@@ -239,6 +245,11 @@ def _gather_route(
 
     fields = ("logits_TE", "probs_TE", "topk_idx_TK", "topk_weight_TK", "valid_TK", "load_prob_TE")
     gathered = dataclasses.replace(route, **{f: gather(getattr(route, f)) for f in fields})
+    if route.null is not None:  # null experts (MoE++): their balancing loss reads the full choice
+        null = route.null
+        gathered = dataclasses.replace(
+            gathered, null=NullRoute(gather(null.probs_TX), gather(null.topk_idx_TK))
+        )
     return gathered, gather(keep_TK)
 
 

@@ -81,9 +81,9 @@ def _worker(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None
         gc.collect()
 
 
-def build_layer(E: int, K: int, cf: float | None, seed: int = 0, **kw) -> MoELayer:
+def build_layer(E: int, K: int, cf: float | None, seed: int = 0, null_experts: int = 0, **kw) -> MoELayer:
     torch.manual_seed(seed)
-    router = TopKRouter(D, E, K, logits_precision="input")
+    router = TopKRouter(D, E, K, logits_precision="input", null_experts=null_experts)
     coefs = dict(balance_coef=0.1, z_loss_coef=0.01, importance_coef=0.1, variance_coef=0.1)
     coefs.update(sequence_balance_coef=0.1)
     layer = MoELayer(
@@ -127,11 +127,18 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: dict) -> None:
 
 
 def check_against_single(
-    rank: int, world: int, groups: ExpertParallelGroups, E: int, K: int, cf: float | None, **ep_kw
+    rank: int,
+    world: int,
+    groups: ExpertParallelGroups,
+    E: int,
+    K: int,
+    cf: float | None,
+    null_experts: int = 0,
+    **ep_kw,
 ) -> None:
     """Forward, losses, stats, input and parameter gradients equal the single-process layer."""
-    ref = build_layer(E, K, cf)
-    ep = ExpertParallelMoE(build_layer(E, K, cf), groups, **ep_kw)
+    ref = build_layer(E, K, cf, null_experts=null_experts)
+    ep = ExpertParallelMoE(build_layer(E, K, cf, null_experts=null_experts), groups, **ep_kw)
     x_all, g_all = batch(world)
     x_all.requires_grad_(True)
     out = ref(x_all)
@@ -154,6 +161,10 @@ def _compare(rank, world, ref, out, ep, o, x, x_all, groups, E) -> None:
         _close(o.losses[name], out.losses[name], f"losses[{name}]", TIGHT)
     for name in ("load_E", "tokens_per_expert_E", "dropped_frac", "unrouted_frac", "dead_frac"):
         _close(getattr(o.stats, name), getattr(out.stats, name), f"stats.{name}", TIGHT)
+    for name in ("experts_per_token", "null_frac"):  # null_frac: None without null experts
+        assert (getattr(o.stats, name) is None) == (getattr(out.stats, name) is None), name
+        if getattr(out.stats, name) is not None:
+            _close(getattr(o.stats, name), getattr(out.stats, name), f"stats.{name}", TIGHT)
     mine = groups.local_experts(E)
     for name, p in ref.named_parameters():
         q = ep.get_parameter(name)

@@ -20,6 +20,8 @@ DROPLESS_AND_DROPS = [
     {"E": 8, "K": 2, "cf": 0.5},
     {"E": 4, "K": 2, "cf": None, "dispatcher": "all_gather"},
     {"E": 8, "K": 2, "cf": 0.5, "dispatcher": "all_gather"},
+    {"E": 4, "K": 2, "cf": None, "null_experts": 2},  # MoE++ null slots: invalid, never sent
+    {"E": 4, "K": 2, "cf": 0.75, "null_experts": 2},
 ]
 
 
