@@ -83,6 +83,18 @@ def test_a_mixture_validation_logs_the_specialization_of_its_hand_counted_load(t
     assert all(0 < m[k] <= 2 for k in m if "/load_entropy/" in k)  # 4 experts: at most 2 bits
 
 
+def test_null_experts_weigh_each_source_by_its_real_expert_slots():
+    """MoE++ null experts (a token takes 0-2 real experts): only real-expert slots count, so the two
+    sources' weights differ from their equal token counts; the score is that of the hand count."""
+    system, dm = _validate(MIX, *SMALL, "model.moe.router={kind: topk, null_experts: 2}")
+    want_SLE = _hand_count(system.model, dm)
+    assert torch.equal(torch.tensor(system.val_source_load.counts_SLE, dtype=torch.float64), want_SLE)
+    slots = want_SLE[:, 0].sum(dim=1).tolist()
+    assert slots[0] != slots[1] and max(slots) < 7 * 32 * 2
+    scores = [specialization_bits(want_SLE[:, j]) for j in range(2)]
+    assert system.last_val["moe/specialization"] == pytest.approx(sum(scores) / 2, rel=1e-12)
+
+
 def test_a_single_source_validation_logs_no_specialization():
     system, _ = _validate(*SMALL)
     assert system.val_source_load is None
