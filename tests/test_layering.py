@@ -31,6 +31,7 @@ ALLOWED = {
     "parallel": {"errors", "spec", "nn", "compile", "parallel"},
     "train": {"errors", "spec", "nn", "data", "compile", "parallel", "track", "train"},
     "sweep": {"errors", "spec", "train", "track", "sweep"},
+    "repro": {"errors", "spec", "train", "track", "repro"},  # trains variants, reads their metrics
     "interop": {"errors", "nn", "interop"},  # transformers <-> moeplat.nn; test/extra only
     # reads finished runs: loads their model (compile, train, track), generates, evaluates, routes
     "evaluate": {"errors", "spec", "nn", "data", "compile", "interop", "track", "train", "evaluate"},
@@ -50,6 +51,7 @@ ALLOWED = {
         "bench",
         "interop",
         "evaluate",
+        "repro",
         "cli",
     },
     # the job server sits at the top beside cli (which starts it): it validates and plans specs and

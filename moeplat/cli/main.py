@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_run)
 
-    from moeplat.cli import bench, compare, data, launch, models, server, sweep, sync, tokenizer
+    from moeplat.cli import bench, compare, data, launch, models, repro, server, sweep, sync, tokenizer
     from moeplat.cli import eval as eval_cmd
     from moeplat.cli import generate as generate_cmd
     from moeplat.cli import route as route_cmd
@@ -239,11 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_commands(sub, _spec_args)
     data.add_commands(sub, _spec_args)
     models.add_commands(sub)
+    repro.add_commands(sub)
     return parser
 
 
 # `run` and `sweep` call quiet_lightning themselves, once their spec is loaded.
-TRAINING_COMMANDS = {"sweep-worker", "bench", "eval"}
+TRAINING_COMMANDS = {"sweep-worker", "bench", "eval", "repro"}
 
 
 def _quiet_libraries(verbose: bool) -> None:

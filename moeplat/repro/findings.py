@@ -1,0 +1,136 @@
+"""The findings `moeplat repro` checks, each a comparison between named variants of the quick-start.
+
+A variant is a spec file plus --set overrides; a finding names the variants it compares, the
+figure it compares them on and the test its claim makes. Nothing here is tuned per finding: every
+variant is the quick-start with only the setting the finding is about changed. The verdicts are
+mechanical (mean over seeds, and whether the gap exceeds the seeds' spread); the page prints the
+numbers either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUICKSTART = "specs/quickstart.yaml"
+DENSE = "specs/quickstart-dense.yaml"
+MIXTURE = "specs/data/mixture-code-prose.yaml"
+
+# `--quick`: the same comparisons on a smaller model for fewer steps (minutes on 2 CPU cores, for CI).
+QUICK = (
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.max_seq_len=64",
+    "train.batch_size=8",
+    "train.max_steps=40",
+    "train.val_every=40",
+    "train.log_every=5",
+    "train.schedule.warmup_steps=5",
+    "data.val_tokens=4096",
+)
+QUICK_DENSE = ("model.dense_ffn.d_ff=512",)  # unchanged: quickstart-dense's top_k x d_ff
+QUICK_SOURCES = ("data.source.max_bytes=1000000",)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    spec: str  # relative to the repository root
+    overrides: tuple[str, ...] = ()
+    quick_data: tuple[str, ...] = QUICK_SOURCES  # --quick: how this variant's data is made smaller
+
+
+@dataclass(frozen=True)
+class Finding:
+    key: str
+    claim: str  # what the literature says, as the page states it
+    source: str  # the paper(s)
+    variants: tuple[str, ...]  # the first is the baseline the others are compared with
+    figure: str  # "val/loss" or a telemetry key the claim is about
+    lower_is_better: bool = True  # the direction the claim predicts for the second variant
+    # the claim's condition on val loss too: "equal or better" (not worse than the seeds' spread)
+    # or "comparable" (within the spread either way); None when the figure is val/loss itself
+    guard: str | None = None
+
+
+NO_LOSSES = "model.moe.losses={}"
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("moe", QUICKSTART),
+        Variant("dense", DENSE),
+        Variant("no-balancing", QUICKSTART, (NO_LOSSES,)),
+        Variant(
+            "aux-free-bias",
+            QUICKSTART,
+            ("model.moe.router={kind: sigmoid_bias, gamma: 0.001}", NO_LOSSES),
+        ),
+        Variant(
+            "fine-grained",
+            QUICKSTART,
+            ("model.moe.num_experts=32", "model.moe.top_k=8", "model.moe.experts.d_ff=64"),
+        ),
+        Variant("top-p", "specs/quickstart-top-p.yaml"),  # p 0.4, at most 4 experts, dynamic loss
+        Variant(
+            "mixture-micro",
+            MIXTURE,
+            ("model.moe.losses.load_balancing.scope=micro_batch",),
+            ("data.source.sources.0.source.max_bytes=600000", "data.val_tokens=4096"),
+        ),
+        Variant(
+            "mixture-global",
+            MIXTURE,
+            ("model.moe.losses.load_balancing.scope=global_batch",),
+            ("data.source.sources.0.source.max_bytes=600000", "data.val_tokens=4096"),
+        ),
+    )
+}
+
+FINDINGS = (
+    Finding(
+        "moe-vs-dense",
+        "An MoE model beats the dense model of equal active parameters at equal steps.",
+        "Switch Transformers (Fedus et al. 2021)",
+        ("dense", "moe"),
+        "val/loss",
+    ),
+    Finding(
+        "collapse",
+        "Without any balancing the load collapses (MaxVio rises); the auxiliary loss prevents it.",
+        "Shazeer et al. 2017; Switch Transformers (Fedus et al. 2021)",
+        ("moe", "no-balancing"),
+        "moe/all/maxvio",
+        lower_is_better=False,
+    ),
+    Finding(
+        "aux-free",
+        "Aux-loss-free bias balancing reaches a lower MaxVio than the auxiliary loss at equal or better val loss.",
+        "DeepSeek-V3 (DeepSeek-AI 2024); Wang et al. 2024",
+        ("moe", "aux-free-bias"),
+        "moe/all/maxvio",
+        guard="equal or better",
+    ),
+    Finding(
+        "global-batch",
+        "Global-batch balancing gives higher domain specialisation than micro-batch balancing at equal or better val loss.",
+        "Qiu et al. 2025, Demons in the Detail",
+        ("mixture-micro", "mixture-global"),
+        "moe/specialization",
+        lower_is_better=False,
+        guard="equal or better",
+    ),
+    Finding(
+        "top-p",
+        "Top-p routing uses fewer experts per token on average than top-2 at comparable val loss.",
+        "Huang et al. 2024, Harder Tasks Need More Experts",
+        ("moe", "top-p"),
+        "moe/all/experts_per_token",
+        guard="comparable",
+    ),
+    Finding(
+        "granularity",
+        "More, smaller experts at equal active parameters lower the loss.",
+        "DeepSeekMoE (Dai et al. 2024); Krajewski et al. 2024",
+        ("moe", "fine-grained"),
+        "val/loss",
+    ),
+)

@@ -1,0 +1,90 @@
+"""Train every (variant, seed) a set of findings needs, once: a run already finished in the
+tracking store under the same key (variant, seed, quick, spec hash) is reused, so an interrupted
+`moeplat repro` continues where it stopped and a second finding that needs the same variant costs
+nothing. Every run goes to one MLflow experiment, tagged with its variant and seed."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeplat.repro.findings import QUICK, QUICK_DENSE, VARIANTS, Variant
+
+EXPERIMENT, QUICK_EXPERIMENT = "repro", "repro-quick"
+KEY_TAG = "moeplat.repro.key"
+TAIL = 0.2  # telemetry figures: the mean over the last 20% of logged steps (one step is noisy)
+FIGURES = ("moe/all/maxvio", "moe/all/experts_per_token", "moe/specialization")
+
+
+@dataclass
+class Record:
+    variant: str
+    seed: int
+    run_id: str
+    figures: dict[str, float]  # val/loss, val/bpb and the FIGURES the run logged
+
+
+def spec_path(spec: str) -> Path:
+    """A repository spec (specs/...): from the working directory, else from the source tree."""
+    here = Path(spec)
+    return here if here.is_file() else Path(__file__).resolve().parents[2] / spec
+
+
+def overrides(v: Variant, seed: int, quick: bool, experiment: str) -> list[str]:
+    sets = [*v.overrides, f"train.seed={seed}", f"tracking.experiment={experiment}"]
+    sets += ["tracking.system_metrics=false", "tracking.log_model=false"]
+    if quick:
+        sets += [*QUICK, *v.quick_data, *(QUICK_DENSE if v.name == "dense" else ())]
+    return sets
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_all(
+    variants: list[str], seeds: list[int], *, quick: bool, tracking_uri: str, runs_root: Path, log=_stderr
+) -> dict[tuple[str, int], Record]:
+    from moeplat.spec import load_spec
+
+    experiment = QUICK_EXPERIMENT if quick else EXPERIMENT
+    records = {}
+    for name in variants:
+        for seed in seeds:
+            v = VARIANTS[name]
+            loaded = load_spec(spec_path(v.spec), overrides(v, seed, quick, experiment))
+            key = f"{name}|seed={seed}|quick={quick}|{loaded.spec_hash}"
+            records[name, seed] = _reuse(tracking_uri, key, name, seed) or _train(
+                loaded, key, name, seed, tracking_uri, runs_root, log
+            )
+    return records
+
+
+def _reuse(tracking_uri: str, key: str, name: str, seed: int) -> Record | None:
+    from moeplat.track.query import runs_by_tag
+
+    done = [r for r in runs_by_tag(tracking_uri, KEY_TAG, key) if r.get("status") == "FINISHED"]
+    return _record(tracking_uri, done[0]["run_id"], name, seed) if done else None
+
+
+def _train(loaded, key, name, seed, tracking_uri, runs_root, log) -> Record:
+    from moeplat.train.run import run
+
+    log(f"repro: training {name} seed {seed} ({loaded.spec.train.max_steps} steps)")
+    result = run(loaded, runs_root=runs_root, tracking_uri=tracking_uri, progress=False, tags={KEY_TAG: key})
+    return _record(tracking_uri, result.run_id, name, seed)
+
+
+def _record(tracking_uri: str, run_id: str, name: str, seed: int) -> Record:
+    from moeplat.track.query import metric_history
+
+    hist = metric_history(tracking_uri, run_id, ["val/loss", "val/bpb", *FIGURES])
+    figures = {k: h[-1][1] for k, h in hist.items() if k.startswith("val/") and h}
+    for k in FIGURES:
+        values = [v for _, v in hist[k] if v is not None]
+        if values:
+            tail = values[-max(1, round(len(values) * TAIL)) :]
+            figures[k] = statistics.fmean(tail)
+    return Record(name, seed, run_id, figures)

@@ -1,0 +1,122 @@
+"""`moeplat repro`: verdicts from seeds' figures (hand-made records), the variants' specs, and a
+reduced end-to-end run that trains, writes the page with run ids and reuses its runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeplat.cli.main import main
+from moeplat.repro.findings import FINDINGS, VARIANTS
+from moeplat.repro.report import mean_std, results_page, verdict
+from moeplat.repro.runner import Record, overrides, spec_path
+
+F = {f.key: f for f in FINDINGS}
+
+
+def _records(values: dict[str, list[dict]]) -> dict:
+    return {
+        (v, s): Record(v, s, f"run-{v}-{s}", figs)
+        for v, rows in values.items()
+        for s, figs in enumerate(rows)
+    }
+
+
+def test_mean_and_sample_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_a_lower_loss_on_every_seed_reproduces_and_a_higher_one_does_not():
+    f = F["moe-vs-dense"]
+    recs = _records(
+        {"dense": [{"val/loss": 1.30}, {"val/loss": 1.31}], "moe": [{"val/loss": 1.28}, {"val/loss": 1.29}]}
+    )
+    short, text = verdict(f, recs, [0, 1])
+    assert short == "reproduces on every seed (2/2)"
+    assert "moe 1.2850 vs dense 1.3050" in text and "difference -0.0200" in text
+    recs = _records(
+        {"dense": [{"val/loss": 1.30}, {"val/loss": 1.31}], "moe": [{"val/loss": 1.29}, {"val/loss": 1.33}]}
+    )
+    assert verdict(f, recs, [0, 1])[0] == "does not reproduce at this scale"  # mean 1.31 > 1.305
+    recs = _records(
+        {"dense": [{"val/loss": 1.30}, {"val/loss": 1.30}], "moe": [{"val/loss": 1.25}, {"val/loss": 1.31}]}
+    )
+    assert verdict(f, recs, [0, 1])[0] == "reproduces on the mean, on 1 of 2 seeds"
+
+
+def test_a_higher_figure_when_the_claim_says_higher_and_the_val_loss_guard():
+    f = F["aux-free"]  # lower MaxVio at equal or better val loss
+    good = {"moe": [{"val/loss": 1.30, "moe/all/maxvio": 0.5}, {"val/loss": 1.31, "moe/all/maxvio": 0.6}],
+            "aux-free-bias": [{"val/loss": 1.30, "moe/all/maxvio": 0.2}, {"val/loss": 1.315, "moe/all/maxvio": 0.3}]}  # fmt: skip
+    assert verdict(f, _records(good), [0, 1])[0].startswith("reproduces on every seed")
+    worse = {**good, "aux-free-bias": [{"val/loss": 1.40, "moe/all/maxvio": 0.2}, {"val/loss": 1.41, "moe/all/maxvio": 0.3}]}  # fmt: skip
+    short, text = verdict(f, _records(worse), [0, 1])
+    assert (
+        short == "does not reproduce at this scale" and "equal or better required" in text and ": no)" in text
+    )
+    c = F["collapse"]  # MaxVio rises without balancing
+    recs = _records({"moe": [{"moe/all/maxvio": 0.4}] * 2, "no-balancing": [{"moe/all/maxvio": 2.0}] * 2})
+    assert verdict(c, recs, [0, 1])[0].startswith("reproduces on every seed")
+
+
+def test_a_figure_some_run_did_not_log_is_not_measured():
+    f = F["top-p"]
+    recs = _records({"moe": [{"val/loss": 1.3}] * 2, "top-p": [{"val/loss": 1.3}] * 2})
+    assert verdict(f, recs, [0, 1])[0] == "not measured"
+
+
+def test_the_page_lists_every_run_id_and_verdict():
+    f = F["granularity"]
+    recs = _records(
+        {
+            "moe": [{"val/loss": 1.3}, {"val/loss": 1.32}],
+            "fine-grained": [{"val/loss": 1.2}, {"val/loss": 1.22}],
+        }
+    )
+    page = results_page([f], recs, [0, 1], "# header")
+    assert page.startswith("# header")
+    assert "| granularity | reproduces on every seed (2/2) |" in page
+    for run_id in ("run-moe-0", "run-moe-1", "run-fine-grained-0", "run-fine-grained-1"):
+        assert f"`{run_id}`" in page
+    assert "| fine-grained | 1.2100 ± 0.0141 |" in page
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_variant_is_a_valid_spec(name, quick):
+    from moeplat.spec import load_spec
+
+    v = VARIANTS[name]
+    spec = load_spec(spec_path(v.spec), overrides(v, 3, quick, "x")).spec
+    assert spec.train.seed == 3 and spec.tracking.experiment == "x"
+    if quick:
+        assert spec.train.max_steps == 40 and spec.model.d_model == 64
+
+
+def test_every_finding_compares_known_variants():
+    for f in FINDINGS:
+        assert len(f.variants) == 2 and set(f.variants) <= set(VARIANTS)
+
+
+def test_bad_flags_are_usage_errors(capsys):
+    assert main(["repro", "--seeds", "0"]) == 2
+    assert "at least two different" in capsys.readouterr().err
+    assert main(["repro", "--only", "nope"]) == 2
+    assert "unknown finding" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_repro_trains_writes_the_page_and_reuses_its_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["repro", "--quick", "--only", "moe-vs-dense,collapse", "--tracking-uri", uri, "-o", "results.md"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert first.err.count("repro: training") == 6  # moe, dense, no-balancing x seeds 0, 1
+    page = (tmp_path / "results.md").read_text()
+    assert "| moe-vs-dense |" in page and "| collapse |" in page and "Verdict: **" in page
+    assert "moe/all/maxvio" in page and "n/a" not in page
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert "repro: training" not in again.err  # every run reused from the store
+    assert (tmp_path / "results.md").read_text().split("\n", 6)[6] == page.split("\n", 6)[6]
