@@ -132,6 +132,9 @@ def test_plan_json(capsys):
         "memory_bytes",
         "layers",
         "moe_layers",
+        "expected_active_params",  # = active_params but for routers with a varying expert count
+        "expected_flops_per_token_fwd",
+        "expected_assumption",
     }
     assert got == plan(load_spec(QUICKSTART, ["model.moe.top_k=1"]).spec).to_dict()
     assert got["active_params"] < plan(load_spec(QUICKSTART).spec).active_params  # the override applied
