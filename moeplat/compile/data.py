@@ -177,7 +177,7 @@ def build_data(spec: Spec, base_dir: str = ".") -> tuple[LMDataModule, CorpusInf
         )
     else:
         dm = LMDataModule(np.asarray(streams[0][0]), np.asarray(streams[0][1]), **dm_kwargs)
-    dm.tokenizer = tok  # saved with the run (moeplat.train.run._save_tokenizer)
+    dm.tokenizer = tok  # saved with the run (moeplat.train.run_artifacts.save_tokenizer)
     return dm, _corpus_info(comps, splits, streams, dm, tok)
 
 

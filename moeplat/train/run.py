@@ -242,6 +242,7 @@ def _run(
     from moeplat.train.final_eval import run_final_eval
     from moeplat.train.interrupt import InterruptGuard
     from moeplat.train.plots import MoEPlots
+    from moeplat.train.run_artifacts import log_model, log_summary, save_tokenizer
     from moeplat.train.samples import samples_callback
     from moeplat.train.system import LMSystem
 
@@ -264,7 +265,7 @@ def _run(
     )
     if rank == 0:
         _save_state(run_dir, loaded, tracked, state.get("metrics_through"))
-        _save_tokenizer(datamodule, run_dir, tracked)
+        save_tokenizer(datamodule, run_dir, tracked)
 
     system = LMSystem(
         model,
@@ -292,7 +293,7 @@ def _run(
         if system.last_val.get("step") != trainer.global_step:
             trainer.validate(system, datamodule=datamodule, verbose=False)
         if spec.tracking.enabled and spec.tracking.log_model:
-            _log_model(trainer, system, tracked, loaded, run_dir)
+            log_model(trainer, system, tracked, loaded, run_dir)
         if spec.train.eval is not None:
             run_final_eval(trainer, loaded, datamodule, rank, final_eval)
         status = "FINISHED"
@@ -310,7 +311,7 @@ def _run(
     finally:  # whatever happened, what was measured reaches MLflow and the run is closed
         if tracked:
             wall_s = time.perf_counter() - t_start
-            _log_summary(tracked, trainer.logger, corpus, trainer.global_step, wall_s, throughput)
+            log_summary(tracked, trainer.logger, corpus, trainer.global_step, wall_s, throughput)
             final_tags = dict((end_tags or {}).get(status, {}))
             if error:
                 final_tags["moeplat.error"] = error[:5000]
@@ -337,15 +338,6 @@ def _run(
         val_bpb=system.last_val.get("val/bpb"),
         unigram_baseline_bpb=getattr(corpus, "unigram_baseline_bpb", None),
     )
-
-
-def _save_tokenizer(datamodule, run_dir: Path, tracked) -> None:
-    """tokenizer.json in the run directory and as the MLflow artifact tokenizer/tokenizer.json, so
-    the run's token ids can be decoded later (the byte tokenizer has no file: ids are bytes)."""
-    tok = getattr(datamodule, "tokenizer", None)
-    path = tok.save(run_dir) if tok is not None else None
-    if path is not None and tracked:
-        tracked.log_artifact(str(path), "tokenizer")
 
 
 def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progress: bool, state: dict):
@@ -379,39 +371,3 @@ def _resumable(run_dir: Path, state: dict):
         skip_through=state.get("metrics_through") or {},
         on_uncovered=lambda through: _record_metrics_through(run_dir, through),
     )
-
-
-def _log_model(trainer, system, tracked, loaded: LoadedSpec, run_dir: Path) -> None:
-    """The final weights and resolved spec as the run's model/ artifact (moeplat.train.model_artifact).
-    Every rank takes part in gathering the state dict (sharded strategies); rank 0 writes it."""
-    from moeplat.train.model_artifact import save_model_artifact
-
-    state_dict = trainer.strategy.lightning_module_state_dict()
-    if tracked:
-        save_model_artifact(
-            tracked, state_dict, loaded, run_dir, trainer.global_step, system.last_val.get("val/loss")
-        )
-
-
-def _log_summary(tracked, logger, corpus, step: int, wall_s: float, throughput) -> None:
-    """Run-level figures; val/loss itself was logged by the last validation. Through the logger,
-    which sends what this attempt still holds first (a resumed attempt logs them once more, at
-    its own last step, unless an earlier attempt already did at this step)."""
-    rows = {
-        "data/unigram_baseline": corpus.unigram_baseline,
-        **{
-            f"data/{k}": getattr(corpus, k)
-            for k in ("unigram_baseline_bpb", "bytes_per_token")
-            if getattr(corpus, k, None) is not None
-        },
-        "perf/wall_s": wall_s,
-        "perf/tokens_seen": step * throughput.tokens_per_step,
-    }
-    logger.release()
-    logger.log_metrics(rows, step=step)
-    logger.finalize("success")
-    if throughput.device_name:  # known once training started
-        tags = {"moeplat.device_name": throughput.device_name}
-        if throughput.peak_tflops:
-            tags["moeplat.peak_tflops"] = throughput.peak_tflops
-        tracked.set_tags(tags)
