@@ -13,7 +13,9 @@ step and zero_grad (no gradient clipping, no schedule, no data loading):
   hidden size top_k * d_ff (+ the shared experts' width), the same active FFN parameters per token;
 - `hf:<family>:<impl>`: transformers' causal LM of the family that computes the same function
   (moeplat.interop.hf_model.to_hf_model: the same weights, checked by the logits at build), once per
-  experts implementation transformers has; those that do not run here are listed as skipped. Its
+  experts implementation transformers has; those that do not run here (deepgemm: bfloat16 only;
+  sonicmoe: CUDA only) are listed as skipped, and so is batched_mm where its per-slot copies of the
+  expert weights would pass 1 GiB (6 GiB at the quick-start's batch: it is meant for decoding). Its
   loss is cross-entropy plus router_aux_loss_coef * its load-balancing loss (what the Mixtral
   family computes when asked for router logits); AdamW with the same groups and settings;
 - `moeplat:moe, compiled` (opt-in): torch.compile of the moeplat model, compile time excluded.
@@ -38,12 +40,14 @@ from torch import nn
 from moeplat.compile.model import build_model
 from moeplat.compile.optim import build_optimizer
 from moeplat.nn import DenseFFN, MoELayer
+from moeplat.nn.experts import ffn_matrices
 from moeplat.nn.profiling import OPTIMIZER, phase, ranges_off
 from moeplat.spec import load_spec
 
 REFERENCE_SPEC = "specs/quickstart.yaml"
 REFERENCE_DENSE = "specs/quickstart-dense.yaml"
 BASELINE = "moeplat:moe"
+BATCHED_MM_MAX_BYTES = 2**30  # transformers' batched_mm above this is skipped (see _batched_mm_bytes)
 
 
 @dataclass
@@ -109,6 +113,18 @@ def dense_counterpart(model: nn.Module, seed: int = 0) -> nn.Module:
     return dense
 
 
+def _batched_mm_bytes(model: nn.Module, tokens: int) -> int:
+    """float32 bytes of the per-slot weight copies transformers' batched_mm experts gather and keep
+    for backward (`gate_up_proj[expert_ids]`, `down_proj[expert_ids]`: [T*K, D, 2F] and [T*K, F, D]
+    per layer): 6 GiB at the quick-start's 2048 tokens, where the step crawls and swaps."""
+    total = 0
+    for block in model.blocks:
+        if isinstance(block.ffn, MoELayer):
+            ex = block.ffn.experts
+            total += tokens * block.ffn.top_k * ex.d_model * ex.d_ff * (ffn_matrices(ex.activation)) * 4
+    return total
+
+
 def hf_candidates(model: nn.Module, spec, x_BS, y_BS, device) -> tuple[list[Candidate], dict]:
     """One candidate per experts implementation (skipped where it does not run here), and the
     largest |logits difference| to moeplat's per implementation (the same function, checked)."""
@@ -127,6 +143,11 @@ def hf_candidates(model: nn.Module, spec, x_BS, y_BS, device) -> tuple[list[Cand
     model.train()
     cands, diffs = [], {}
     for impl in all_experts_implementations():
+        gathered = _batched_mm_bytes(model, x_BS.numel())
+        if impl == "batched_mm" and gathered > BATCHED_MM_MAX_BYTES:
+            note = f"skipped: copies expert weights per routed slot, {gathered / 2**30:.1f} GiB here (for decoding)"
+            cands.append(Candidate(f"hf:{family}:{impl}", None, note))
+            continue
         hf_model = copy.deepcopy(base).to(device)
         try:
             hf_model.set_experts_implementation(impl)
@@ -301,4 +322,10 @@ def format_e2e(r: dict) -> str:
         f"{'phase':<42} {'ms/step':>8} {'share':>7}",
     ]
     lines += [f"{q['phase']:<42} {q['ms']:>8.1f} {q['share']:>7.1%}" for q in p["phases"]]
+    cost_ms = p["ranges_per_step"] * p["range_us"] / 1e3
+    lines.append(
+        f"the phase ranges: {p['ranges_per_step']:.0f} per step at {p['range_us']:.1f} us each = "
+        f"{cost_ms:.2f} ms/step unprofiled ({cost_ms / p['step_ms']:.2%}); "
+        f"row '{BASELINE}, no ranges' times the step without them"
+    )
     return "\n".join(lines)

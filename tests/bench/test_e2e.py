@@ -54,6 +54,8 @@ def test_phases_are_positive_and_add_up_to_the_profiled_step(tiny_result):
     assert sum(p["ms"] for n, p in phases.items() if n != OTHER) <= prof["step_ms"] * 1.001
     assert total == pytest.approx(prof["step_ms"], rel=1e-6)
     assert sum(p["share"] for p in phases.values()) == pytest.approx(1.0)
+    # tiny: 2 MoE layers x (attention, router, dispatch, experts, combine, aux losses, stats) + optimizer
+    assert prof["ranges_per_step"] == 2 * 7 + 1 and prof["range_us"] > 0
     text = format_e2e(tiny_result)
     assert "== end to end:" in text and "expert GEMMs" in text and "hf:mixtral:grouped_mm" in text
 
