@@ -87,7 +87,7 @@ def hf_step(hf_model: nn.Module, opt, x_BS: torch.Tensor, y_BS: torch.Tensor) ->
     coef = getattr(hf_model.config, "router_aux_loss_coef", 0.0) or 0.0
 
     def step() -> None:
-        out = hf_model(input_ids=x_BS, output_router_logits=bool(coef), use_cache=False)
+        out = hf_model(input_ids=x_BS, use_cache=False, **({"output_router_logits": True} if coef else {}))
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), y_BS.flatten())
         if coef:
             loss = loss + coef * out.aux_loss
@@ -121,7 +121,7 @@ def _batched_mm_bytes(model: nn.Module, tokens: int) -> int:
     for block in model.blocks:
         if isinstance(block.ffn, MoELayer):
             ex = block.ffn.experts
-            total += tokens * block.ffn.top_k * ex.d_model * ex.d_ff * (ffn_matrices(ex.activation)) * 4
+            total += tokens * block.ffn.top_k * ex.d_model * ex.d_ff * ffn_matrices(ex.activation) * 4
     return total
 
 
@@ -142,8 +142,8 @@ def hf_candidates(model: nn.Module, spec, x_BS, y_BS, device) -> tuple[list[Cand
         ref = model.eval()(x_BS).logits_BSV.float()
     model.train()
     cands, diffs = [], {}
+    gathered = _batched_mm_bytes(model, x_BS.numel())
     for impl in all_experts_implementations():
-        gathered = _batched_mm_bytes(model, x_BS.numel())
         if impl == "batched_mm" and gathered > BATCHED_MM_MAX_BYTES:
             note = f"skipped: copies expert weights per routed slot, {gathered / 2**30:.1f} GiB here (for decoding)"
             cands.append(Candidate(f"hf:{family}:{impl}", None, note))
