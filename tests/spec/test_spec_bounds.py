@@ -49,6 +49,7 @@ UNPLACED = {
     "TextFilesSource": "needs text files (its only number, max_bytes, is PythonStdlibSource's too)",
     "HfDatasetSource": "needs dataset files (its only number, max_bytes, is PythonStdlibSource's too)",
     "SamplesSpec": "needs prompts (text); its bounds are probed in tests/train/test_samples.py",
+    "EvalTasks": "needs task names (text); its bounds are probed in tests/spec/test_spec_eval_tasks.py",
 }
 
 

@@ -47,3 +47,11 @@ def test_a_missing_include_path_and_bad_task_names_are_spec_errors(tmp_path, cap
         load_spec(_spec(tmp_path, "{tasks: []}"))
     with pytest.raises(SpecError, match=r"train\.eval\.limit"):
         load_spec(_spec(tmp_path, "{tasks: [a], limit: 0}"))
+
+
+def test_num_fewshot_and_limit_at_and_past_their_bounds(tmp_path):
+    """The spec bound probe cannot place train.eval (it needs task names), so its numbers are here."""
+    ev = load_spec(_spec(tmp_path, "{tasks: [a], num_fewshot: 0, limit: 1}")).spec.train.eval
+    assert ev.num_fewshot == 0 and ev.limit == 1
+    with pytest.raises(SpecError, match=r"train\.eval\.num_fewshot"):
+        load_spec(_spec(tmp_path, "{tasks: [a], num_fewshot: -1}"))
