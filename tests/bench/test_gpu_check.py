@@ -45,6 +45,7 @@ def test_dry_run_passes_every_step_and_writes_its_figures(tmp_path):
     assert {r["candidate"] for r in bench["layers"]} >= {"dense", "moeplat:sorted"}
     (memory,) = bench["memory"]
     assert memory["spec"] == "tiny" and 0.75 <= memory["ratio"] <= 1.25
+    assert bench["e2e"]["rows"][0]["candidate"] == "moeplat:moe" and bench["e2e"]["batch"] == [4, 32]
     runs = results["runs"]
     for name in ("eager", "compile"):
         assert runs[name]["status"] == "FINISHED" and runs[name]["tokens_per_s_median"] > 0
