@@ -25,6 +25,7 @@ __all__ = [
     "MLPExperts",
     "SwiGLUExperts",
     "dispatch_capacity",
+    "dispatch_few",
     "dispatch_loop",
     "dispatch_sorted",
 ]
@@ -235,6 +236,28 @@ def _probe_grouped_mm(D: int, Fh: int, device: torch.device, dtype: torch.dtype)
 
 
 Dispatcher = Callable[[MLPExperts, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dispatch_few(
+    experts: MLPExperts,
+    x_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+) -> torch.Tensor:
+    """Few slots (a decoding step: T*K no more than E): one expert call per kept slot, on views of
+    that expert's weights, instead of a pass over every expert (most of them empty) or a sort.
+    The same function as dispatch_loop; MoELayer picks it by itself outside autograd. Reading
+    the kept slots' experts costs one host sync, which a decoding step pays anyway."""
+    acc = _accumulate_dtype(x_TD)
+    y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
+    token_N, slot_N = keep_TK.nonzero(as_tuple=True)
+    weight_N = topk_weight_TK[token_N, slot_N].to(acc)
+    with phase(EXPERTS):
+        for n, (t, e) in enumerate(zip(token_N.tolist(), topk_idx_TK[token_N, slot_N].tolist())):
+            y_TD[t] += experts(x_TD[t : t + 1], e)[0].to(acc) * weight_N[n]
+    return y_TD.to(x_TD.dtype)
+
 
 DISPATCHERS: dict[str, Dispatcher] = {
     "loop": dispatch_loop,

@@ -58,7 +58,9 @@ class Block(nn.Module):
             a_BSD = self.attn(a_BSD) if cache is None else self.attn(a_BSD, cache=cache)
         h_BSD = x_BSD + a_BSD
         # an MoELayer, or one sharded by moeplat.parallel (ExpertParallelMoE, same signature)
-        if isinstance(self.ffn, MoELayer) or getattr(self.ffn, "shards_moe_layer", False):
+        if isinstance(self.ffn, MoELayer) and cache is not None:  # decoding: no telemetry to keep
+            out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, telemetry=False)
+        elif isinstance(self.ffn, MoELayer) or getattr(self.ffn, "shards_moe_layer", False):
             out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, step_load=step_load)
         else:
             out = self.ffn(self.ffn_norm(h_BSD))

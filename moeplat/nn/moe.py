@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moeplat.nn.capacity import DROP_POLICIES, capacity_keep_mask, expert_capacity
-from moeplat.nn.dispatch import DISPATCHERS
+from moeplat.nn.dispatch import DISPATCHERS, dispatch_few
 from moeplat.nn.experts import DenseFFN, MLPExperts
 from moeplat.nn.losses import (
     communication_balance_loss,
@@ -46,7 +46,7 @@ class MoEOutput:
     #   "sequence_balance", "variance"; "device_balance", "communication_balance" (num_devices
     #   set); "z_loss" (routers with logits); "load" (noisy_topk in training); "reinforce"
     #   (policy routers, once rewarded); "dynamic" (its coefficient set)
-    stats: RoutingStats  # detached routing statistics (moeplat.nn.stats)
+    stats: RoutingStats | None  # detached routing statistics (moeplat.nn.stats); None: telemetry off
     policy_logprob_T: torch.Tensor | None = None  # policy routers in training: awaits the reward
     # float32 [E] routed slots per expert before capacity drops, of the tokens the losses saw
     # (global-batch balancing sums them over micro-batches and ranks: moeplat.nn.balance)
@@ -230,19 +230,31 @@ class MoELayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, step_load: StepLoadArg = None
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        step_load: StepLoadArg = None,
+        telemetry: bool = True,
     ) -> MoEOutput:
         """x: [..., D]; token_ids: the token ids of x's positions, [...] (needed by hash routing);
         step_load: the optimizer step's expert frequencies for balance_loss_scope "global_batch"
-        (f_E, or a function of this forward's routed counts [E], moeplat.nn.balance.StepLoad)."""
+        (f_E, or a function of this forward's routed counts [E], moeplat.nn.balance.StepLoad).
+        telemetry False (inference, e.g. decoding): no auxiliary losses (aux_loss 0, losses {})
+        and no routing statistics (stats None), which are most of a one-token step's work.
+
+        Outside autograd with no more slots than experts (a decoding step), the experts run slot by
+        slot (dispatch_few) whatever the dispatcher: the same function, without
+        a loop over mostly empty experts."""
         x_TD = x.reshape(-1, x.shape[-1])
         with phase(ROUTER):  # named ranges: moeplat bench's per-phase breakdown
             route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
             keep_TK = self.keep_mask(route.topk_idx_TK, route.valid_TK, route.topk_weight_TK)
         sized = {"capacity": self.capacity(*keep_TK.shape)} if self.dispatch == "capacity" else {}
+        few = not torch.is_grad_enabled() and keep_TK.numel() <= self.num_experts
+        dispatch = dispatch_few if few else DISPATCHERS[self.dispatch]
         with phase(DISPATCH):
-            y_TD = DISPATCHERS[self.dispatch](
-                self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK, **sized
+            y_TD = dispatch(
+                self.experts, x_TD, route.topk_idx_TK, route.topk_weight_TK, keep_TK, **({} if few else sized)
             )
         if self.shared is not None:
             with phase(EXPERTS):  # shared experts are expert GEMMs too
@@ -254,6 +266,9 @@ class MoELayer(nn.Module):
                 y_TD = y_TD * c_T2[:, :1] + shared_TD * c_T2[:, 1:]
             else:
                 y_TD = y_TD + shared_TD
+        if not telemetry:
+            aux_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            return MoEOutput(y_TD.reshape(x.shape), aux_loss, {}, None, route.logprob_T)
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
         with phase(AUX_LOSSES):
             aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load)

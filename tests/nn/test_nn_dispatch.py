@@ -186,3 +186,55 @@ def test_expert_dropout_randomises_training_only(fn, path, monkeypatch):
         y1, y2 = fn(experts, x, idx, w, keep), fn(experts, x, idx, w, keep)
     assert not torch.allclose(y1, y2, atol=1e-4)
     assert not torch.allclose(y1, y_eval, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize(("T", "K"), [(1, 1), (1, 2), (3, 2), (2, 4)])
+def test_few_slot_dispatch_equals_loop(activation, T, K):
+    """Decoding's path: one expert call per kept slot; unkept slots are skipped whatever index
+    they hold; equal to the loop reference in float64."""
+    from moeplat.nn import MLPExperts
+    from moeplat.nn.dispatch import dispatch_few
+
+    torch.manual_seed(T * 10 + K)
+    E, D, F = 8, 6, 10
+    experts = MLPExperts(E, D, F, activation).double()
+    x_TD = torch.randn(T, D, dtype=torch.float64)
+    idx, w = _routing(T, E, K, seed=T + K)
+    keep = torch.rand(T, K) < 0.7
+    keep[0, 0] = True
+    ref = dispatch_loop(experts, x_TD, idx, w, keep)
+    junk = torch.where(keep, idx, torch.tensor(-1))  # e.g. top-p's unused slots
+    torch.testing.assert_close(dispatch_few(experts, x_TD, junk, w, keep), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_the_layer_takes_the_few_slot_path_only_outside_autograd_with_few_slots(monkeypatch):
+    from moeplat.nn import MoELayer, TopKRouter
+    from moeplat.nn import dispatch as dispatch_module
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 8, 2, 12, router=TopKRouter(8, 8, 2), dispatch="sorted").double().eval()
+    calls = []
+    real = dispatch_module.dispatch_few
+    monkeypatch.setattr("moeplat.nn.moe.dispatch_few", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x_TD = torch.randn(3, 8, dtype=torch.float64)
+    with_grad = layer(x_TD).y  # 6 slots <= 8 experts, but autograd is on: the sorted path
+    assert calls == []
+    with torch.no_grad():
+        fast = layer(x_TD).y
+        assert calls == [1]
+        layer(torch.randn(5, 8, dtype=torch.float64))  # 10 slots > 8 experts: sorted again
+        assert calls == [1]
+    torch.testing.assert_close(fast, with_grad.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_telemetry_off_computes_the_same_output_and_nothing_else():
+    from moeplat.nn import MoELayer, TopKRouter
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 4, 2, 12, router=TopKRouter(8, 4, 2), balance_coef=0.01, z_loss_coef=1e-3).eval()
+    x = torch.randn(2, 5, 8)
+    full, bare = layer(x), layer(x, telemetry=False)
+    torch.testing.assert_close(bare.y, full.y, rtol=0, atol=0)
+    assert full.aux_loss > 0 and full.stats is not None and full.losses
+    assert bare.aux_loss.item() == 0.0 and bare.stats is None and bare.losses == {}
