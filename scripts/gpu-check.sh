@@ -57,7 +57,7 @@ echo "gpu-check: python $py ($from), torch $("$py" -c 'import torch; print(torch
 if ((dry)); then
   device=cpu accelerator=cpu precision=32-true spec=tests/fixtures/tiny.yaml steps=6 every=2
   bench=(--grid quick --tokens 64 --repeats 1 --warmup 0 --memory-spec tests/fixtures/tiny.yaml
-    --e2e-spec tests/fixtures/tiny.yaml --e2e-rounds 1 --e2e-steps 1)
+    --e2e-spec tests/fixtures/tiny.yaml --e2e-rounds 1 --e2e-steps 1 --gen-tokens 16)
   tests=(tests/parallel/test_expert_parallel.py -m "not slow")
   # inductor takes about a minute on a 2-core CPU: the dry run checks the plumbing, not the compiler
   compile_env=(TORCH_COMPILE_DISABLE=1) compile_note="dry run: TORCH_COMPILE_DISABLE=1"
