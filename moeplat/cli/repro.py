@@ -53,9 +53,8 @@ def _header(args, seeds: list[int], uri: str) -> str:
     import torch
 
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
+        git = ["git", "-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "--short", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
     scale = (
