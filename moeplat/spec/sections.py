@@ -148,7 +148,10 @@ class EvalTasks(Strict):
             return [("include_path", "must stay inside the spec roots")]
         if not local.is_dir():
             return [
-                ("include_path", f"{local} is not a directory of task YAML files (a relative path starts at the spec file)")
+                (
+                    "include_path",
+                    f"{local} is not a directory of task YAML files (a relative path starts at the spec file)",
+                )
             ]
         self._include_dir = str(local.resolve())
         return []
