@@ -273,17 +273,16 @@ class MoELayer(nn.Module):
         with phase(AUX_LOSSES):
             aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load)
         with phase(STATS):
-            stats = routing_stats(
-                route.probs_TE,
-                route.topk_idx_TK,
-                keep_TK,
-                self.num_experts,
-                route.valid_TK,
-                route.bias_E,
-                route.null_slots(self.num_experts),
-            )
-            routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
+            stats, routed_E = self.statistics(route, keep_TK)
         return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T, routed_E)
+
+    def statistics(self, route: RouterOutput, keep_TK: torch.Tensor) -> tuple[RoutingStats, torch.Tensor]:
+        """(routing statistics, routed slots per expert [E]) of a routing decision."""
+        E = self.num_experts
+        stats = routing_stats(
+            route.probs_TE, route.topk_idx_TK, keep_TK, E, route.valid_TK, route.bias_E, route.null_slots(E)
+        )
+        return stats, routed_counts(route.topk_idx_TK, E, route.valid_TK)
 
     def _losses(
         self, route: RouterOutput, batch_seq: tuple[int, int], step_load: StepLoadArg = None

@@ -37,10 +37,8 @@ from torch import nn
 
 from moeplat.nn.dispatch import _accumulate_dtype, _segmented_mlp, dispatch_sorted
 from moeplat.nn.experts import MLPExperts
-from moeplat.nn.losses import routed_counts
 from moeplat.nn.moe import MoELayer, MoEOutput, StepLoadArg
 from moeplat.nn.routers import NullRoute, RouterOutput
-from moeplat.nn.stats import routing_stats
 from moeplat.parallel.all_to_all import (
     all_gather_rows,
     all_to_all,
@@ -136,16 +134,7 @@ class ExpertParallelMoE(nn.Module):
         if self.balance_scope == "global":
             route, keep_TK = _gather_route(route, keep_TK, self.groups.dp_group)
         aux_loss, losses = self._moe._losses(route, (route.probs_TE.shape[0] // S, S), step_load)
-        stats = routing_stats(
-            route.probs_TE,
-            route.topk_idx_TK,
-            keep_TK,
-            self.num_experts,
-            route.valid_TK,
-            route.bias_E,
-            route.null_slots(self.num_experts),
-        )
-        routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
+        stats, routed_E = self._moe.statistics(route, keep_TK)
         return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T, routed_E)
 
     def _keep_mask(self, route: RouterOutput) -> torch.Tensor:
