@@ -16,7 +16,7 @@ from moeplat.spec import load_spec
 
 BROKEN = Path(__file__).parent / "broken"
 ROUTER_KINDS = (
-    "'topk', 'switch', 'noisy_topk', 'gshard', 'hash', 'random', 'sigmoid_bias', 'group_limited', "
+    "'topk', 'top_p', 'switch', 'noisy_topk', 'gshard', 'hash', 'random', 'sigmoid_bias', 'group_limited', "
     "'sinkhorn', 'expert_choice', 'reinforce'"
 )
 QUICKSTART = Path(__file__).resolve().parents[2] / "specs" / "quickstart.yaml"
@@ -73,7 +73,7 @@ CORPUS: dict[str, list[Want]] = {
     ],
     "unknown_kind.yaml": [
         bad_kind("model.moe.layers.kind", 5, "'all', 'every', 'first_dense', 'list'", "every"),
-        bad_kind("model.moe.router.kind", 6, ROUTER_KINDS, "topk"),
+        bad_kind("model.moe.router.kind", 6, ROUTER_KINDS, "top_p"),  # topp is nearest to top_p
         bad_kind("model.moe.capacity.kind", 7, "'dropless', 'factor'", "factor"),
         bad_kind("model.moe.dispatch.kind", 8, "'loop', 'sorted'", None),  # "banana" is close to nothing
         bad_kind("data.source.kind", 10, "'python_stdlib', 'text_files'", "python_stdlib"),

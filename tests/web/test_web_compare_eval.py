@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from browser import browser  # noqa: F401  (a fixture: pytest finds it by name here)
 from mlflow import MlflowClient
 from postgres import free_port
 
@@ -77,7 +76,7 @@ def server(tmp_path):
             proc.wait(timeout=30)
 
 
-def test_compare_page_has_a_column_per_eval_score(server, browser):  # noqa: F811
+def test_compare_page_has_a_column_per_eval_score(server, browser):
     url, (a, b) = server
     page = browser.new_page()
     errors: list[str] = []

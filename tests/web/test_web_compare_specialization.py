@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from browser import browser  # noqa: F401  (a fixture: pytest finds it by name here)
 from mlflow import MlflowClient
 from postgres import free_port
 
@@ -69,7 +68,7 @@ def _table(page, url: str, ids: list[str]) -> list[str]:
     return page.locator("#compare-runs th[data-metric]").all_inner_texts()
 
 
-def test_compare_page_has_a_specialization_column_only_for_mixture_runs(app_url, browser):  # noqa: F811
+def test_compare_page_has_a_specialization_column_only_for_mixture_runs(app_url, browser):
     url, uri = app_url
     mixed, single = _runs(uri, [{"val/loss": 2.5, "moe/specialization": 0.3125}, {"val/loss": 2.25}])
     page = browser.new_page()

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from browser import browser  # noqa: F401  (a fixture: pytest finds it by name here)
 from route_fixture import stored_run
 
 from moeplat.server.app import create_app
@@ -69,7 +68,7 @@ def stack(tmp_path):
         thread.join(timeout=30)
 
 
-def test_run_page_makes_and_shows_the_routing_view(stack, browser):  # noqa: F811
+def test_run_page_makes_and_shows_the_routing_view(stack, browser):
     url, run_id = stack
     page = browser.new_page()
     dialogs = []

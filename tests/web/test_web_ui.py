@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browser import browser  # noqa: F401  (a fixture: pytest finds it by name here)
 from postgres import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,7 +165,7 @@ def _wait_state(page, job_id: int, states: tuple[str, ...], timeout_s: float) ->
 
 
 @pytest.mark.slow
-def test_edit_launch_watch_compare(stack, browser, artifacts):  # noqa: F811
+def test_edit_launch_watch_compare(stack, browser, artifacts):
     context = browser.new_context(viewport={"width": 1360, "height": 860}, device_scale_factor=1)
     page = context.new_page()
     errors: list[str] = []
@@ -283,7 +282,7 @@ trials:
 
 
 @pytest.mark.slow
-def test_sweep_study_pareto_and_importances(stack, browser, artifacts):  # noqa: F811
+def test_sweep_study_pareto_and_importances(stack, browser, artifacts):
     """A sweep launched from the editor: the compare page of its job draws the study's trials with
     the Pareto front highlighted, the importances, and curves of its trial runs."""
     page = browser.new_page(viewport={"width": 1360, "height": 1000})
@@ -317,7 +316,7 @@ def test_sweep_study_pareto_and_importances(stack, browser, artifacts):  # noqa:
     page.close()
 
 
-def test_token_field_when_the_server_needs_one(browser, tmp_path):  # noqa: F811
+def test_token_field_when_the_server_needs_one(browser, tmp_path):
     """With a token configured the UI asks for it, keeps it in localStorage and sends it."""
     if not (DIST / "index.html").is_file():
         pytest.skip("web/dist is not built: run `make web` (needs npm)")
