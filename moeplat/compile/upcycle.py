@@ -69,16 +69,29 @@ def resolve_checkpoint(path: str) -> Path:
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The model weights in `path` (see resolve_checkpoint), keys as in TransformerLM.state_dict()."""
+    return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the model weights, as load_state_dict gives them; the whole object read from the file:
+    a Lightning checkpoint's global_step and the rest), the file read once."""
     file = resolve_checkpoint(path)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding arbitrary objects
         raise _error(f"{file} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    weights = obj
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning: LMSystem.model.*
-        obj = {k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")}
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        weights = {
+            k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")
+        }
+    if (
+        not isinstance(weights, dict)
+        or not weights
+        or not all(isinstance(v, torch.Tensor) for v in weights.values())
+    ):
         raise _error(f"{file} holds neither a moeplat checkpoint nor a state_dict of tensors")
-    return obj
+    return weights, obj
 
 
 def upcycle_from_spec(spec: Spec, model: TransformerLM) -> bool:

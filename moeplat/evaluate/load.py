@@ -105,7 +105,7 @@ def _from_checkpoint(ckpt: Path) -> LoadedModel:
     """A .ckpt inside a run directory (runs/NAME/TIME/checkpoints/X.ckpt): the spec is the run's
     spec files with its overrides (run.json), the weights the checkpoint's."""
     from moeplat.compile.model import build_model
-    from moeplat.compile.upcycle import load_state_dict
+    from moeplat.compile.upcycle import load_checkpoint
     from moeplat.errors import SpecError
     from moeplat.spec import load_spec
 
@@ -115,7 +115,7 @@ def _from_checkpoint(ckpt: Path) -> LoadedModel:
         raise ModelNotFound(f"{ckpt} is not inside a moeplat run directory (no run.json beside checkpoints/)")
     try:
         loaded_spec = load_spec(state["spec_files"][0], state.get("overrides") or [])
-        weights = load_state_dict(str(ckpt))
+        weights, whole = load_checkpoint(str(ckpt))
     except (SpecError, FileNotFoundError) as e:
         raise ModelNotFound(f"{ckpt}: {e}") from None
     model = build_model(loaded_spec.spec)
@@ -123,7 +123,7 @@ def _from_checkpoint(ckpt: Path) -> LoadedModel:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ModelNotFound(f"{ckpt} does not fit the spec {state['spec_files'][0]}: {e}") from None
-    step = torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step")
+    step = whole.get("global_step")
     tok = _tokenizer(loaded_spec.spec, run_dir, loaded_spec.base_dir)
     meta = {
         "step": step,
