@@ -158,12 +158,11 @@ class TrackedRun:
 
     def _create(self, experiment: str, run_name: str | None) -> str:
         """The new MLflow run's id; with a spool and no server, a local id and a spooled `create`."""
-        from moeplat.track.spool import is_unreachable, new_local_id
+        from moeplat.track.spool import experiment_id, is_unreachable, new_local_id
 
         if self.spool is None or self._up():
             try:
-                exp = self.client.get_experiment_by_name(experiment)
-                exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+                exp_id = experiment_id(self.client, experiment)
                 return self.client.create_run(exp_id, run_name=run_name, tags=job_tags()).info.run_id
             except Exception as e:
                 if self.spool is None or not is_unreachable(e):

@@ -232,12 +232,27 @@ def send(client, record: dict) -> str | None:
     return None
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing. Two runs starting at once (a sweep's
+    workers, `xargs -P`) both find it missing; the loser's create fails on the unique name and it
+    takes the winner's."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 def create_run(client, record: dict) -> str:
     """The MLflow run of a run that started while the server was away; the one an earlier,
     interrupted replay created if there is one. Children created before it are attached to it."""
     local = record["run_id"]
-    exp = client.get_experiment_by_name(record["experiment"])
-    exp_id = exp.experiment_id if exp else client.create_experiment(record["experiment"])
+    exp_id = experiment_id(client, record["experiment"])
     existing = find_local(client, local, [exp_id])
     if existing:
         return existing
