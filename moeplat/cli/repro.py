@@ -27,6 +27,9 @@ def cmd_repro(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
     known = {f.key: f for f in FINDINGS}
     wanted = [k.strip() for k in args.only.split(",")] if args.only else list(known)
     unknown = [k for k in wanted if k not in known]
@@ -39,7 +42,9 @@ def cmd_repro(args) -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
     variants = list(dict.fromkeys(v for f in findings for v in f.variants))
-    records = run_all(variants, seeds, quick=args.quick, tracking_uri=uri, runs_root=Path(args.runs_dir))
+    records = run_all(
+        variants, seeds, quick=args.quick, tracking_uri=uri, runs_root=Path(args.runs_dir), jobs=args.jobs
+    )
     page = results_page(findings, records, seeds, _header(args, seeds, uri))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +89,9 @@ def add_commands(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a reduced version (small model, few steps; for CI)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0,1)")
     p.add_argument("--only", help="comma-separated finding keys (default: all)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, CPU threads split between them (default 1)"
+    )
     p.add_argument("-o", "--output", default="docs/results.md", help="results page (default docs/results.md)")
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
     p.add_argument(

@@ -45,21 +45,56 @@ def _stderr(message: str) -> None:
 
 
 def run_all(
-    variants: list[str], seeds: list[int], *, quick: bool, tracking_uri: str, runs_root: Path, log=_stderr
+    variants: list[str],
+    seeds: list[int],
+    *,
+    quick: bool,
+    tracking_uri: str,
+    runs_root: Path,
+    jobs: int = 1,
+    log=_stderr,
 ) -> dict[tuple[str, int], Record]:
+    """With `jobs` > 1 the missing runs train `jobs` at a time, each in its own process with
+    the CPU threads split between them (small models use 2 cores better as 2 runs than as one)."""
     from moeplat.spec import load_spec
 
     experiment = QUICK_EXPERIMENT if quick else EXPERIMENT
-    records = {}
+    records, missing = {}, []
     for name in variants:
         for seed in seeds:
             v = VARIANTS[name]
-            loaded = load_spec(spec_path(v.spec), overrides(v, seed, quick, experiment))
+            sets = overrides(v, seed, quick, experiment)
+            loaded = load_spec(spec_path(v.spec), sets)
             key = f"{name}|seed={seed}|quick={quick}|{loaded.spec_hash}"
-            records[name, seed] = _reuse(tracking_uri, key, name, seed) or _train(
-                loaded, key, name, seed, tracking_uri, runs_root, log
-            )
+            found = _reuse(tracking_uri, key, name, seed)
+            if found:
+                records[name, seed] = found
+            else:
+                missing.append((v.spec, sets, key, name, seed))
+    if jobs <= 1:
+        for spec, sets, key, name, seed in missing:
+            records[name, seed] = _train(spec, sets, key, name, seed, tracking_uri, runs_root, log)
+        return records
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")  # no forked torch / MLflow state in the children
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_threads, initargs=(threads,)) as pool:
+        futures = {
+            (name, seed): pool.submit(_train, spec, sets, key, name, seed, tracking_uri, runs_root, log)
+            for spec, sets, key, name, seed in missing
+        }
+        for pair, future in futures.items():
+            records[pair] = future.result()
     return records
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _reuse(tracking_uri: str, key: str, name: str, seed: int) -> Record | None:
@@ -69,9 +104,11 @@ def _reuse(tracking_uri: str, key: str, name: str, seed: int) -> Record | None:
     return _record(tracking_uri, done[0]["run_id"], name, seed) if done else None
 
 
-def _train(loaded, key, name, seed, tracking_uri, runs_root, log) -> Record:
+def _train(spec, sets, key, name, seed, tracking_uri, runs_root, log) -> Record:
+    from moeplat.spec import load_spec
     from moeplat.train.run import run
 
+    loaded = load_spec(spec_path(spec), sets)
     log(f"repro: training {name} seed {seed} ({loaded.spec.train.max_steps} steps)")
     result = run(loaded, runs_root=runs_root, tracking_uri=tracking_uri, progress=False, tags={KEY_TAG: key})
     return _record(tracking_uri, result.run_id, name, seed)

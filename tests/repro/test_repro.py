@@ -103,22 +103,25 @@ def test_bad_flags_are_usage_errors(capsys):
     assert "at least two different" in capsys.readouterr().err
     assert main(["repro", "--only", "nope"]) == 2
     assert "unknown finding" in capsys.readouterr().err
+    assert main(["repro", "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_quick_repro_trains_writes_the_page_and_reuses_its_runs(tmp_path, capsys, monkeypatch):
-    """The whole --quick version (16 short runs, ~40 s on 2 cores): every finding measured."""
+def test_quick_repro_trains_writes_the_page_and_reuses_its_runs(tmp_path, capfd, monkeypatch):
+    """The whole --quick version (16 short runs, ~40 s on 2 cores): every finding measured. The
+    first pass trains 2 runs at a time in child processes; the second, in-process, reuses them all."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["repro", "--quick", "--tracking-uri", uri, "-o", "results.md"]
-    assert main(argv) == 0
-    first = capsys.readouterr()
+    assert main([*argv, "--jobs", "2"]) == 0
+    first = capfd.readouterr()
     assert first.err.count("repro: training") == 2 * len(VARIANTS)
     page = (tmp_path / "results.md").read_text()
     for f in FINDINGS:
         assert f"| {f.key} |" in page and f.figure in page
     assert "not measured" not in page and "n/a" not in page and "commit unknown" not in page
     assert main(argv) == 0
-    again = capsys.readouterr()
+    again = capfd.readouterr()
     assert "repro: training" not in again.err  # every run reused from the store
     assert (tmp_path / "results.md").read_text().split("\n", 6)[6] == page.split("\n", 6)[6]
