@@ -167,10 +167,30 @@ def trainer_kwargs(spec: Spec, strategy=None) -> dict:
 
 
 def checkpoint_callback(spec: Spec, dirpath: Path) -> ModelCheckpoint:
-    """checkpoint_every: N -> a checkpoint every N optimizer steps (all kept) plus last.ckpt;
-    null -> at every validation, the best by val/loss plus last.ckpt."""
+    """train.checkpoint.keep null (the default): checkpoint_every N -> a checkpoint every N
+    optimizer steps (all kept) plus last.ckpt; null -> at every validation, the best by val/loss
+    plus last.ckpt."""
     every = spec.train.checkpoint_every
     common = {"dirpath": dirpath, "save_last": True, "auto_insert_metric_name": False}
     if every:
         return ModelCheckpoint(every_n_train_steps=every, save_top_k=-1, filename="step{step:06d}", **common)
     return ModelCheckpoint(monitor="val/loss", save_top_k=1, filename="best-step{step:06d}", **common)
+
+
+def checkpoint_callbacks(spec: Spec, dirpath: Path) -> list[ModelCheckpoint]:
+    """The checkpoint writers of train.checkpoint.keep. Every value writes last.ckpt at each
+    checkpoint (every checkpoint_every steps, or at each validation), so a killed run resumes;
+    best and none have it deleted at the successful end (moeplat.compile.checkpoints). Two writers
+    only where they fire at different times (Lightning needs their state keys distinct)."""
+    keep, every = spec.train.checkpoint.keep, spec.train.checkpoint_every
+    if keep is None:
+        return [checkpoint_callback(spec, dirpath)]
+    when = {"every_n_train_steps": every} if every else {"monitor": "val/loss"}  # monitor: at validation
+    common = {"dirpath": dirpath, "auto_insert_metric_name": False}
+    if keep == "all":
+        return [ModelCheckpoint(save_top_k=-1, save_last=True, filename="step{step:06d}", **when, **common)]
+    best = {"monitor": "val/loss", "save_top_k": 1, "filename": "best-step{step:06d}", **common}
+    if keep == "best" and not every:
+        return [ModelCheckpoint(save_last=True, **best)]
+    last = ModelCheckpoint(save_top_k=0, save_last=True, **when, **common)
+    return [ModelCheckpoint(save_last=False, **best), last] if keep == "best" else [last]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from moeplat.compile.checkpoints import no_checkpoint_message
 from moeplat.errors import SpecError, SpecIssue
 from moeplat.nn import MoELayer, TransformerLM
 from moeplat.spec.root import Spec
@@ -55,6 +56,10 @@ def resolve_checkpoint(path: str) -> Path:
         for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt", *runs[-1:]):
             if candidate.is_file():
                 return candidate
+        newest = [p, *sorted(p.glob("*/run.json"))[-1:]]  # this run, or the newest of a directory of runs
+        for kept_none in (no_checkpoint_message(d if d == p else d.parent, "last.ckpt") for d in newest):
+            if kept_none:
+                raise _error(kept_none)
         raise _error(
             f"{path} is a directory without checkpoints/last.ckpt: neither a moeplat run directory "
             "nor a directory of runs"

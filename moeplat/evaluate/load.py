@@ -74,10 +74,14 @@ def _from_path(path: Path) -> LoadedModel:
     if path.is_dir() and (path / "model" / "weights.pt").is_file():
         return _from_model_dir(path / "model", path)
     if path.is_dir():
-        ckpt = path / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
+        from moeplat.compile.checkpoints import no_checkpoint_message, run_checkpoint
+
+        ckpt = run_checkpoint(path)
+        if ckpt is None:
+            kept_none = no_checkpoint_message(path, "its checkpoint or model/ (tracking.log_model)")
             raise ModelNotFound(
-                f"{path} is neither a run directory (checkpoints/last.ckpt, model/) nor a model/ directory"
+                kept_none
+                or f"{path} is neither a run directory (checkpoints/last.ckpt, model/) nor a model/ directory"
             )
         path = ckpt
     return _from_checkpoint(path)

@@ -157,6 +157,21 @@ class EvalTasks(Strict):
         return []
 
 
+class Checkpointing(Strict):
+    """Which checkpoint files a run leaves behind. Whatever `keep` says, checkpoints/last.ckpt is
+    written during the run (every train.checkpoint_every steps, or at every validation), so a run
+    that crashes or is killed resumes with --resume; `keep` decides what stays once it has ended
+    successfully."""
+
+    keep: Literal["last", "best", "all", "none"] | None = Field(
+        None,
+        description="last: only last.ckpt (resumable); best: only the best by val/loss; all: last.ckpt "
+        "and every checkpoint written (each checkpoint_every step, or each validation); none: nothing "
+        "(last.ckpt is deleted at the successful end). null: last.ckpt and the best by val/loss, or "
+        "with checkpoint_every every step file. Sweep trials default to none.",
+    )
+
+
 class TrainSpec(Strict):
     seed: Seed = 0
     max_steps: PositiveInt
@@ -174,6 +189,7 @@ class TrainSpec(Strict):
     checkpoint_every: PositiveInt | None = Field(
         None, description="Optimizer steps; null = at every validation."
     )
+    checkpoint: Checkpointing = Checkpointing()
     init: Init = ScratchInit(kind="scratch")
     freeze: list[Literal["router", "experts", "non_moe"]] = Field(
         default_factory=list,

@@ -20,6 +20,9 @@ from moeplat.sweep.study import PARENT_RUN_ATTR, objective_values, open_study, r
 
 log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
+# A trial keeps no checkpoint unless the sweep's overrides (or search) set train.checkpoint.keep:
+# sweep-export rebuilds the best trial from its parameters, and 100 trials' weights add up.
+TRIAL_KEEP = "train.checkpoint.keep=none"
 
 
 def pruning_monitor(sweep) -> str:
@@ -57,8 +60,8 @@ def make_objective(
         overrides = suggest(trial, loaded)
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("worker", who)
-        try:
-            loaded_run = load_spec(loaded.base_path, overrides)
+        try:  # first, so the sweep's own train.checkpoint.keep (fixed or searched) wins
+            loaded_run = load_spec(loaded.base_path, [TRIAL_KEEP, *overrides])
         except SpecError as e:  # the run spec's own checks (e.g. top_k <= num_experts) reject it
             return _reject(trial, "invalid configuration: " + "; ".join(i.format() for i in e.issues))
         counts = plan(loaded_run.spec)

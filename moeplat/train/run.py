@@ -208,6 +208,7 @@ def run(
         raise SpecError([SpecIssue("parallel.devices", problem)])
     rank = launch_rank(loaded.spec.parallel.devices)
     run_dir, state = _open_run_dir(loaded, Path(runs_root), resume)
+    _check_resumable(run_dir, resume)
     world = loaded.spec.parallel.world_size
     # interrupts_recorded: a Ctrl-C swallowed anywhere in here is raised at the next batch
     with share_run_dir(run_dir, rank, world), rank_logs(run_dir, rank, world), interrupts_recorded():
@@ -296,6 +297,8 @@ def _run(
             log_model(trainer, system, tracked, loaded, run_dir)
         if spec.train.eval is not None:
             run_final_eval(trainer, loaded, datamodule, rank, final_eval)
+        if rank == 0:
+            _keep_checkpoints(run_dir, spec.train.checkpoint.keep)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as e:
         # Lightning handles Ctrl-C itself, ignores SIGINT from then on and leaves with
@@ -343,7 +346,7 @@ def _run(
 def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progress: bool, state: dict):
     import lightning as L
 
-    from moeplat.compile.trainer import checkpoint_callback, trainer_kwargs
+    from moeplat.compile.trainer import checkpoint_callbacks, trainer_kwargs
     from moeplat.track.logger import BatchedMLflowLogger
 
     progress_bar = [L.pytorch.callbacks.TQDMProgressBar(refresh_rate=5)] if progress else []
@@ -355,10 +358,30 @@ def _trainer(loaded: LoadedSpec, run_dir: Path, tracked, callbacks: list, progre
     return L.Trainer(
         **trainer_kwargs(loaded.spec, strategy),
         logger=BatchedMLflowLogger(tracked, resumable=_resumable(run_dir, state)) if tracked else False,
-        callbacks=[*callbacks, checkpoint_callback(loaded.spec, run_dir / "checkpoints"), *progress_bar],
+        callbacks=[*callbacks, *checkpoint_callbacks(loaded.spec, run_dir / "checkpoints"), *progress_bar],
         enable_progress_bar=progress,
         default_root_dir=run_dir,
     )
+
+
+def _check_resumable(run_dir: Path, resume: str | None) -> None:
+    """--resume of a run whose successful end deleted last.ckpt (train.checkpoint.keep: best or
+    none) would silently train again from step 0: say so instead."""
+    from moeplat.compile.checkpoints import LAST, no_checkpoint_message
+
+    message = no_checkpoint_message(run_dir, "last.ckpt") if resume else None
+    if message and not (run_dir / "checkpoints" / LAST).exists():
+        raise SpecError(SpecIssue("train.checkpoint.keep", f"--resume {resume}: {message}"))
+
+
+def _keep_checkpoints(run_dir: Path, keep: str | None) -> None:
+    """train.checkpoint.keep, once the run has ended well: delete what it does not keep, and say
+    so in run.json for the commands that look for a checkpoint later."""
+    from moeplat.compile.checkpoints import STATE_KEY, remove_unkept
+
+    if remove_unkept(run_dir / "checkpoints", keep):
+        state = json.loads((run_dir / "run.json").read_text())
+        _write_state(run_dir, {**state, STATE_KEY: keep})
 
 
 def _resumable(run_dir: Path, state: dict):
