@@ -41,7 +41,7 @@ def _call(args, method: str, path: str, **kw):
             r = http.request(method, path, **kw)
         except httpx.TransportError as e:
             raise ServerError(f"cannot reach the server at {args.server}: {e}") from None
-    if r.status_code >= 400 and not (r.status_code == 422 and "errors" in r.text):
+    if r.status_code >= 400 and not (r.status_code == 422 and '"errors"' in r.text):
         try:
             detail = r.json().get("detail")
         except ValueError:
@@ -82,10 +82,15 @@ def cmd_serve(args) -> int:
 def cmd_worker(args) -> int:
     import logging
 
-    from moeplat.server.worker import Worker, WorkerError
+    from moeplat.server.worker import Worker, WorkerError, parse_devices
 
     logging.getLogger("moeplat.worker").setLevel(logging.INFO)
     kw = {"name": args.name} if args.name else {}
+    try:
+        devices = parse_devices(args.devices, _gpu_count)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     worker = Worker(
         args.server,
         args.token,
@@ -93,15 +98,23 @@ def cmd_worker(args) -> int:
         spec_root=Path(args.spec_root) if args.spec_root else None,
         poll_s=args.poll,
         grace_s=args.grace,
+        devices=devices,
         **kw,
     )
-    print(f"moeplat worker {worker.name} on {args.server}", flush=True)
+    owns = f"devices {','.join(devices)}" if devices is not None else "CPU, one job at a time"
+    print(f"moeplat worker {worker.name} on {args.server} ({owns})", flush=True)
     try:
         n = worker.serve(once=args.once)
     except WorkerError as e:
         raise ServerError(str(e)) from None
     print(f"worker ran {n} job(s)")
     return 0
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _local_roots() -> list[Path]:
@@ -179,9 +192,8 @@ def cmd_jobs(args) -> int:
     print(f"{'id':>5}  {'state':<10} {'kind':<5} {'name':<28} {'created':<20} worker")
     for j in jobs:
         created = (j["created_at"] or "")[:19].replace("T", " ")
-        print(
-            f"{j['id']:>5}  {j['state']:<10} {j['kind']:<5} {j['name'][:28]:<28} {created:<20} {j['worker'] or ''}"
-        )
+        where = j["worker"] or (f"({j['reason']})" if j.get("reason") else "")
+        print(f"{j['id']:>5}  {j['state']:<10} {j['kind']:<5} {j['name'][:28]:<28} {created:<20} {where}")
     return 0
 
 
@@ -233,6 +245,12 @@ def add_commands(sub) -> None:
     p.add_argument("--poll", type=float, default=2.0, help="seconds between claims while the queue is empty")
     p.add_argument("--grace", type=float, default=30.0, help="seconds from SIGINT to SIGKILL on cancel")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    p.add_argument(
+        "--devices",
+        default="auto",
+        help="device ids this worker owns and shares out to jobs side by side (CUDA_VISIBLE_DEVICES), "
+        "e.g. 0,1,2,3; auto (default): the GPUs it sees, else cpu: one job at a time, of any width",
+    )
     p.set_defaults(fn=_guarded(cmd_worker))
 
     p = sub.add_parser("submit", help="queue a run (or --sweep) on a server; validated here first")

@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 import moeplat
 from moeplat.errors import SpecError
 from moeplat.server import results, routing, specs, worker_api
-from moeplat.server.jobs import FINAL, JobStore
+from moeplat.server.jobs import FINAL, JobStore, too_big
 from moeplat.server.security import Guard, RequestModel, internal_error, invalid_request
 from moeplat.server.settings import ServerSettings
 from moeplat.track.query import prepare_store
@@ -104,6 +104,10 @@ class Job(BaseModel):
     attempts: int
     study: str | None
     storage: str | None
+    devices: int = Field(description="parallel.devices of the (base) spec: what a worker must have free")
+    reason: str | None = Field(
+        description="why a queued job is not running yet, when a worker cannot take it"
+    )
 
 
 class JobList(BaseModel):
@@ -246,7 +250,10 @@ def _job_routes(app: FastAPI, settings: ServerSettings, store: JobStore) -> None
             return JSONResponse({"detail": "invalid spec", "errors": issues}, status_code=422)
         sweep = body.kind == "sweep"
         name = body.name or (loaded.sweep.name if sweep else loaded.spec.name)
-        return store.submit(
+        devices = (loaded.base if sweep else loaded).spec.parallel.devices
+        if problem := too_big(devices, store.live_workers()):
+            raise HTTPException(422, problem)
+        fields = dict(
             kind=body.kind,
             name=name,
             text=text,
@@ -255,7 +262,9 @@ def _job_routes(app: FastAPI, settings: ServerSettings, store: JobStore) -> None
             overrides=list(body.overrides),
             study=loaded.sweep.name if sweep else None,
             storage=settings.sweep_storage if sweep else None,
+            devices=devices,
         )
+        return store.submit(**fields)
 
     @app.get("/api/jobs", response_model=JobList, tags=["jobs"])
     def jobs(

@@ -7,10 +7,17 @@ rowcount says whether this claim won. A claim bumps `attempts`; the claiming wor
 are the job's `lease`: heartbeats, log appends and the final report of any other lease are refused,
 so a worker that was presumed dead and comes back cannot overwrite its successor's work.
 `reap` requeues (attempts < max_attempts) or fails running jobs whose heartbeat is too old.
+
+Devices: a job needs `devices` (its spec's parallel.devices, stored at submit). A worker that owns
+devices claims with its free count and gets the oldest queued job that fits; one without (a CPU
+worker: one job at a time, any width) claims with none. Claims and heartbeats record each worker
+and its device count (moeplat_workers), so a queued job that no live worker can run shows why
+(`reason`). New columns reach an existing database through `_upgrade` (ALTER TABLE ADD COLUMN).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -25,9 +32,12 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     update,
 )
+from sqlalchemy import text as sql
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -65,6 +75,18 @@ class Job(Base):
     study: Mapped[str | None] = mapped_column(String(200))
     storage: Mapped[str | None] = mapped_column(Text)
     log_size: Mapped[int] = mapped_column(Integer, default=0)  # characters in the log so far
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # parallel.devices
+
+
+class WorkerSeen(Base):
+    """A worker as its last claim or heartbeat described it; `devices` null: a CPU worker (takes
+    one job at a time, of any width)."""
+
+    __tablename__ = "moeplat_workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    devices: Mapped[int | None] = mapped_column(Integer)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class LogChunk(Base):
@@ -84,7 +106,7 @@ def _utc(t: datetime | None) -> str | None:
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat()
 
 
-def job_dict(job: Job) -> dict:
+def job_dict(job: Job, reason: str | None = None) -> dict:
     return {
         "id": job.id,
         "kind": job.kind,
@@ -101,7 +123,28 @@ def job_dict(job: Job) -> dict:
         "attempts": job.attempts,
         "study": job.study,
         "storage": job.storage,
+        "devices": job.devices,
+        "reason": reason,
     }
+
+
+WAITING = "waiting for a worker"
+
+
+def too_big(need: int, live: list[int | None]) -> str | None:
+    """Why no live worker can run a job needing `need` devices; None when one can (or may)."""
+    if not live or None in live or need <= max(d for d in live if d is not None):
+        return None
+    most = max(d for d in live if d is not None)
+    return (
+        f"parallel.devices is {need} but the largest live worker has {most} device"
+        f"{'s' if most != 1 else ''}: lower parallel.devices or start a worker with more "
+        "(moeplat worker --devices)"
+    )
+
+
+def queued_reason(need: int, live: list[int | None]) -> str | None:
+    return WAITING if not live else too_big(need, live)
 
 
 @dataclass(frozen=True)
@@ -138,6 +181,7 @@ class JobStore:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_attempts = max_attempts
         Base.metadata.create_all(self.engine)
+        _upgrade(self.engine)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self.postgres = self.engine.dialect.name == "postgresql"
 
@@ -156,7 +200,31 @@ class JobStore:
     def get(self, job_id: int) -> dict | None:
         with self.session() as s:
             job = s.get(Job, job_id)
-            return job_dict(job) if job else None
+            return self._dict(s, job) if job else None
+
+    def _dict(self, s: Session, job: Job, live: list[int | None] | None = None) -> dict:
+        if job.state != "queued":
+            return job_dict(job)
+        return job_dict(job, queued_reason(job.devices, self._live(s) if live is None else live))
+
+    def _live(self, s: Session) -> list[int | None]:
+        cutoff = now() - timedelta(seconds=max(self.heartbeat_timeout_s, 10.0))
+        return list(s.scalars(select(WorkerSeen.devices).where(WorkerSeen.seen_at >= cutoff)))
+
+    def live_workers(self) -> list[int | None]:
+        """Device counts of the workers seen within the heartbeat timeout (None: a CPU worker)."""
+        with self.session() as s:
+            return self._live(s)
+
+    def _seen(self, worker: str, devices: int | None = None, claim: bool = False) -> None:
+        """Record a worker's claim (with its device count) or heartbeat (time only)."""
+        values = {"seen_at": now(), **({"devices": devices} if claim else {})}
+        with self.session.begin() as s:
+            done = s.execute(update(WorkerSeen).where(WorkerSeen.name == worker).values(**values)).rowcount
+        if done or not claim:
+            return
+        with contextlib.suppress(IntegrityError), self.session.begin() as s:  # another thread won
+            s.add(WorkerSeen(name=worker, **values))
 
     def spec_of(self, job_id: int) -> dict | None:
         """What a worker needs to run the job: its text, virtual place and overrides."""
@@ -172,16 +240,22 @@ class JobStore:
         if state:
             q = q.where(Job.state == state)
         with self.session() as s:
-            return [job_dict(j) for j in s.scalars(q)]
+            live = self._live(s)
+            return [self._dict(s, j, live) for j in s.scalars(q)]
 
     # --- the worker's side --------------------------------------------------------------------
 
-    def claim(self, worker: str) -> dict | None:
-        """The oldest queued job, now running for `worker`; None when the queue is empty."""
+    def claim(self, worker: str, free: int | None = None, devices: int | None = None) -> dict | None:
+        """The oldest queued job, now running for `worker`; None when the queue is empty. With
+        `free` (the worker's free devices), the oldest whose devices fit; `devices` is the
+        worker's total, recorded for the reasons of jobs no worker can run."""
+        self._seen(worker, devices, claim=True)
         self.reap()
         for _ in range(20):  # SQLite: another claimer won the candidate; take the next one
             with self.session.begin() as s:
                 q = select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(1)
+                if free is not None:
+                    q = q.where(Job.devices <= free)
                 if self.postgres:
                     q = q.with_for_update(skip_locked=True)
                 job_id = s.scalar(q)
@@ -221,7 +295,9 @@ class JobStore:
         with self.session.begin() as s:
             job = self._owned(s, lease)
             job.heartbeat_at = now()
-            return bool(job.cancel_requested)
+            cancel = bool(job.cancel_requested)
+        self._seen(lease.worker)
+        return cancel
 
     def append_log(self, lease: Lease, text: str, max_chars: int = 20 << 20) -> int:
         """Append the worker's output to the job's log (also a heartbeat); returns the log's size.
@@ -307,6 +383,21 @@ class JobStore:
                 _append(s, job, f"\n[moeplat: {silent}; job {job.state}]\n")
                 reaped.append(job.id)
         return reaped
+
+
+def _upgrade(engine) -> None:
+    """Add the columns a database made by an older moeplat lacks (create_all adds only tables)."""
+    insp = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"
+            if col.server_default is not None:
+                ddl += f" DEFAULT {col.server_default.arg}"
+            with engine.begin() as conn:
+                conn.execute(sql(ddl))
 
 
 def _append(s: Session, job: Job, text: str) -> None:

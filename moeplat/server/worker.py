@@ -17,6 +17,13 @@ A job's runs go to `WORK_DIR/runs/job-<id>/`, the same for every attempt. A job 
 its worker died (its run dies with it: PR_SET_PDEATHSIG) and claimed again by a worker with that
 work directory (the same worker restarted, or another sharing the directory) resumes: a run with
 `--resume last` from its last checkpoint into the same MLflow run, a sweep with `--resume`.
+
+Devices: a worker given device ids (`moeplat worker --devices 0,1,2,3`; by default the GPUs it
+sees) owns them and runs jobs side by side on disjoint subsets, each job's process seeing only its
+own (CUDA_VISIBLE_DEVICES). It claims with its free count, so the server hands it only a job whose
+parallel.devices fit. A worker without devices (no GPU) is a CPU worker: one job at a time, of any
+width (a CPU spec's parallel.devices are gloo processes sharing the machine's cores), as before.
+Each job is supervised by its own thread: heartbeats, log, cancel and lost leases are per job.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +47,31 @@ import httpx
 log = logging.getLogger("moeplat.worker")
 LOG_FLUSH_S = 0.5
 LOG_CHUNK_CHARS = 256 * 1024
+
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_-]{0,63}")  # an index, or a GPU UUID / MIG name
+
+
+def parse_devices(text: str, gpu_count: Callable[[], int]) -> list[str] | None:
+    """`--devices`: "auto" (CUDA_VISIBLE_DEVICES if set, else `gpu_count()` GPUs, else a CPU
+    worker), "cpu" (a CPU worker: None), or ids "0,1,2" (real or, for tests, made up). ValueError
+    with what to write instead."""
+    text = text.strip()
+    if text == "cpu":
+        return None
+    if text == "auto":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:  # what this worker was given, by the ids the driver knows
+            ids = [d.strip() for d in visible.split(",") if d.strip()]
+            return None if not ids or ids[0] == "-1" else parse_devices(",".join(ids), gpu_count)
+        n = gpu_count()
+        return [str(i) for i in range(n)] or None
+    ids = [d.strip() for d in text.split(",")]
+    bad = [d for d in ids if not DEVICE_ID.fullmatch(d)]
+    if bad or len(set(ids)) != len(ids):
+        what = f"bad id {bad[0]!r}" if bad else "an id given twice"
+        raise ValueError(f"--devices {text!r}: {what}; give ids like 0,1,2,3, or auto, or cpu")
+    return ids
 
 
 class Lost(Exception):
@@ -82,37 +116,85 @@ class Worker:
     poll_s: float = 2.0
     grace_s: float = 30.0
     python: str = sys.executable
+    devices: list[str] | None = None  # device ids this worker owns; None: a CPU worker (docstring)
 
     def __post_init__(self) -> None:
         self.work_dir = Path(self.work_dir).resolve()
         self.client = Client(self.server, self.token)
+        self._lock = threading.Lock()
+        if self.devices is not None:
+            assert self.devices and len(set(self.devices)) == len(self.devices), self.devices
 
     def serve(self, once: bool = False, stop: threading.Event | None = None) -> int:
-        """Claim and run jobs until `stop` is set (or, with `once`, until the queue is empty)."""
+        """Claim and run jobs until `stop` is set (or, with `once`, until the queue is empty and
+        no job runs). Each job runs in its own thread on a disjoint subset of `devices`; without
+        devices, one job at a time. Returns the number of jobs run; waits for running ones."""
         stop = stop or threading.Event()
-        done = 0
-        while not stop.is_set():
-            try:
-                claimed = self.client.post("/api/worker/claim", {"worker": self.name})
-            except httpx.HTTPStatusError as e:
-                code = e.response.status_code
-                if code in (401, 403, 404, 405):  # a wrong token, or not a moeplat server
-                    raise WorkerError(
-                        f"the server refused the claim: {code} {e.response.text[:200]}"
-                    ) from None
-                log.warning("cannot claim: %s", e)
-                claimed = {"job": None}
-            except httpx.TransportError as e:
-                log.warning("cannot claim: %s", e)
-                claimed = {"job": None}
-            if claimed["job"] is None:
-                if once:
+        self._free = list(self.devices or [])
+        self._active: set[threading.Thread] = set()
+        self._changed = threading.Event()  # a job ended: devices are free again
+        self._done = 0
+        try:
+            while not stop.is_set():
+                self._changed.clear()
+                claimed = self._claim() if self._can_claim() else {"job": None}
+                if claimed["job"] is not None:
+                    self._start(claimed)
+                    continue
+                if once and not self._active:
                     break
-                stop.wait(self.poll_s)
-                continue
-            self.run(claimed)
-            done += 1
-        return done
+                self._changed.wait(self.poll_s)  # woken early when a job ends
+        finally:
+            for thread in list(self._active):
+                thread.join()
+        return self._done
+
+    def _can_claim(self) -> bool:
+        with self._lock:
+            return bool(self._free) if self.devices is not None else not self._active
+
+    def _claim(self) -> dict:
+        body: dict = {"worker": self.name}
+        if self.devices is not None:
+            with self._lock:
+                body |= {"free_devices": len(self._free), "devices": len(self.devices)}
+        try:
+            return self.client.post("/api/worker/claim", body)
+        except httpx.HTTPStatusError as e:
+            code = e.response.status_code
+            if code in (401, 403, 404, 405):  # a wrong token, or not a moeplat server
+                raise WorkerError(f"the server refused the claim: {code} {e.response.text[:200]}") from None
+            log.warning("cannot claim: %s", e)
+        except httpx.TransportError as e:
+            log.warning("cannot claim: %s", e)
+        return {"job": None}
+
+    def _start(self, claimed: dict) -> None:
+        """Run the job in a thread on the first free devices it needs; free them when it ends."""
+        with self._lock:
+            if self.devices is None:
+                mine = None
+            else:  # the server handed out a job that fits (an older server may not have: take what is free)
+                need = max(1, int(claimed["job"].get("devices") or 1))
+                mine, self._free = self._free[:need], self._free[need:]
+
+        def job() -> None:
+            try:
+                self.run(claimed, mine)
+            except Exception:
+                log.exception("job %d: the worker failed to run it", claimed["job"]["id"])
+            finally:
+                with self._lock:
+                    if mine is not None:
+                        self._free = [d for d in self.devices if d in self._free or d in mine]
+                    self._active.discard(threading.current_thread())
+                    self._done += 1
+                self._changed.set()
+
+        thread = threading.Thread(target=job, name=f"job-{claimed['job']['id']}", daemon=True)
+        with self._lock:
+            self._active.add(thread)
+        thread.start()
 
     def command(self, c: dict, spec_file: Path) -> list[str]:
         job, root = c["job"], Path(self.spec_root or c["spec_root"])
@@ -131,8 +213,9 @@ class Worker:
             ["--resume", "last"] if earlier else []
         )
 
-    def run(self, c: dict) -> int | None:
-        """Run one claimed job to its end; its exit code, or None when the job was lost."""
+    def run(self, c: dict, devices: list[str] | None = None) -> int | None:
+        """Run one claimed job to its end (on `devices`: its CUDA_VISIBLE_DEVICES); its exit
+        code, or None when the job was lost."""
         job_id, attempt = c["job"]["id"], c["attempt"]
         lease = {"worker": self.name, "attempt": attempt}
         job_dir = self.work_dir / "jobs" / f"{job_id}-{attempt}"
@@ -140,7 +223,10 @@ class Worker:
         spec_file = job_dir / Path(c["filename"]).name
         spec_file.write_text(c["text"], encoding="utf-8")
         env = {**os.environ, "MOEPLAT_JOB_ID": str(job_id), "PYTHONUNBUFFERED": "1"}
-        log.info("job %d (attempt %d): %s", job_id, attempt, c["job"]["name"])
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        where = f" on devices {','.join(devices)}" if devices is not None else ""
+        log.info("job %d (attempt %d)%s: %s", job_id, attempt, where, c["job"]["name"])
         die_with_worker = [sys.executable, "-m", "moeplat.server.die_with", str(os.getpid())]
         proc = subprocess.Popen(
             [*die_with_worker, *self.command(c, spec_file)],

@@ -27,6 +27,12 @@ class Model(RequestModel):
 
 class ClaimRequest(Model):
     worker: WorkerName
+    free_devices: Annotated[int, Field(ge=0, le=4096)] | None = Field(
+        None, description="devices the worker has free: only a job needing at most these is handed out"
+    )
+    devices: Annotated[int, Field(ge=0, le=4096)] | None = Field(
+        None, description="the worker's devices in all (null: a CPU worker, one job of any width)"
+    )
 
 
 class LeaseBody(Model):
@@ -80,8 +86,9 @@ def router(settings: ServerSettings, store: JobStore) -> APIRouter:
 
     @r.post("/claim", response_model=Claimed)
     def claim(body: ClaimRequest) -> dict:
-        """The oldest queued job, now running for this worker; `job` null when none is queued."""
-        job = store.claim(body.worker)
+        """The oldest queued job (that fits `free_devices`), now running for this worker; `job`
+        null when none is queued."""
+        job = store.claim(body.worker, body.free_devices, body.devices)
         if job is None:
             return {"job": None}
         spec = store.spec_of(job["id"])

@@ -1,0 +1,179 @@
+"""Workers that own devices (made-up ids on a CPU machine): jobs side by side on disjoint subsets,
+claims that fit the free devices, and a reason for a job no live worker can run.
+
+The job's "python" is a shell script that records what it saw (CUDA_VISIBLE_DEVICES, which jobs had
+ended when it started) and waits for a release file, so the test decides when jobs end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from server_helpers import live_server, settings_for, spec_root, wait_for  # noqa: F401
+
+from moeplat.server.jobs import WAITING, JobStore
+from moeplat.server.worker import Worker, parse_devices
+
+DDP = ["parallel.strategy.kind=ddp"]
+
+
+def _recorder(tmp: Path) -> tuple[str, Path]:
+    rec = tmp / "rec"
+    rec.mkdir()
+    script = tmp / "fake-python"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$CUDA_VISIBLE_DEVICES" > {rec}/job-$MOEPLAT_JOB_ID.devices\n'
+        f"ls {rec} > {rec}/job-$MOEPLAT_JOB_ID.saw\n"
+        "i=0\n"  # the cap only keeps a broken test from hanging
+        f"while [ ! -e {rec}/release ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n"
+        f"touch {rec}/job-$MOEPLAT_JOB_ID.ended\n"
+    )
+    script.chmod(0o755)
+    return str(script), rec
+
+
+def _submit(url: str, devices: int) -> dict:
+    overrides = [f"parallel.devices={devices}", *(DDP if devices > 1 else [])]
+    r = httpx.post(f"{url}/api/jobs", json={"path": "tiny.yaml", "overrides": overrides})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _job(url: str, job_id: int) -> dict:
+    return httpx.get(f"{url}/api/jobs/{job_id}").json()
+
+
+def test_jobs_share_a_workers_devices_side_by_side(tmp_path, spec_root):  # noqa: F811
+    python, rec = _recorder(tmp_path)
+    with live_server(settings_for(tmp_path)) as url:
+        two, one, three = _submit(url, 2), _submit(url, 1), _submit(url, 3)
+        assert two["devices"] == 2 and three["devices"] == 3
+        assert _job(url, three["id"])["reason"] == WAITING  # no worker has been seen yet
+        worker = Worker(
+            url, name="gpus", work_dir=tmp_path / "w", poll_s=0.2, python=python, devices=["0", "1", "2"]
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.serve, kwargs={"stop": stop}, daemon=True)
+        thread.start()
+        try:
+            seen = {j["id"]: rec / f"job-{j['id']}.saw" for j in (two, one)}
+            wait_for(lambda: all(p.exists() for p in seen.values()), 60, 0.1, "the 2- and 1-device jobs")
+            # both run at once (each waits for the release); the 3-device job waits for them
+            assert [_job(url, j["id"])["state"] for j in (two, one, three)] == [
+                "running",
+                "running",
+                "queued",
+            ]
+            assert _job(url, three["id"])["reason"] is None  # a live worker has 3 devices: it only waits
+            got = {j: (rec / f"job-{j}.devices").read_text().split()[0].split(",") for j in seen}
+            assert len(got[two["id"]]) == 2 and len(got[one["id"]]) == 1
+            assert sorted(got[two["id"]] + got[one["id"]]) == ["0", "1", "2"]  # disjoint, all of them
+            (rec / "release").touch()
+            wait_for(lambda: _job(url, three["id"])["state"] == "succeeded", 60, 0.2, "the 3-device job")
+        finally:
+            (rec / "release").touch()
+            stop.set()
+            thread.join(timeout=60)
+        saw = (rec / f"job-{three['id']}.saw").read_text().split()
+        assert {f"job-{two['id']}.ended", f"job-{one['id']}.ended"} <= set(saw)  # it started after both
+        assert (rec / f"job-{three['id']}.devices").read_text().split() == ["0,1,2"]
+        assert all(_job(url, j["id"])["state"] == "succeeded" for j in (two, one))
+
+
+def test_a_job_no_live_worker_can_run(tmp_path, spec_root):  # noqa: F811
+    with live_server(settings_for(tmp_path)) as url:
+        queued = _submit(url, 4)  # no worker known: accepted, waiting
+        assert _job(url, queued["id"])["reason"] == WAITING
+        claim = {"worker": "small", "free_devices": 2, "devices": 2}
+        assert httpx.post(f"{url}/api/worker/claim", json=claim).json()["job"] is None  # 4 > 2 free
+        reason = _job(url, queued["id"])["reason"]
+        assert "parallel.devices is 4" in reason and "largest live worker has 2" in reason
+        listed = httpx.get(f"{url}/api/jobs").json()["jobs"]
+        assert listed[0]["reason"] == reason
+        r = httpx.post(
+            f"{url}/api/jobs", json={"path": "tiny.yaml", "overrides": ["parallel.devices=3", *DDP]}
+        )
+        assert r.status_code == 422 and "parallel.devices is 3" in r.json()["detail"]
+        assert _submit(url, 2)["reason"] is None  # fits the live worker
+        # the CLI shows the reason in its list
+        out = subprocess.run(
+            [sys.executable, "-m", "moeplat.cli.main", "jobs", "--server", url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "largest live worker has 2" in out
+
+
+def test_a_cpu_worker_takes_a_job_of_any_width(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    wide = store.submit(kind="run", name="w", text="", filename="a.yaml", overrides=[], devices=8)["id"]
+    assert store.claim("gpu2", free=2, devices=2) is None
+    assert store.get(wide)["reason"].startswith("parallel.devices is 8")
+    assert store.claim("cpu")["id"] == wide  # a CPU worker (no device count) takes any job
+
+
+def test_an_old_jobs_database_gets_the_new_columns(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:  # the table as an older moeplat made it (no devices column)
+        conn.execute(
+            "CREATE TABLE moeplat_jobs (id INTEGER PRIMARY KEY, kind VARCHAR(16), name VARCHAR(200), "
+            "state VARCHAR(16), text TEXT, filename VARCHAR(500), root_index INTEGER, overrides JSON, "
+            "created_at DATETIME, started_at DATETIME, finished_at DATETIME, heartbeat_at DATETIME, "
+            "worker VARCHAR(200), exit_code INTEGER, error TEXT, cancel_requested BOOLEAN, "
+            "attempts INTEGER, study VARCHAR(200), storage TEXT, log_size INTEGER)"
+        )
+        conn.execute(
+            "INSERT INTO moeplat_jobs (kind, name, state, text, filename, root_index, overrides, "
+            "cancel_requested, attempts, log_size) VALUES ('run', 'old', 'queued', '', 'a.yaml', 0, '[]', 0, 0, 0)"
+        )
+    store = JobStore(f"sqlite:///{db}")
+    assert store.get(1)["devices"] == 1
+    assert store.claim("w", free=1, devices=1)["name"] == "old"
+
+
+@pytest.mark.parametrize(
+    ("text", "visible", "want"),
+    [
+        ("0,1,2", None, ["0", "1", "2"]),
+        ("cpu", None, None),
+        ("auto", None, ["0", "1"]),  # the fake count below
+        ("auto", "3,5", ["3", "5"]),  # what this worker was handed
+        ("auto", "", None),
+        ("auto", "-1", None),
+    ],
+)
+def test_parse_devices(text, visible, want, monkeypatch):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert parse_devices(text, lambda: 2) == want
+
+
+@pytest.mark.parametrize("text", ["0,0", "0,,1", "a b", ""])
+def test_bad_devices_are_refused_naming_the_flag(text, tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeplat.cli.main",
+            "worker",
+            "--devices",
+            text,
+            "--server",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "--devices" in out.stderr and "Traceback" not in out.stderr
