@@ -34,6 +34,9 @@ def launch_rank(devices_per_node: int, env: dict | None = None) -> int:
 
 
 LAUNCHER_ENV = ("RANK", "SLURM_PROCID", "LOCAL_RANK")
+# `python -m` entry points whose command line is a training run that may be re-run per rank: the
+# CLI, and a multi-device sweep trial (moeplat.sweep.trial_process)
+ENTRY_MODULES = ("moeplat.cli.main", "moeplat.sweep.trial_process")
 
 
 def local_launch_problem(
@@ -50,7 +53,7 @@ def local_launch_problem(
         return None
     argv = sys.argv if argv is None else argv
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if Path(argv[0]).name == "moeplat" or getattr(main_spec, "name", "") == "moeplat.cli.main":
+    if Path(argv[0]).name == "moeplat" or getattr(main_spec, "name", "") in ENTRY_MODULES:
         return None
     return (
         f"{world_size} local processes must be started by the `moeplat run` command (Lightning starts "

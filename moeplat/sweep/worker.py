@@ -47,6 +47,7 @@ def make_objective(
     runs_root: str,
     parent_run_id: str | None,
     worker: int = 0,
+    storage_url: str | None = None,
 ):
     from moeplat.track.mlflow_run import set_tags
     from moeplat.track.spool import SPOOL_FILE
@@ -65,10 +66,9 @@ def make_objective(
         except SpecError as e:  # the run spec's own checks (e.g. top_k <= num_experts) reject it
             return _reject(trial, "invalid configuration: " + "; ".join(i.format() for i in e.issues))
         counts = plan(loaded_run.spec)
-        reason = _rejection(counts, sweep)
+        reason = _rejection(counts, sweep) or _layout_problem(loaded_run.spec)
         if reason:
             return _reject(trial, reason)
-        pruner = PruneOnValidation(trial if prunable else None, pruning_monitor(sweep))
         sampled = overrides[len(loaded.fixed_overrides()) :]
         tags = {
             "optuna.study": sweep.name,
@@ -82,28 +82,33 @@ def make_objective(
         # every attempt of one configuration shares a run directory: a retry resumes from its checkpoint
         trial_runs = f"{runs_root}/trial-{_first_attempt(trial)}"
         earlier = any(Path(trial_runs).glob("*/*/run.json"))
+        opts = {
+            "runs_root": trial_runs,
+            "resume": "last" if earlier else None,
+            "tracking_uri": tracking_uri,
+            "tags": tags,
+            "end_tags": {"FAILED": {"optuna.state": "FAIL"}, "KILLED": {"optuna.state": "FAIL"}},
+        }
         try:
-            result = run(
-                loaded_run,
-                runs_root=trial_runs,
-                resume="last" if earlier else None,
-                tracking_uri=tracking_uri,
-                progress=False,
-                callbacks=(pruner,),
-                tags=tags,
-                end_tags={"FAILED": {"optuna.state": "FAIL"}, "KILLED": {"optuna.state": "FAIL"}},
-            )
+            if loaded_run.spec.parallel.world_size > 1:  # its own processes; one device: in this one
+                job = {"base_path": loaded.base_path, "overrides": [TRIAL_KEEP, *overrides], "run": opts}
+                job["prunable"] = prunable
+                result, pruned_step = _train_in_processes(trial, job, loaded_run, sweep, storage_url)
+            else:
+                pruner = PruneOnValidation(trial if prunable else None, pruning_monitor(sweep))
+                result = run(loaded_run, progress=False, callbacks=(pruner,), **opts)
+                pruned_step = pruner.pruned_step
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             raise
         trial.set_user_attr("mlflow_run_id", result.run_id)
-        state = {"optuna.state": "PRUNED" if pruner.pruned_step is not None else "COMPLETE"}
-        if pruner.pruned_step is not None:
-            state["optuna.pruned_step"] = pruner.pruned_step
+        state = {"optuna.state": "PRUNED" if pruned_step is not None else "COMPLETE"}
+        if pruned_step is not None:
+            state["optuna.pruned_step"] = pruned_step
         if result.run_id:  # into the trial's spool while its run waits there (server away)
             set_tags(result.tracking_uri, result.run_id, state, spool=Path(result.run_dir) / SPOOL_FILE)
-        if pruner.pruned_step is not None:
-            raise optuna.TrialPruned(f"pruned at step {pruner.pruned_step}")
+        if pruned_step is not None:
+            raise optuna.TrialPruned(f"pruned at step {pruned_step}")
         return objective_values(sweep, result, counts)
 
     def interruptible(trial: optuna.Trial):
@@ -114,6 +119,48 @@ def make_objective(
             raise
 
     return interruptible
+
+
+def _layout_problem(spec) -> str | None:
+    if spec.parallel.num_nodes > 1:
+        return "parallel.num_nodes > 1: a sweep worker runs a trial's processes on its own machine"
+    return None
+
+
+def _train_in_processes(trial: optuna.Trial, job: dict, loaded_run, sweep, storage_url: str | None):
+    """parallel.devices > 1: the trial as its own group of processes (moeplat.sweep.trial_process),
+    one MLflow child run, rank 0 reporting to this trial. (its RunResult, the step it was pruned at)."""
+    from moeplat.sweep.trial_process import TrialFailed, run_in_processes
+
+    job = {
+        **job,
+        "base_path": os.path.abspath(job["base_path"]),
+        "storage": storage_url,
+        "sweep": sweep.model_dump_json(),
+        "trial_id": trial._trial_id,  # rank 0 reopens this very trial in the storage
+        "monitor": pruning_monitor(sweep),
+        "prunable": job["prunable"] and storage_url is not None,
+    }
+    try:
+        outcome = run_in_processes(job, Path(job["run"]["runs_root"]) / "ranks" / f"trial-{trial.number}")
+    except TrialFailed as e:
+        _fail_run(loaded_run.spec, sweep.name, trial.number, job["run"]["tracking_uri"], str(e))
+        raise
+    trial.set_user_attr("world_size", outcome.world_size)
+    trial.set_user_attr("stopped_at", {str(r): s for r, s in sorted(outcome.steps_per_rank.items())})
+    return outcome.result, outcome.pruned_step
+
+
+def _fail_run(spec, study: str, number: int, tracking_uri: str | None, error: str) -> None:
+    """A trial whose rank 0 was killed never closed its MLflow run: close it as FAILED now."""
+    from moeplat.track.mlflow_run import fail_running_runs, resolve_tracking_uri
+
+    if spec.tracking.enabled:
+        uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+        tags = {"optuna.study": study, "optuna.trial": number}
+        fail_running_runs(
+            uri, spec.tracking.experiment, tags, extra={"optuna.state": "FAIL", "moeplat.error": error[:5000]}
+        )
 
 
 def _first_attempt(trial: optuna.Trial) -> int:
@@ -188,6 +235,7 @@ def work(
         runs_root=f"{runs_root}/sweeps/{loaded.sweep.name}",
         parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR),
         worker=worker,
+        storage_url=storage,
     )
     trials = loaded.sweep.trials
     deadline = time.monotonic() + (trials.timeout_s or float("inf"))
