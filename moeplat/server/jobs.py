@@ -18,6 +18,7 @@ and its device count (moeplat_workers), so a queued job that no live worker can 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -129,6 +130,7 @@ def job_dict(job: Job, reason: str | None = None) -> dict:
 
 
 WAITING = "waiting for a worker"
+SEEN_EVERY_S = 2.0  # how often a worker's claims and heartbeats are written down
 
 
 def too_big(need: int, live: list[int | None]) -> str | None:
@@ -182,6 +184,7 @@ class JobStore:
         self.max_attempts = max_attempts
         Base.metadata.create_all(self.engine)
         _upgrade(self.engine)
+        self._last_seen: dict[tuple[str, int | None], float] = {}
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self.postgres = self.engine.dialect.name == "postgresql"
 
@@ -218,6 +221,10 @@ class JobStore:
 
     def _seen(self, worker: str, devices: int | None = None, claim: bool = False) -> None:
         """Record a worker's claim (with its device count) or heartbeat (time only)."""
+        key, t = (worker, devices if claim else None), time.monotonic()
+        if t - self._last_seen.get(key, -SEEN_EVERY_S) < SEEN_EVERY_S:
+            return  # seen a moment ago: spare the database a write per claim (SQLite has one writer)
+        self._last_seen[key] = t
         values = {"seen_at": now(), **({"devices": devices} if claim else {})}
         with self.session.begin() as s:
             done = s.execute(update(WorkerSeen).where(WorkerSeen.name == worker).values(**values)).rowcount
