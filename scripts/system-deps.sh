@@ -7,7 +7,9 @@
 # - Debian's docker-compose (v1, no engine needed): `docker-compose config` checks the team setup's
 #   compose file in tests/deploy (there is no Docker engine to start it here);
 # - Debian's python3.11-doc: the reStructuredText sources of the Python documentation, English prose
-#   that the `python_docs` data source reads (the second domain of the mixture examples and tests).
+#   that the `python_docs` data source reads (the second domain of the mixture examples and tests);
+# - Debian's slurm-wlm and munge: the SLURM bridge's tests (tests/slurm_cluster.py) start a one-node
+#   cluster (munged, slurmctld, slurmd) from them and submit real batch jobs.
 # Idempotent and quiet: installs only what is missing.
 set -euo pipefail
 
@@ -18,12 +20,16 @@ have_initdb() {
 have_chromium() { [ -x /usr/bin/chromium ]; }
 have_compose() { command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; }
 have_python_docs() { [ -d /usr/share/doc/python3.11/html/_sources ]; }
+have_slurm() { [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && command -v sbatch >/dev/null 2>&1; }
+have_munge() { [ -x /usr/sbin/munged ]; }
 
 missing=()
 have_initdb || missing+=(postgresql)
 have_chromium || missing+=(chromium)
 have_compose || missing+=(docker-compose)
 have_python_docs || missing+=(python3.11-doc)
+have_slurm || missing+=(slurm-wlm)
+have_munge || missing+=(munge)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -42,3 +48,5 @@ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 have_initdb || { echo "system-deps: postgresql installed but initdb not found" >&2; exit 1; }
 have_chromium || { echo "system-deps: chromium installed but /usr/bin/chromium not found" >&2; exit 1; }
 have_python_docs || { echo "system-deps: python3.11-doc installed but its _sources not found" >&2; exit 1; }
+have_slurm || { echo "system-deps: slurm-wlm installed but slurmctld/slurmd/sbatch not found" >&2; exit 1; }
+have_munge || { echo "system-deps: munge installed but /usr/sbin/munged not found" >&2; exit 1; }

@@ -69,7 +69,7 @@ def _load_layout(args, nodes: int, per_node: int):
     from moeplat.spec import load_spec
 
     overrides = [*args.overrides, *parallel_overrides(nodes, per_node)]
-    return load_spec(args.spec, overrides), overrides
+    return load_spec(args.spec, overrides, as_path=getattr(args, "as_path", None)), overrides
 
 
 def _checked(loaded, args) -> None:
@@ -99,18 +99,28 @@ def cmd_launch(args) -> int:
 
 def cmd_slurm(args) -> int:
     from moeplat.parallel.launch import sbatch_script
+    from moeplat.spec import load_spec
 
-    loaded, overrides = _load_layout(args, args.nodes, args.gpus_per_node)
+    nodes, per_node = args.nodes, args.gpus_per_node
+    if nodes is None or per_node is None:  # the spec's own layout (the SLURM bridge renders so)
+        parallel = load_spec(args.spec, args.overrides, as_path=args.as_path).spec.parallel
+        nodes, per_node = nodes or parallel.num_nodes, per_node or parallel.devices
+    loaded, overrides = _load_layout(args, nodes, per_node)
     _checked(loaded, args)
+    run_args = [*(["--as-path", args.as_path] if args.as_path else [])]
+    run_args += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
     script = sbatch_script(
         args.spec,
         overrides,
         name=loaded.spec.name,
-        nodes=args.nodes,
-        per_node=args.gpus_per_node,
+        nodes=nodes,
+        per_node=per_node,
         runs_dir=args.runs_dir,
         cpus_per_task=args.cpus_per_task,
         extra_sbatch=tuple(args.sbatch),
+        gpus=loaded.spec.parallel.accelerator != "cpu",  # a CPU run asks SLURM for no GPUs
+        run_dir=args.run_dir,
+        run_args=tuple(run_args),
     )
     if args.output:
         Path(args.output).write_text(script)
@@ -132,8 +142,10 @@ def add_commands(sub, spec_args) -> None:
 
     p = sub.add_parser("slurm", help="write an sbatch script (srun, one task per GPU) that runs a spec")
     spec_args(p)
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--nodes", type=int, help="default: the spec's parallel.num_nodes")
+    p.add_argument(
+        "--gpus-per-node", type=int, help="tasks (GPUs) per node; default: the spec's parallel.devices"
+    )
     p.add_argument("--cpus-per-task", type=int, default=8)
     p.add_argument(
         "--sbatch",
@@ -143,6 +155,12 @@ def add_commands(sub, spec_args) -> None:
         help="extra #SBATCH line, e.g. --sbatch=--time=04:00:00",
     )
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument(
+        "--run-dir",
+        help="the run directory (default RUNS_DIR/NAME/slurm-$SLURM_JOB_ID); resumed when present",
+    )
+    p.add_argument("--as-path", help="resolve the spec's relative paths as if it lived here")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for the run")
     p.add_argument("--output", "-o", help="write the script here (default: stdout)")
     p.add_argument("--device-memory", type=float, metavar="GiB", help="check the memory estimate against it")
     p.set_defaults(fn=cmd_slurm)

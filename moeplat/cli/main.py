@@ -286,8 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        interrupt = sys.modules.get("moeplat.train.interrupt")  # loaded where a run was training
+        preempted = interrupt is not None and interrupt.preempted()  # SLURM's warning: requeue
+        print("interrupted" + (" by SIGUSR1: resumable" if preempted else ""), file=sys.stderr)
+        if os.environ.get("SLURM_PROCID", "0") != "0":
+            # an srun task other than rank 0, which holds the MLflow run: leaving non-zero, srun's
+            # --kill-on-bad-exit would kill rank 0 while it sends its last metric rows
+            return 0
+        return interrupt.PREEMPTED_EXIT if preempted else 130
     except Exception as e:  # a run-time failure: say what, keep the traceback for -v
         logging.getLogger("moeplat").debug("traceback", exc_info=True)
         print(f"error: {type(e).__name__}: {e} (rerun with -v for the traceback)", file=sys.stderr)

@@ -141,7 +141,23 @@ def _print_issues(errors: list[dict]) -> None:
         print(f"  {e['text']}", file=sys.stderr)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of workers") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: a sweep needs at least 1 worker (--parallel 1 or more)")
+    return n
+
+
 def cmd_submit(args) -> int:
+    if args.parallel is not None and not args.sweep:
+        print(
+            "error: --parallel spreads a sweep over workers: add --sweep (a run's width is its parallel.devices)",
+            file=sys.stderr,
+        )
+        return 2
     spec = Path(args.spec)
     if args.sweep:  # locally first: the same errors as `moeplat validate` / `moeplat sweep`
         from moeplat.spec.sweep import load_sweep
@@ -161,12 +177,19 @@ def cmd_submit(args) -> int:
     }
     if args.name:
         body["name"] = args.name
+    if args.parallel is not None:
+        body["parallel"] = args.parallel
     r = _call(args, "POST", "/api/jobs", json=body)
     if r.status_code == 422:
         _print_issues(r.json()["errors"])
         return 2
     job = r.json()
-    print(f"job {job['id']} queued ({job['kind']} {job['name']})", flush=True)
+    if job.get("group"):
+        group = _call(args, "GET", f"/api/groups/{job['group']}").json()
+        ids = ", ".join(str(j["id"]) for j in group["jobs"])
+        print(f"sweep group {group['id']} queued ({group['name']}): {group['size']} worker job(s) {ids}")
+    else:
+        print(f"job {job['id']} queued ({job['kind']} {job['name']})", flush=True)
     return _follow(args, job["id"]) if args.follow else 0
 
 
@@ -189,15 +212,48 @@ def _follow(args, job_id: int) -> int:
 def cmd_jobs(args) -> int:
     params = {"limit": args.limit, **({"state": args.state} if args.state else {})}
     jobs = _call(args, "GET", "/api/jobs", params=params).json()["jobs"]
+    groups = {} if args.state else _groups(args)
     print(f"{'id':>5}  {'state':<10} {'kind':<5} {'name':<28} {'created':<20} worker")
+    shown = set()
     for j in jobs:
         created = (j["created_at"] or "")[:19].replace("T", " ")
+        if (g := groups.get(j.get("group"))) is not None:  # a sweep over workers: one line, its progress
+            if g["id"] not in shown:
+                shown.add(g["id"])
+                gid, name = f"g{g['id']}", g["name"][:28]
+                print(f"{gid:>5}  {g['state']:<10} {'sweep':<5} {name:<28} {created:<20} {_group_line(g)}")
+            continue
         where = j["worker"] or (f"({j['reason']})" if j.get("reason") else "")
         print(f"{j['id']:>5}  {j['state']:<10} {j['kind']:<5} {j['name'][:28]:<28} {created:<20} {where}")
     return 0
 
 
+def _groups(args) -> dict[int, dict]:
+    try:
+        return {g["id"]: g for g in _call(args, "GET", "/api/groups").json()["groups"]}
+    except ServerError:  # a server from before job groups
+        return {}
+
+
+def _group_line(g: dict) -> str:
+    jobs = " ".join(f"#{j['id']}:{j['state']}" for j in g["jobs"])
+    if reasons := {j["reason"] for j in g["jobs"] if j.get("reason")}:
+        jobs += f" ({'; '.join(sorted(reasons))})"
+    p = g.get("progress")
+    if not p:
+        return f"{g['size']} workers ({jobs})"
+    counts = ", ".join(f"{p[k]} {k}" for k in ("complete", "running", "pruned", "failed") if p[k])
+    return f"{p['finished']}/{p['n_trials']} trials{' (' + counts + ')' if counts else ''}; {g['size']} workers {jobs}"
+
+
 def cmd_cancel(args) -> int:
+    if (args.job is None) == (args.group is None):
+        print("error: name a job, or a sweep group with --group G", file=sys.stderr)
+        return 2
+    if args.group is not None:
+        g = _call(args, "POST", f"/api/groups/{args.group}/cancel").json()
+        print(f"sweep group {g['id']}: " + ", ".join(f"job {j['id']} {j['state']}" for j in g["jobs"]))
+        return 0
     job = _call(args, "POST", f"/api/jobs/{args.job}/cancel").json()
     what = "cancel requested" if job["state"] == "running" else job["state"]
     print(f"job {job['id']}: {what}")
@@ -268,6 +324,12 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--follow", action="store_true", help="print the job's log until it ends; exit 1 unless it succeeded"
     )
+    p.add_argument(
+        "--parallel",
+        type=_at_least_one,
+        metavar="N",
+        help="a sweep: run it as N worker jobs that join one study (n_trials stays the sweep's)",
+    )
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(fn=_guarded(cmd_submit))
 
@@ -277,7 +339,8 @@ def add_commands(sub) -> None:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(fn=_guarded(cmd_jobs))
 
-    p = sub.add_parser("cancel", help="cancel a queued or running job")
-    p.add_argument("job", type=int)
+    p = sub.add_parser("cancel", help="cancel a queued or running job (or a sweep group's jobs)")
+    p.add_argument("job", type=int, nargs="?")
+    p.add_argument("--group", type=int, metavar="G", help="cancel every job of sweep group G")
     _client_args(p)
     p.set_defaults(fn=_guarded(cmd_cancel))

@@ -111,6 +111,9 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument(
+        "--as-path", metavar="PATH", help="treat the sweep file as if it lived at PATH (relative extends)"
+    )
     _storage_arg(p)
     p.set_defaults(fn=cmd_sweep_worker)
 

@@ -144,21 +144,41 @@ def _quote(arg: str) -> str:
 
 
 SBATCH = """#!/bin/bash
-# Written by `moeplat slurm`: {name} on {nodes} node(s) x {per_node} GPU(s), one task per GPU.
+# Written by `moeplat slurm`: {name} on {nodes} node(s) x {per_node} {unit}(s), one task per {unit}.
 # Lightning reads its ranks from srun's environment (SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST).
 #SBATCH --job-name=moeplat-{name}
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node={per_node}
-#SBATCH --gpus-per-node={per_node}
-#SBATCH --cpus-per-task={cpus}
+{gpus}#SBATCH --cpus-per-task={cpus}
 #SBATCH --output=%x-%j.out
 {extra}
 set -euo pipefail
 cd {workdir}
 # every rank writes into this one run directory; rank 0 creates the MLflow run
-export {env}={runs_dir}/{name}/slurm-${{SLURM_JOB_ID}}
+export {env}={run_dir}
 mkdir -p "${env}"
-srun --kill-on-bad-exit=1 {command}
+# a requeued job (same SLURM_JOB_ID) finds its run here: it resumes from the last checkpoint into
+# the same MLflow run
+resume=()
+if [ -f "${env}/run.json" ]; then
+  echo "moeplat: resuming ${env} (restart ${{SLURM_RESTART_COUNT:-0}})"
+  resume=(--resume "${env}")
+fi
+# SIGUSR1 (sbatch --signal=B:USR1@SECONDS, before the time limit or a preemption): the run sends
+# its metrics, closes its MLflow run and exits; then the job requeues itself and resumes above
+step=
+requeue() {{
+  echo "moeplat: SIGUSR1 (time limit or preemption near): stopping the run, then requeueing"
+  [ -n "$step" ] && kill -USR1 "$step" 2>/dev/null || true
+  code=0
+  wait "$step" || code=$?
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  exit "$code"
+}}
+trap requeue USR1
+srun --kill-on-bad-exit=1 {command} "${{resume[@]}}" &
+step=$!
+wait "$step"
 """
 
 
@@ -174,17 +194,26 @@ def sbatch_script(
     cpus_per_task: int = 8,
     extra_sbatch: tuple[str, ...] = (),
     python: list[str] | None = None,
+    gpus: bool = True,
+    run_dir: str | None = None,
+    run_args: tuple[str, ...] = (),
 ) -> str:
-    """A ready sbatch script: one srun task per GPU, each running `moeplat run` on the spec."""
-    cmd = [*(python or moeplat_command()), *_run_args(spec_path, overrides, runs_dir)]
+    """A ready sbatch script: one srun task per GPU (per process with `gpus` False: a CPU run),
+    each running `moeplat run` on the spec (with `run_args` added: --as-path, --tracking-uri).
+    The run directory is `run_dir`, by default runs_dir/name/slurm-$SLURM_JOB_ID (a requeued job
+    keeps its id, so it finds its run again)."""
+    cmd = [*(python or moeplat_command()), *_run_args(spec_path, overrides, runs_dir), *run_args]
+    default_dir = f"{shlex.quote(runs_dir)}/{shlex.quote(name)}/slurm-${{SLURM_JOB_ID}}"
     return SBATCH.format(
         name=name,
         nodes=nodes,
         per_node=per_node,
+        unit="GPU" if gpus else "process",
+        gpus=f"#SBATCH --gpus-per-node={per_node}\n" if gpus else "",
         cpus=cpus_per_task,
         extra="\n".join(f"#SBATCH {line}" for line in extra_sbatch),
         workdir=shlex.quote(workdir or os.getcwd()),
         env=RUN_DIR_ENV,
-        runs_dir=shlex.quote(runs_dir),
+        run_dir=shlex.quote(run_dir) if run_dir else default_dir,
         command=" ".join(shlex.quote(c) for c in cmd),
     )

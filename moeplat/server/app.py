@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 import moeplat
 from moeplat.errors import SpecError
-from moeplat.server import results, routing, specs, worker_api
+from moeplat.server import groups, results, routing, specs, worker_api
 from moeplat.server.jobs import FINAL, JobStore, too_big
 from moeplat.server.security import Guard, RequestModel, internal_error, invalid_request
 from moeplat.server.settings import ServerSettings
@@ -62,6 +62,10 @@ class JobRequest(Model):
     name: Annotated[str, Field(max_length=200)] | None = None
     filename: Annotated[str, Field(max_length=500)] = Field(
         "spec.yaml", description="with text: where it lives, relative to the first spec root"
+    )
+    parallel: Annotated[int, Field(ge=1, le=groups.MAX_PARALLEL)] | None = Field(
+        None,
+        description="a sweep only: run it as this many sweep-worker jobs joining one study (a job group)",
     )
 
 
@@ -108,6 +112,8 @@ class Job(BaseModel):
     reason: str | None = Field(
         description="why a queued job is not running yet, when a worker cannot take it"
     )
+    group: int | None = Field(description="the job group (a sweep spread over workers) it belongs to")
+    group_index: int | None
 
 
 class JobList(BaseModel):
@@ -174,6 +180,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     _spec_routes(app, settings)
     _job_routes(app, settings, store)
     app.include_router(worker_api.router(settings, store))
+    app.include_router(groups.router(settings, store))
     app.include_router(results.router)
     app.include_router(routing.router(settings, store))
     _web(app, settings)
@@ -236,6 +243,10 @@ def _job_routes(app: FastAPI, settings: ServerSettings, store: JobStore) -> None
         or from `path`, a spec file inside a spec root."""
         if (body.text is None) == (body.path is None):
             raise HTTPException(422, "give exactly one of text and path")
+        if body.parallel is not None and body.kind != "sweep":
+            raise HTTPException(
+                422, "parallel is for sweeps (kind: sweep); a run's devices are its parallel.devices"
+            )
         try:
             root, filename, text = (
                 specs.spec_file(body.path, settings)
@@ -264,7 +275,13 @@ def _job_routes(app: FastAPI, settings: ServerSettings, store: JobStore) -> None
             storage=settings.sweep_storage if sweep else None,
             devices=devices,
         )
-        return store.submit(**fields)
+        if body.parallel is None:
+            return store.submit(**fields)
+        try:
+            return groups.submit_sweep(store, settings, loaded, body.parallel, fields)
+        except SpecError as e:  # a study of that name exists
+            issues = [specs.issue_dict(i) for i in e.issues]
+            return JSONResponse({"detail": "invalid spec", "errors": issues}, status_code=422)
 
     @app.get("/api/jobs", response_model=JobList, tags=["jobs"])
     def jobs(

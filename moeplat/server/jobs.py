@@ -77,6 +77,26 @@ class Job(Base):
     storage: Mapped[str | None] = mapped_column(Text)
     log_size: Mapped[int] = mapped_column(Integer, default=0)  # characters in the log so far
     devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # parallel.devices
+    group_id: Mapped[int | None] = mapped_column(Integer, index=True)  # JobGroup.id
+    group_index: Mapped[int | None] = mapped_column(Integer)  # 0..size-1 within its group
+
+
+class JobGroup(Base):
+    """Jobs that are one piece of work: a sweep spread over `size` sweep-worker jobs that join one
+    Optuna study. A local executor queues `size` jobs; a batch executor (SLURM) may run the same
+    workers as one job array of `size` tasks (`executor` says which ran it)."""
+
+    __tablename__ = "moeplat_job_groups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sweep
+    name: Mapped[str] = mapped_column(String(200))
+    size: Mapped[int] = mapped_column(Integer)
+    study: Mapped[str | None] = mapped_column(String(200))
+    storage: Mapped[str | None] = mapped_column(Text)
+    n_trials: Mapped[int | None] = mapped_column(Integer)
+    executor: Mapped[str] = mapped_column(String(32), default="local", server_default="local")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 class WorkerSeen(Base):
@@ -126,7 +146,34 @@ def job_dict(job: Job, reason: str | None = None) -> dict:
         "storage": job.storage,
         "devices": job.devices,
         "reason": reason,
+        "group": job.group_id,
+        "group_index": job.group_index,
     }
+
+
+def group_dict(group: JobGroup, jobs: list[dict]) -> dict:
+    return {
+        "id": group.id,
+        "kind": group.kind,
+        "name": group.name,
+        "size": group.size,
+        "study": group.study,
+        "storage": group.storage,
+        "n_trials": group.n_trials,
+        "executor": group.executor,
+        "created_at": _utc(group.created_at),
+        "state": group_state([j["state"] for j in jobs]),
+        "jobs": jobs,
+    }
+
+
+def group_state(states: list[str]) -> str:
+    """One state for a group: running while any job runs, queued while any waits; then succeeded
+    when a worker saw the study through (another may have died on the way), else how it ended."""
+    for state in ("running", "queued", "succeeded", "cancelled"):
+        if state in states:
+            return state
+    return "failed"
 
 
 WAITING = "waiting for a worker"
@@ -199,6 +246,54 @@ class JobStore:
             s.add(job)
             s.flush()
             return job_dict(job)
+
+    def submit_group(self, group_kind: str, size: int, n_trials: int | None = None, **fields) -> dict:
+        """A group and its `size` jobs (each a copy of `fields` with its group_index), queued in
+        one transaction: no worker sees half a group."""
+        with self.session.begin() as s:
+            group = JobGroup(
+                kind=group_kind,
+                name=fields["name"],
+                size=size,
+                study=fields.get("study"),
+                storage=fields.get("storage"),
+                n_trials=n_trials,
+                created_at=now(),
+            )
+            s.add(group)
+            s.flush()
+            t = now()
+            jobs = [
+                Job(**fields, state="queued", created_at=t, group_id=group.id, group_index=i)
+                for i in range(size)
+            ]
+            s.add_all(jobs)
+            s.flush()
+            live = self._live(s)
+            return group_dict(group, [self._dict(s, j, live) for j in jobs])
+
+    def group(self, group_id: int) -> dict | None:
+        with self.session() as s:
+            group = s.get(JobGroup, group_id)
+            if group is None:
+                return None
+            live = self._live(s)
+            jobs = s.scalars(select(Job).where(Job.group_id == group_id).order_by(Job.id))
+            return group_dict(group, [self._dict(s, j, live) for j in jobs])
+
+    def groups(self, limit: int = 20) -> list[dict]:
+        """The newest groups, newest first."""
+        with self.session() as s:
+            ids = s.scalars(select(JobGroup.id).order_by(JobGroup.id.desc()).limit(limit)).all()
+        return [g for i in ids if (g := self.group(i)) is not None]
+
+    def cancel_group(self, group_id: int) -> dict | None:
+        """Cancel every job of the group (queued ones at once, running ones by request)."""
+        with self.session() as s:
+            ids = s.scalars(select(Job.id).where(Job.group_id == group_id)).all()
+        for job_id in ids:
+            self.cancel(job_id)
+        return self.group(group_id)
 
     def get(self, job_id: int) -> dict | None:
         with self.session() as s:

@@ -202,6 +202,8 @@ class Worker:
             text = ["--text", str(spec_file)] if c["text"] else ["--val-text"]
             cmd = [self.python, "-m", "moeplat.cli.main", "route", c["overrides"][0], *text, "--log"]
             return [*cmd, "--tracking-uri", c["tracking_uri"], "-o", str(spec_file.parent / "route.html")]
+        if job["kind"] == "sweep-worker":
+            return self._sweep_worker(c, spec_file, root)
         runs = self.work_dir / "runs" / f"job-{job['id']}"
         cmd = [self.python, "-m", "moeplat.cli.main", job["kind"], str(spec_file)]
         cmd += ["--as-path", str(root / c["filename"]), "--tracking-uri", c["tracking_uri"]]
@@ -212,6 +214,19 @@ class Worker:
         return [*cmd, "--no-progress", *(f"--set={o}" for o in c["overrides"])] + (
             ["--resume", "last"] if earlier else []
         )
+
+    def _sweep_worker(self, c: dict, spec_file: Path, root: Path) -> list[str]:
+        """One of a group's workers joining its study (moeplat.server.groups). The group's runs
+        share a directory, so a trial retried here after a worker died resumes from its checkpoint
+        when that worker ran on this machine. A retried job's worker index moves on by the group's
+        size: its sampler does not replay the seed its first attempt used."""
+        job = c["job"]
+        runs = self.work_dir / "runs" / f"group-{job['group']}"
+        index = job["group_index"] + (c.get("group_size") or 1) * (c["attempt"] - 1)
+        cmd = [self.python, "-m", "moeplat.cli.main", "sweep-worker", str(spec_file)]
+        cmd += ["--as-path", str(root / c["filename"]), "--tracking-uri", c["tracking_uri"]]
+        cmd += ["--storage", job["storage"] or c["sweep_storage"], "--runs-dir", str(runs)]
+        return [*cmd, "--worker-index", str(index)]
 
     def run(self, c: dict, devices: list[str] | None = None) -> int | None:
         """Run one claimed job to its end (on `devices`: its CUDA_VISIBLE_DEVICES); its exit

@@ -62,6 +62,7 @@ class Claimed(BaseModel):
     tracking_uri: str | None = None
     sweep_storage: str | None = None
     heartbeat_s: float | None = None
+    group_size: int | None = None
 
 
 class HeartbeatOut(BaseModel):
@@ -103,6 +104,7 @@ def router(settings: ServerSettings, store: JobStore) -> APIRouter:
             "tracking_uri": settings.tracking_uri,
             "sweep_storage": settings.sweep_storage,
             "heartbeat_s": max(0.5, min(5.0, settings.heartbeat_timeout_s / 4)),
+            "group_size": (store.group(job["group"]) or {}).get("size") if job["group"] else None,
         }
 
     @r.post("/jobs/{job_id}/heartbeat", response_model=HeartbeatOut, responses=LOST)

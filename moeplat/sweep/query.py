@@ -17,7 +17,7 @@ import warnings
 import optuna
 
 from moeplat.sweep.report import best_trials, importances
-from moeplat.sweep.study import storage_url
+from moeplat.sweep.study import progress, storage_url
 
 log = logging.getLogger(__name__)
 RUN_ATTR = "mlflow_run_id"  # set on each trial by moeplat.sweep.worker
@@ -148,6 +148,12 @@ def study_summary(storage: str | None, name: str, dashboard_url: str | None = No
         "directions": [d.name.lower() for d in study.directions],
         "dashboard_url": dashboard_link(dashboard_url, study_id),
     }
+
+
+def study_progress(storage: str | None, name: str, n_trials: int) -> dict:
+    """Trials by state against n_trials (moeplat.sweep.study.progress); NotFound for an unknown study."""
+    study, _ = _load(storage, name)
+    return progress(study, n_trials)
 
 
 def all_summaries(storage: str | None, dashboard_url: str | None = None) -> list[dict]:

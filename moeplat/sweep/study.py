@@ -123,17 +123,76 @@ def open_study(
     return study
 
 
-def finished_count(study: optuna.Study) -> int:
-    """Finished configurations: a trial that was retried (worker died) or re-queued (interrupted)
-    is counted once, through its last attempt."""
-    trials = study.get_trials(deepcopy=False)
+def create_for_workers(loaded: LoadedSweep, url: str) -> None:
+    """The study that `moeplat sweep-worker` processes (a server's sweep jobs) will join, created
+    once, up front. No sampler is built here (each worker brings its own seed; the gp sampler
+    would import torch into the server)."""
+    sweep = loaded.sweep
+    try:
+        study = optuna.create_study(
+            study_name=sweep.name,
+            storage=make_storage(url, sweep),
+            directions=[o.direction for o in sweep.objectives],
+            sampler=optuna.samplers.RandomSampler(),
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        raise SpecError(
+            SpecIssue("name", f"a study '{sweep.name}' already exists in the sweep storage: rename the sweep")
+        ) from None
+    study.set_user_attr("sweep_file", os.path.abspath(loaded.path))
+    study.set_metric_names([o.metric for o in sweep.objectives])
+
+
+SURPLUS_ATTR = "surplus"  # a trial started past n_trials by a worker that lost the race: not counted
+PENDING = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+
+
+def _counted(trials, below: int | None = None) -> list:
+    """The trials that stand for a configuration of the n_trials: a trial that was retried (worker
+    died) or re-queued (interrupted) counts once, through its last attempt; interrupted and
+    surplus trials not at all. Finished ones and those running or waiting to run; with `below`,
+    those numbered below it (a retry supersedes its earlier attempt whatever their numbers)."""
     superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     superseded |= {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    return sum(
-        1
+    return [
+        t
         for t in trials
-        if t.state in FINISHED and t.number not in superseded and not t.user_attrs.get("interrupted")
-    )
+        if (below is None or t.number < below)
+        and t.state in FINISHED + PENDING
+        and t.number not in superseded
+        and not t.user_attrs.get("interrupted")
+        and not t.user_attrs.get(SURPLUS_ATTR)
+    ]
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Finished configurations (see _counted)."""
+    return sum(1 for t in _counted(study.get_trials(deepcopy=False)) if t.state in FINISHED)
+
+
+def surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """Whether trial `number`, just started, is one too many. Workers check `remaining` and then
+    start a trial; two can pass the check for the last slot together. Trial numbers are handed out
+    one at a time by the storage, so every worker ranks them the same way: a trial with n_trials
+    counted trials (finished, running or waiting) below its number gives way, and n_trials is met
+    exactly. A later failure below it (an interrupted trial) is made up by the workers' loop."""
+    return len(_counted(study.get_trials(deepcopy=False), below=number)) >= n_trials
+
+
+def progress(study: optuna.Study, n_trials: int) -> dict:
+    """Trials by state, counted as `finished_count` does, against the sweep's n_trials."""
+    counted = _counted(study.get_trials(deepcopy=False))
+    by = {s: sum(1 for t in counted if t.state == s) for s in FINISHED + PENDING}
+    State = optuna.trial.TrialState
+    return {
+        "n_trials": n_trials,
+        "finished": sum(by[s] for s in FINISHED),
+        "complete": by[State.COMPLETE],
+        "pruned": by[State.PRUNED],
+        "failed": by[State.FAIL],
+        "running": by[State.RUNNING],
+        "waiting": by[State.WAITING],
+    }
 
 
 def remaining(study: optuna.Study, n_trials: int) -> int:

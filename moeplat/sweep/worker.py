@@ -16,7 +16,14 @@ from moeplat.spec.plan import plan
 from moeplat.spec.sweep import LoadedSweep, MaxActiveParams
 from moeplat.sweep.pruning import PruneOnValidation
 from moeplat.sweep.space import suggest
-from moeplat.sweep.study import PARENT_RUN_ATTR, objective_values, open_study, remaining
+from moeplat.sweep.study import (
+    PARENT_RUN_ATTR,
+    SURPLUS_ATTR,
+    objective_values,
+    open_study,
+    remaining,
+    surplus,
+)
 
 log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
@@ -58,6 +65,9 @@ def make_objective(
     prunable = len(sweep.objectives) == 1 and sweep.pruner.kind != "none"
 
     def objective(trial: optuna.Trial):
+        if surplus(trial.study, trial.number, sweep.trials.n_trials):  # lost the race for the last slot
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise optuna.TrialPruned("the study already has its n_trials")
         overrides = suggest(trial, loaded)
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("worker", who)

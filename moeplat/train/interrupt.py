@@ -8,10 +8,22 @@ ignored in ..." and the interrupt is gone: the run trained on until the job serv
 InterruptGuard raises KeyboardInterrupt at the next training or validation batch when one was
 recorded: an interrupt that did arrive ended training before that batch, one that was swallowed
 arrives there.
+
+SIGUSR1 is SLURM's warning before a time limit or a preemption (the SLURM bridge submits with
+`--signal=B:USR1@N`; the batch script forwards it to every rank): it is recorded, not raised, and
+the run stops at the next training batch -- a clean boundary: the last step's metrics are all
+logged (a KeyboardInterrupt raised between an optimizer step and its logging would leave that
+step's rows to nobody) and, with several ranks under SLURM, one tiny all-reduce per step makes
+every rank stop at the same batch (none is left waiting in a collective for a rank that left).
+From there it is a Ctrl-C: the held metric rows are sent and recorded, the MLflow run is closed,
+resumable from its run directory, and `moeplat run` exits with PREEMPTED_EXIT instead of 130, so
+the batch script can tell "requeue me" from a cancel. The requeued job resumes from the last
+checkpoint into the same MLflow run (moeplat.parallel.launch.sbatch_script).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -20,6 +32,8 @@ from contextlib import contextmanager
 import lightning as L
 
 _received = threading.Event()
+_preempted = threading.Event()
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped for a time limit or preemption; resume it
 
 
 def _record_and_raise(signum, frame):
@@ -27,21 +41,38 @@ def _record_and_raise(signum, frame):
     raise KeyboardInterrupt
 
 
+def _record_preemption(signum, frame):
+    _preempted.set()  # InterruptGuard stops the run at the next training batch
+
+
+def preempted() -> bool:
+    """The last interrupt of this process was SLURM's warning signal (SIGUSR1), not a Ctrl-C."""
+    return _preempted.is_set()
+
+
 @contextmanager
 def interrupts_recorded() -> Iterator[None]:
     """Record SIGINTs for InterruptGuard while the block runs (main thread, default handler only:
-    a handler someone else installed is left alone)."""
+    a handler someone else installed is left alone); SIGUSR1 too, where nobody handles it (then
+    Lightning's own SLURM handler, which requeues by itself, stays out: it installs only where
+    no handler is set)."""
     _received.clear()
+    _preempted.clear()
     main = threading.current_thread() is threading.main_thread()
     if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     signal.signal(signal.SIGINT, _record_and_raise)
+    usr1 = signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
+    if usr1:
+        signal.signal(signal.SIGUSR1, _record_preemption)
     try:
         yield
     finally:
         if signal.getsignal(signal.SIGINT) is _record_and_raise:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if usr1 and signal.getsignal(signal.SIGUSR1) is _record_preemption:
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
 class InterruptGuard(L.Callback):
@@ -51,6 +82,12 @@ class InterruptGuard(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._check()
+        stop = _preempted.is_set()
+        if trainer.world_size > 1 and "SLURM_JOB_ID" in os.environ:  # srun signals every rank
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            _preempted.set()
+            raise KeyboardInterrupt
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._check()

@@ -72,7 +72,8 @@ def test_sbatch_script_renders_and_parses(tmp_path):
     srun = shlex.split(next(line for line in lines if line.startswith("srun ")))
     assert srun[:2] == ["srun", "--kill-on-bad-exit=1"]
     assert srun[2:6] == [sys.executable, "-m", "moeplat.cli.main", "run"]
-    assert srun[srun.index("--set", 7) :][-2:] == ["--set", "parallel.num_nodes=2"]
+    assert srun[-2:] == ["${resume[@]}", "&"]  # --resume RUN_DIR when a requeued job finds its run
+    assert srun[srun.index("--set", 7) :][-4:-2] == ["--set", "parallel.num_nodes=2"]
     (tmp_path / "job.sbatch").write_text(text)
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
 
