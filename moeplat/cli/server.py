@@ -82,6 +82,10 @@ def cmd_serve(args) -> int:
 def cmd_worker(args) -> int:
     import logging
 
+    from moeplat.cli.slurm_bridge import cmd_bridge, wants_bridge
+
+    if wants_bridge(args):  # --executor slurm: jobs run as SLURM batch jobs, not here
+        return cmd_bridge(args)
     from moeplat.server.worker import Worker, WorkerError, parse_devices
 
     logging.getLogger("moeplat.worker").setLevel(logging.INFO)
@@ -307,6 +311,9 @@ def add_commands(sub) -> None:
         help="device ids this worker owns and shares out to jobs side by side (CUDA_VISIBLE_DEVICES), "
         "e.g. 0,1,2,3; auto (default): the GPUs it sees, else cpu: one job at a time, of any width",
     )
+    from moeplat.cli.slurm_bridge import add_slurm_args
+
+    add_slurm_args(p)  # --executor slurm and its sbatch options
     p.set_defaults(fn=_guarded(cmd_worker))
 
     p = sub.add_parser("submit", help="queue a run (or --sweep) on a server; validated here first")
