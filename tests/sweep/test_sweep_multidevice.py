@@ -141,3 +141,19 @@ def test_a_rank_that_dies_fails_its_trial_and_the_sweep_goes_on(
     for pid in pids.values():  # no rank left behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_multi_node_trial_is_rejected_before_training(tmp_path, write_sweep, mlflow_store):
+    storage, _, flags = _flags(tmp_path, mlflow_store)
+    nodes = {"parallel.num_nodes": 2, "parallel.strategy": {"kind": "ddp"}, "parallel.accelerator": "cpu"}
+    path = write_sweep(
+        tmp_path,
+        "nodes",
+        overrides={**QUICK, **nodes},
+        search={"model.moe.top_k": {"kind": "int", "low": 1, "high": 2}},
+        trials={"n_trials": 1},
+    )
+    assert main(["sweep", str(path), *flags]) == 0
+    (trial,) = optuna.load_study(study_name="nodes", storage=storage).get_trials()
+    assert trial.state == State.PRUNED and "num_nodes" in trial.user_attrs["rejected"]
+    assert not (tmp_path / "runs" / "sweeps" / "nodes").exists()  # nothing trained
