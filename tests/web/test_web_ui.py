@@ -316,6 +316,52 @@ def test_sweep_study_pareto_and_importances(stack, browser, artifacts):
     page.close()
 
 
+@pytest.mark.slow
+def test_a_sweep_spread_over_workers_shows_as_one_with_its_progress(stack, browser, artifacts):
+    """The editor's workers field: 0 is refused before submitting; 2 queues two sweep-worker jobs
+    joining one study, shown as one row in the job list and, on each job's page, the study's
+    progress up to exactly its n_trials."""
+    page = browser.new_page(viewport={"width": 1360, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{stack}/#/editor")
+    page.wait_for_selector("#app[data-ready=editor]", timeout=30_000)
+    page.click("button[data-kind=run]")
+    assert page.is_hidden("#parallel")  # a run's width is its parallel.devices
+    page.click("button[data-kind=sweep]")
+    _set_text(page, SWEEP.replace("name: tiny-pareto", "name: tiny-spread"))
+    page.wait_for_selector("#problems .problem.ok", timeout=15_000)
+    page.fill("#parallel", "0")
+    page.click("#launch")
+    page.wait_for_function("() => document.querySelector('#editor-status').textContent.includes('workers')")
+    assert "1 or more" in page.inner_text("#editor-status")
+    page.fill("#parallel", "2")
+    page.click("#launch")
+    page.wait_for_url("**/#/jobs/*", timeout=15_000)
+    job_id = int(page.url.rsplit("/", 1)[1])
+    page.wait_for_selector("#job-group #group-progress", timeout=30_000)
+    group = _get(f"{stack}/api/jobs/{job_id}")["group"]
+    assert len(_get(f"{stack}/api/groups/{group}")["jobs"]) == 2
+    page.wait_for_function(
+        "() => document.querySelector('#group-progress').textContent.startsWith('4 of 4 trials finished')",
+        timeout=2 * RUN_TIMEOUT_S * 1000,
+        polling=1000,
+    )
+    page.click("nav a[data-page=jobs]")
+    row = page.locator(f"#jobs tr[data-group='{group}']")
+    row.wait_for(timeout=10_000)
+    page.wait_for_function(
+        f"() => document.querySelector(\"#jobs tr[data-group='{group}'] .badge\")?.dataset.state === 'succeeded'",
+        timeout=2 * RUN_TIMEOUT_S * 1000,
+        polling=1000,
+    )
+    assert "4 of 4 trials finished" in row.inner_text() and "sweep ×2" in row.inner_text()
+    assert page.locator("#jobs tr[data-job]").filter(has_text="tiny-spread").count() == 0  # one row
+    _shot(page, artifacts, "ui-sweep-group")
+    assert not errors, errors
+    page.close()
+
+
 def test_token_field_when_the_server_needs_one(browser, tmp_path):
     """With a token configured the UI asks for it, keeps it in localStorage and sends it."""
     if not (DIST / "index.html").is_file():

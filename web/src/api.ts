@@ -12,7 +12,7 @@ export interface Issue {
 
 export interface Job {
   id: number;
-  kind: "run" | "sweep" | "route";
+  kind: "run" | "sweep" | "route" | "sweep-worker";
   name: string;
   state: "queued" | "running" | "succeeded" | "failed" | "cancelled";
   created_at: string | null;
@@ -26,6 +26,32 @@ export interface Job {
   attempts: number;
   study: string | null;
   storage: string | null;
+  devices: number;
+  reason: string | null;
+  group: number | null;
+  group_index: number | null;
+}
+
+/** A sweep spread over workers: `size` sweep-worker jobs joining one study. */
+export interface Group {
+  id: number;
+  kind: string;
+  name: string;
+  size: number;
+  study: string | null;
+  n_trials: number | null;
+  created_at: string | null;
+  state: Job["state"];
+  jobs: Job[];
+  progress: {
+    n_trials: number;
+    finished: number;
+    complete: number;
+    pruned: number;
+    failed: number;
+    running: number;
+    waiting: number;
+  } | null;
 }
 
 export interface RunSummary {
@@ -149,8 +175,17 @@ export const api = {
     request<ValidateResult>("POST", "/api/validate", { text, kind, overrides: [], filename }),
   plan: (text: string, kind: SpecKind, filename?: string) =>
     request<PlanResult>("POST", "/api/plan", { text, kind, overrides: [], filename }),
-  submit: (body: { kind: SpecKind; text: string; filename?: string; name?: string; overrides?: string[] }) =>
-    request<Job>("POST", "/api/jobs", body),
+  submit: (body: {
+    kind: SpecKind;
+    text: string;
+    filename?: string;
+    name?: string;
+    overrides?: string[];
+    parallel?: number;
+  }) => request<Job>("POST", "/api/jobs", body),
+  groups: (limit = 20) => request<{ groups: Group[] }>("GET", `/api/groups?limit=${limit}`),
+  group: (id: number) => request<Group>("GET", `/api/groups/${id}`),
+  cancelGroup: (id: number) => request<Group>("POST", `/api/groups/${id}/cancel`),
   jobs: (limit = 100) => request<{ jobs: Job[] }>("GET", `/api/jobs?limit=${limit}`),
   job: (id: number) => request<Job>("GET", `/api/jobs/${id}`),
   log: (id: number, offset: number) =>

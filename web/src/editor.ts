@@ -75,6 +75,17 @@ export function editorPage(root: HTMLElement): () => void {
     ...(examples as Example[]).map((e, i) => h("option", { value: String(i) }, e.label)),
   );
   const launch = h("button", { id: "launch", class: "primary", type: "button" }, "Launch run");
+  // a sweep may be spread over workers: N sweep-worker jobs joining one study (POST /api/jobs parallel)
+  const workersInput = h("input", {
+    id: "parallel",
+    type: "number",
+    min: 1,
+    step: 1,
+    placeholder: "1 job",
+    size: 4,
+    title: "workers for this sweep: that many jobs join one Optuna study (empty: one job runs every trial)",
+  }) as HTMLInputElement;
+  const workersLabel = h("label", { class: "muted", id: "parallel-label" }, "workers ", workersInput);
   const status = h("span", { id: "editor-status", class: "status" });
   const problems = h("div", { id: "problems", class: "problems" });
   const planBox = h("div", { id: "plan", class: "plan" }, h("p", { class: "muted" }, "The plan appears once the spec is valid."));
@@ -97,6 +108,7 @@ export function editorPage(root: HTMLElement): () => void {
       h("label", { class: "muted" }, "as ", filenameInput),
       h("span", { class: "spacer" }),
       status,
+      workersLabel,
       launch,
     ),
     h(
@@ -111,6 +123,7 @@ export function editorPage(root: HTMLElement): () => void {
   const renderKind = () => {
     for (const b of kindButtons) b.classList.toggle("on", b.dataset.kind === draft.kind);
     launch.textContent = draft.kind === "sweep" ? "Launch sweep" : "Launch run";
+    workersLabel.style.display = draft.kind === "sweep" ? "" : "none"; // (a CSS display beats [hidden])
     filenameInput.value = draft.filename;
   };
 
@@ -293,7 +306,12 @@ export function editorPage(root: HTMLElement): () => void {
     launch.disabled = true;
     status.textContent = "submitting…";
     try {
-      const job = await api.submit({ kind: draft.kind, text: view.state.doc.toString(), filename: draft.filename });
+      const raw = workersInput.value.trim();
+      const parallel = draft.kind === "sweep" && raw ? Number(raw) : undefined;
+      if (parallel !== undefined && !(Number.isInteger(parallel) && parallel >= 1)) {
+        throw new Error(`workers must be a whole number, 1 or more (got ${raw})`);
+      }
+      const job = await api.submit({ kind: draft.kind, text: view.state.doc.toString(), filename: draft.filename, parallel });
       location.hash = `#/jobs/${job.id}`;
     } catch (e: any) {
       status.textContent = `not launched: ${messageOf(e)}`;
