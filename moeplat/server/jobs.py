@@ -496,8 +496,8 @@ def _upgrade(engine) -> None:
             if col.name in have:
                 continue
             ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"
-            if col.server_default is not None:
-                ddl += f" DEFAULT {col.server_default.arg}"
+            if col.server_default is not None:  # a text default, quoted (SQL also takes '1' for 1)
+                ddl += " DEFAULT '{}'".format(str(col.server_default.arg).replace("'", "''"))
             with engine.begin() as conn:
                 conn.execute(sql(ddl))
 

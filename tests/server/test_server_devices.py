@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from postgres import postgres_url  # noqa: F401  (session fixture: a real PostgreSQL)
 from server_helpers import live_server, settings_for, spec_root, wait_for  # noqa: F401
 
 from moeplat.server.jobs import WAITING, JobStore
@@ -119,25 +120,49 @@ def test_a_cpu_worker_takes_a_job_of_any_width(tmp_path):
     assert store.claim("cpu")["id"] == wide  # a CPU worker (no device count) takes any job
 
 
-def test_an_old_jobs_database_gets_the_new_columns(tmp_path):
-    import sqlite3
+OLD_JOBS_TABLE = (  # moeplat_jobs as an older moeplat made it (no devices, no group columns)
+    "CREATE TABLE moeplat_jobs (id {pk}, kind VARCHAR(16), name VARCHAR(200), "
+    "state VARCHAR(16), text TEXT, filename VARCHAR(500), root_index INTEGER, overrides JSON, "
+    "created_at {ts}, started_at {ts}, finished_at {ts}, heartbeat_at {ts}, "
+    "worker VARCHAR(200), exit_code INTEGER, error TEXT, cancel_requested BOOLEAN, "
+    "attempts INTEGER, study VARCHAR(200), storage TEXT, log_size INTEGER)"
+)
+OLD_JOB = (
+    "INSERT INTO moeplat_jobs (kind, name, state, text, filename, root_index, overrides, "
+    "cancel_requested, attempts, log_size) VALUES ('run', 'old', 'queued', '', 'a.yaml', 0, '[]', false, 0, 0)"
+)
 
-    db = tmp_path / "old.db"
-    with sqlite3.connect(db) as conn:  # the table as an older moeplat made it (no devices column)
-        conn.execute(
-            "CREATE TABLE moeplat_jobs (id INTEGER PRIMARY KEY, kind VARCHAR(16), name VARCHAR(200), "
-            "state VARCHAR(16), text TEXT, filename VARCHAR(500), root_index INTEGER, overrides JSON, "
-            "created_at DATETIME, started_at DATETIME, finished_at DATETIME, heartbeat_at DATETIME, "
-            "worker VARCHAR(200), exit_code INTEGER, error TEXT, cancel_requested BOOLEAN, "
-            "attempts INTEGER, study VARCHAR(200), storage TEXT, log_size INTEGER)"
-        )
-        conn.execute(
-            "INSERT INTO moeplat_jobs (kind, name, state, text, filename, root_index, overrides, "
-            "cancel_requested, attempts, log_size) VALUES ('run', 'old', 'queued', '', 'a.yaml', 0, '[]', 0, 0, 0)"
-        )
-    store = JobStore(f"sqlite:///{db}")
-    assert store.get(1)["devices"] == 1
+
+def _old_database(url: str, pk: str, ts: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(OLD_JOBS_TABLE.format(pk=pk, ts=ts)))
+        conn.execute(text(OLD_JOB))
+    engine.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_an_old_jobs_database_gets_the_new_columns(dialect, tmp_path, request):
+    if dialect == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.db'}"
+        _old_database(url, "INTEGER PRIMARY KEY", "DATETIME")
+    else:  # a database of its own in the test PostgreSQL server
+        from sqlalchemy import create_engine, text
+
+        base = request.getfixturevalue("postgres_url")
+        admin = create_engine(base, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text("DROP DATABASE IF EXISTS moeplat_upgrade"))
+            conn.execute(text("CREATE DATABASE moeplat_upgrade"))
+        admin.dispose()
+        url = base.rsplit("/", 1)[0] + "/moeplat_upgrade"
+        _old_database(url, "SERIAL PRIMARY KEY", "TIMESTAMP WITH TIME ZONE")
+    store = JobStore(url)
+    assert store.get(1)["devices"] == 1 and store.get(1)["group"] is None
     assert store.claim("w", free=1, devices=1)["name"] == "old"
+    store.close()
 
 
 @pytest.mark.parametrize(
