@@ -256,6 +256,9 @@ def _quiet_libraries(verbose: bool) -> None:
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", message=r".*treespec.*")  # lightning 2.6 on torch 2.13, harmless
+    # Lightning's hint on any machine with SLURM's commands (a login node) when a run is not under
+    # srun: `moeplat slurm` and the SLURM bridge write the srun line themselves
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
 
 
 def _quiet_lightning() -> None:

@@ -164,15 +164,16 @@ if [ -f "${env}/run.json" ]; then
   echo "moeplat: resuming ${env} (restart ${{SLURM_RESTART_COUNT:-0}})"
   resume=(--resume "${env}")
 fi
-# SIGUSR1 (sbatch --signal=B:USR1@SECONDS, before the time limit or a preemption): the run sends
-# its metrics, closes its MLflow run and exits; then the job requeues itself and resumes above
+# SIGUSR1 (sbatch --signal=B:USR1@SECONDS, before the time limit or a preemption): the run
+# checkpoints at its next step, sends its metrics, closes its MLflow run and exits 75; then the job
+# requeues itself and resumes above (a run that finished meanwhile exits 0: nothing to requeue)
 step=
 requeue() {{
-  echo "moeplat: SIGUSR1 (time limit or preemption near): stopping the run, then requeueing"
+  echo "moeplat: SIGUSR1 (time limit or preemption near): checkpointing the run, then requeueing"
   [ -n "$step" ] && kill -USR1 "$step" 2>/dev/null || true
   code=0
   wait "$step" || code=$?
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  [ "$code" -ne 0 ] && scontrol requeue "$SLURM_JOB_ID" && exit 0
   exit "$code"
 }}
 trap requeue USR1

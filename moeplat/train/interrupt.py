@@ -10,15 +10,17 @@ recorded: an interrupt that did arrive ended training before that batch, one tha
 arrives there.
 
 SIGUSR1 is SLURM's warning before a time limit or a preemption (the SLURM bridge submits with
-`--signal=B:USR1@N`; the batch script forwards it to every rank): it is recorded, not raised, and
-the run stops at the next training batch -- a clean boundary: the last step's metrics are all
-logged (a KeyboardInterrupt raised between an optimizer step and its logging would leave that
-step's rows to nobody) and, with several ranks under SLURM, one tiny all-reduce per step makes
-every rank stop at the same batch (none is left waiting in a collective for a rank that left).
-From there it is a Ctrl-C: the held metric rows are sent and recorded, the MLflow run is closed,
-resumable from its run directory, and `moeplat run` exits with PREEMPTED_EXIT instead of 130, so
-the batch script can tell "requeue me" from a cancel. The requeued job resumes from the last
-checkpoint into the same MLflow run (moeplat.parallel.launch.sbatch_script).
+`--signal=B:USR1@N`; the batch script forwards it to every rank). It is recorded, not raised. At
+the next optimizer-step boundary (the end of a training batch that stepped) every rank agrees to
+stop -- under SLURM with several ranks, one tiny all-reduce per step, so all stop at the same step
+and none is left waiting in a collective -- and last.ckpt is written there, as ModelCheckpoint
+writes it (so the metric logger counts those steps as covered). The run then stops at the next
+training batch, once that step's metrics are logged (a KeyboardInterrupt raised between an
+optimizer step and its logging would leave that step's rows to nobody). From there it is a
+Ctrl-C: the held rows are sent, the MLflow run is closed, resumable from its run directory, and
+`moeplat run` exits with PREEMPTED_EXIT instead of 130, so the batch script requeues it. The
+requeued job resumes from that checkpoint into the same MLflow run
+(moeplat.parallel.launch.sbatch_script).
 """
 
 from __future__ import annotations
@@ -76,18 +78,36 @@ def interrupts_recorded() -> Iterator[None]:
 
 
 class InterruptGuard(L.Callback):
+    def __init__(self) -> None:
+        self._stop_next = False  # preempted: checkpointed, stop at the next training batch
+
     def _check(self) -> None:
         if _received.is_set():
             raise KeyboardInterrupt
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._check()
+        if self._stop_next:
+            raise KeyboardInterrupt
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._stop_next or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid accumulation: no optimizer step here (batch_idx is the same on every rank)
         stop = _preempted.is_set()
         if trainer.world_size > 1 and "SLURM_JOB_ID" in os.environ:  # srun signals every rank
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             _preempted.set()
-            raise KeyboardInterrupt
+            save_last_checkpoint(trainer)
+            self._stop_next = True
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._check()
+
+def save_last_checkpoint(trainer) -> None:
+    """last.ckpt now, by the ModelCheckpoint that writes it (every rank calls it: a collective)."""
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "save_last", False):
+            cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+            return
