@@ -180,14 +180,31 @@ class SlurmBridge(Worker):
             options = [f"--output={log_path}", "--open-mode=append", *self.options.sbatch()]
             if c["job"]["kind"] == "run":  # its script traps the warning signal and requeues
                 options += ["--requeue", f"--signal=B:USR1@{self.options.signal_s}"]
+            options += self._after_earlier_attempts(job_id, attempt, lease)
             slurm_id = self.slurm.submit(script, options, self._env(job_id), str(self.work_dir))
         except (SubmitError, SlurmUnavailable) as e:
             self._fail_now(job_id, lease, str(e))
             return
+        (job_dir / "slurm_job_id").write_text(slurm_id)
         self._note(job_id, lease, f"submitted to SLURM as job {slurm_id}; its output: {log_path}")
         self.flights[job_id] = _Flight(
             job_id, lease, slurm_id, log_path, float(c["heartbeat_s"]), time.monotonic()
         )
+
+    def _after_earlier_attempts(self, job_id: int, attempt: int, lease: dict) -> list[str]:
+        """A job claimed again after its bridge died (same work directory): an earlier attempt's
+        SLURM job may still be in SLURM, writing the same run directory. It is cancelled, and the
+        new one waits for it to be gone (--dependency=afterany) before it resumes the run."""
+        earlier = []
+        for a in range(1, attempt):
+            f = self.work_dir / "jobs" / f"{job_id}-{a}" / "slurm_job_id"
+            if f.is_file():
+                earlier.append(f.read_text().strip())
+        active = self.slurm.active(earlier) or {}
+        for old in active:
+            self._note(job_id, lease, f"SLURM job {old} of an earlier attempt was still in SLURM: cancelled")
+            self.slurm.cancel(old)
+        return [f"--dependency=afterany:{':'.join(active)}"] if active else []
 
     def _script(self, c: dict, spec_file: Path, job_dir: Path) -> str:
         """The batch script: `moeplat slurm`'s for a run, one task running the job's command for a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import threading
 import time
 
@@ -215,3 +216,45 @@ def test_munge_down_refuses_to_start(tmp_path, slurm_cluster):  # noqa: F811
     slurm = Slurm(env={**slurm_cluster.env, "SLURM_CONF": str(conf)}, timeout_s=60)
     with pytest.raises(SlurmUnavailable, match="munge is not running"):
         slurm.check()
+
+
+@pytest.mark.slow
+def test_a_killed_bridges_job_is_taken_over_by_the_next_bridge(tmp_path, spec_root, slurm_cluster):  # noqa: F811
+    """kill -9 of a bridge while its SLURM job trains: the SLURM job trains on, the server requeues
+    the moeplat job after the heartbeat timeout, and a bridge with the same work directory cancels
+    the earlier SLURM job, submits the next one behind it (--dependency=afterany) and resumes the
+    run from its checkpoint into the same MLflow run."""
+    sets = [
+        *TWO_CPU,
+        "train.max_steps=40",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "train.val_every=20",
+    ]
+    s = settings_for(tmp_path, heartbeat_timeout_s=3.0, reap_every_s=0.5)
+    work = tmp_path / "bridge"
+    with live_server(s) as url:
+        job = httpx.post(f"{url}/api/jobs", json={"path": "tiny.yaml", "overrides": sets}).json()
+        code = (
+            "from moeplat.server.slurm_worker import SlurmBridge, SlurmOptions; "
+            f"SlurmBridge({url!r}, name='doomed', work_dir={str(work)!r}, poll_s=0.3, "
+            f"options=SlurmOptions(partition={PARTITION!r}, cpus_per_task=1)).serve()"
+        )
+        doomed = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            first = _slurm_id(url, job["id"])
+            run_dir = work / "runs" / f"job-{job['id']}" / "run"
+            wait_for(lambda: trained_through(run_dir) >= 3, 240, 0.2, "step 3")
+        finally:
+            doomed.kill()
+            doomed.wait()
+        wait_for(lambda: _job(url, job["id"])["state"] == "queued", 60, 0.3, "the requeue")
+        bridge = _bridge(url, tmp_path)
+        assert bridge.serve(once=True) == 1
+        done, log = _job(url, job["id"]), _log(url, job["id"])
+    assert done["state"] == "succeeded" and done["attempts"] == 2, log[-4000:]
+    assert f"SLURM job {first} of an earlier attempt was still in SLURM: cancelled" in log
+    assert "resumed at step" in log, log[-3000:]
+    (run,) = _runs(s.tracking_uri, job["id"])
+    steps = [m.step for m in MlflowClient(s.tracking_uri).get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(40))
