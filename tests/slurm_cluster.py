@@ -32,6 +32,7 @@ import pytest
 INSTALL_HINT = "run scripts/system-deps.sh (as root; `make system-deps`) to install slurm-wlm and munge"
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 PARTITION = "debug"
+SHORT = "short"  # MaxTime=1 minute: a job asking for more pends with reason PartitionTimeLimit
 
 
 def _find(name: str) -> str | None:
@@ -100,6 +101,7 @@ KillWait=10
 SchedulerParameters=sched_interval=2
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1024 State=UNKNOWN
 PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+PartitionName={short} Nodes={host} Default=NO MaxTime=1 State=UP OverSubscribe=NO
 """
 
 
@@ -135,6 +137,7 @@ class Cluster:
                 root=self.root,
                 cpus=self.cpus,
                 partition=PARTITION,
+                short=SHORT,
             )
         )
 

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from resume_checks import assert_exact_history, trained_through
 from server_helpers import live_server, settings_for, spec_root, wait_for  # noqa: F401
-from slurm_cluster import PARTITION, slurm_cluster  # noqa: F401
+from slurm_cluster import PARTITION, SHORT, slurm_cluster  # noqa: F401
 
 from moeplat.cli.main import main
 from moeplat.server.slurm import Slurm, SlurmUnavailable
@@ -187,7 +187,7 @@ def test_a_partition_that_does_not_exist(tmp_path, spec_root, slurm_cluster, cap
             _bridge(url, tmp_path, options={"partition": "nowhere"}).check()
         args = ["worker", "--server", url, "--executor", "slurm", "--partition", "nowhere", "--once"]
         assert main(args) == 2
-        assert "no such partition (this cluster has debug)" in capsys.readouterr().err
+        assert "no such partition (this cluster has debug, short)" in capsys.readouterr().err
         job = httpx.post(f"{url}/api/jobs", json={"path": "tiny.yaml", "overrides": TWO_CPU}).json()
         bridge = _bridge(url, tmp_path, options={"extra": ("--partition=nowhere",)})
         t0 = time.monotonic()
@@ -195,6 +195,20 @@ def test_a_partition_that_does_not_exist(tmp_path, spec_root, slurm_cluster, cap
         done = _job(url, job["id"])
     assert done["state"] == "failed" and "invalid partition" in done["error"].lower(), done
     assert time.monotonic() - t0 < 60  # failed at submit, not left pending
+
+
+def test_a_job_slurm_would_keep_pending_for_ever_fails_with_the_reason(tmp_path, spec_root, slurm_cluster):  # noqa: F811
+    """--time beyond the partition's MaxTime: sbatch takes it (EnforcePartLimits=NO, SLURM's
+    default) and SLURM keeps it PENDING with reason PartitionTimeLimit for ever. The bridge writes
+    the reason into the job's log, cancels it and fails the job with it."""
+    with live_server(settings_for(tmp_path)) as url:
+        job = httpx.post(f"{url}/api/jobs", json={"path": "tiny.yaml", "overrides": TWO_CPU}).json()
+        bridge = _bridge(url, tmp_path, options={"partition": SHORT, "time": "00:10:00"})
+        assert bridge.serve(once=True) == 1
+        done, log = _job(url, job["id"]), _log(url, job["id"])
+    assert done["state"] == "failed", log
+    assert "PENDING (reason: PartitionTimeLimit)" in log
+    assert done["error"].startswith("SLURM PENDING with reason PartitionTimeLimit"), done["error"]
 
 
 def test_a_gpu_spec_on_a_cluster_without_gpus(tmp_path, spec_root, slurm_cluster):  # noqa: F811
