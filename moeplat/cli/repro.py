@@ -19,7 +19,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_repro(args) -> int:
-    from moeplat.repro.findings import FINDINGS
+    from moeplat.repro.findings import FINDINGS, LR_GRID, lr_variant
     from moeplat.track.mlflow_run import resolve_tracking_uri
 
     try:
@@ -41,9 +41,10 @@ def cmd_repro(args) -> int:
     from moeplat.repro.runner import run_all
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
-    variants = list(dict.fromkeys(v for f in findings for v in f.variants))
+    pairs = [(v, s) for v in dict.fromkeys(v for f in findings for v in f.variants) for s in seeds]
+    pairs += [(lr_variant(v, lr), seeds[0]) for f in findings for v in f.lr_sweep for lr in LR_GRID]
     records = run_all(
-        variants, seeds, quick=args.quick, tracking_uri=uri, runs_root=Path(args.runs_dir), jobs=args.jobs
+        pairs, quick=args.quick, tracking_uri=uri, runs_root=Path(args.runs_dir), jobs=args.jobs
     )
     page = results_page(findings, records, seeds, _header(args, seeds, uri))
     out = Path(args.output)

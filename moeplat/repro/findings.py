@@ -50,6 +50,9 @@ class Finding:
     # the claim's condition on val loss too: "equal or better" (not worse than the seeds' spread)
     # or "comparable" (within the spread either way); None when the figure is val/loss itself
     guard: str | None = None
+    # variants whose learning rate was chosen by one sweep over LR_GRID on the first seed; the
+    # page shows each sweep, so a reader can check that every side had the same tuning effort
+    lr_sweep: tuple[str, ...] = ()
 
 
 NO_LOSSES = "model.moe.losses={}"
@@ -94,6 +97,28 @@ VARIANTS = {
     )
 }
 
+# The learning rates the quick-start MoE and its dense counterpart were each tuned over (seed 0);
+# each spec file holds its own best. A sweep point equal to the spec is the same run as the variant's.
+LR_GRID = (1e-3, 1.5e-3, 3e-3, 6e-3)
+
+
+def lr_variant(name: str, lr: float) -> str:
+    return f"{name}@lr={lr:g}"
+
+
+def _with_lr_grid(variants: dict[str, Variant], names: tuple[str, ...]) -> dict[str, Variant]:
+    grid = {
+        lr_variant(n, lr): Variant(
+            lr_variant(n, lr), variants[n].spec, (*variants[n].overrides, f"train.optimizer.lr={lr}")
+        )
+        for n in names
+        for lr in LR_GRID
+    }
+    return {**variants, **grid}
+
+
+VARIANTS = _with_lr_grid(VARIANTS, ("dense", "moe"))
+
 FINDINGS = (
     Finding(
         "moe-vs-dense",
@@ -101,6 +126,7 @@ FINDINGS = (
         "Switch Transformers (Fedus et al. 2021)",
         ("dense", "moe"),
         "val/loss",
+        lr_sweep=("dense", "moe"),
     ),
     Finding(
         "collapse",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 
-from moeplat.repro.findings import Finding
+from moeplat.repro.findings import LR_GRID, Finding, lr_variant
 from moeplat.repro.runner import Record
 
 
@@ -70,7 +70,37 @@ def finding_section(f: Finding, records: dict, seeds: list[int]) -> str:
             cells.append(f"{mean_std(vals)[0]:.4f} ± {mean_std(vals)[1]:.4f}" if vals else "n/a")
         runs = ", ".join(f"{s}: `{records[v, s].run_id}`" for s in seeds)
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {runs} |")
+    if f.lr_sweep:
+        lines += ["", *lr_sweep_table(f.lr_sweep, records, seeds[0])]
     return "\n".join(lines) + "\n"
+
+
+def lr_sweep_table(variants: tuple[str, ...], records: dict, seed: int) -> list[str]:
+    """Each variant's learning-rate sweep on `seed`: val/loss per rate, the spec file's own rate in
+    bold (its run is the variant's run on that seed), and whether that rate is the sweep's best."""
+    lines = [
+        f"Tuning, the same for each: one learning-rate sweep on seed {seed}; each spec file holds the "
+        "rate in bold. val/loss:",
+        "",
+        "| variant | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " | the spec's rate is the best |",
+        "|---|" + "---|" * len(LR_GRID) + "---|",
+    ]
+    for v in variants:
+        points = [records[lr_variant(v, lr), seed] for lr in LR_GRID]
+        own = records[v, seed].run_id
+        cells = [
+            f"**{r.figures['val/loss']:.4f}**" if r.run_id == own else f"{r.figures['val/loss']:.4f}"
+            for r in points
+        ]
+        best = min(points, key=lambda r: r.figures["val/loss"])
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {'yes' if best.run_id == own else 'no'} |")
+    runs = ", ".join(
+        f"{r.variant}: `{r.run_id}`"
+        for v in variants
+        for lr in LR_GRID
+        for r in [records[lr_variant(v, lr), seed]]
+    )
+    return [*lines, "", f"Sweep runs: {runs}."]
 
 
 def results_page(

@@ -45,8 +45,7 @@ def _stderr(message: str) -> None:
 
 
 def run_all(
-    variants: list[str],
-    seeds: list[int],
+    pairs: list[tuple[str, int]],
     *,
     quick: bool,
     tracking_uri: str,
@@ -54,41 +53,53 @@ def run_all(
     jobs: int = 1,
     log=_stderr,
 ) -> dict[tuple[str, int], Record]:
-    """With `jobs` > 1 the missing runs train `jobs` at a time, each in its own process with
-    the CPU threads split between them (small models use 2 cores better as 2 runs than as one)."""
+    """The record of each (variant, seed). The key of a run is its resolved spec, not the
+    variant's name: two variants that resolve to the same spec (a learning-rate sweep point equal
+    to the spec file's own rate) share one run. With `jobs` > 1 the missing runs train `jobs` at a
+    time, each in its own process with the CPU threads split between them (small models use 2 cores
+    better as 2 runs than as one)."""
     from moeplat.spec import load_spec
 
     experiment = QUICK_EXPERIMENT if quick else EXPERIMENT
-    records, missing = {}, []
-    for name in variants:
-        for seed in seeds:
-            v = VARIANTS[name]
-            sets = overrides(v, seed, quick, experiment)
-            loaded = load_spec(spec_path(v.spec), sets)
-            key = f"{name}|seed={seed}|quick={quick}|{loaded.spec_hash}"
-            found = _reuse(tracking_uri, key, name, seed)
+    run_ids, missing, wanted = {}, {}, {}  # by key: finished run id, or what trains it
+    for name, seed in pairs:
+        v = VARIANTS[name]
+        sets = overrides(v, seed, quick, experiment)
+        key = f"seed={seed}|quick={quick}|{load_spec(spec_path(v.spec), sets).spec_hash}"
+        wanted[name, seed] = key
+        if key not in missing and key not in run_ids:
+            found = _finished(tracking_uri, key)
             if found:
-                records[name, seed] = found
+                run_ids[key] = found
             else:
-                missing.append((v.spec, sets, key, name, seed))
+                missing[key] = (v.spec, sets, key, name, seed)
     if jobs <= 1:
-        for spec, sets, key, name, seed in missing:
-            records[name, seed] = _train(spec, sets, key, name, seed, tracking_uri, runs_root, log)
-        return records
+        for key, job in missing.items():
+            run_ids[key] = _train(*job, tracking_uri, runs_root, log)
+    else:
+        run_ids.update(_train_parallel(missing, jobs, tracking_uri, experiment, runs_root, log))
+    figures = {key: _figures(tracking_uri, run_id) for key, run_id in run_ids.items()}
+    return {(n, s): Record(n, s, run_ids[key], figures[key]) for (n, s), key in wanted.items()}
+
+
+def _train_parallel(
+    missing: dict, jobs: int, tracking_uri: str, experiment: str, runs_root: Path, log
+) -> dict[str, str]:
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
 
+    from moeplat.track.spool import ensure_experiment
+
+    if missing:  # a new SQLite store: its schema migrated here, not by two children at once
+        ensure_experiment(tracking_uri, experiment)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")  # no forked torch / MLflow state in the children
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_threads, initargs=(threads,)) as pool:
         futures = {
-            (name, seed): pool.submit(_train, spec, sets, key, name, seed, tracking_uri, runs_root, log)
-            for spec, sets, key, name, seed in missing
+            key: pool.submit(_train, *job, tracking_uri, runs_root, log) for key, job in missing.items()
         }
-        for pair, future in futures.items():
-            records[pair] = future.result()
-    return records
+        return {key: future.result() for key, future in futures.items()}
 
 
 def _threads(n: int) -> None:
@@ -97,24 +108,24 @@ def _threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _reuse(tracking_uri: str, key: str, name: str, seed: int) -> Record | None:
+def _finished(tracking_uri: str, key: str) -> str | None:
     from moeplat.track.query import runs_by_tag
 
     done = [r for r in runs_by_tag(tracking_uri, KEY_TAG, key) if r.get("status") == "FINISHED"]
-    return _record(tracking_uri, done[0]["run_id"], name, seed) if done else None
+    return done[0]["run_id"] if done else None
 
 
-def _train(spec, sets, key, name, seed, tracking_uri, runs_root, log) -> Record:
+def _train(spec, sets, key, name, seed, tracking_uri, runs_root, log) -> str:
     from moeplat.spec import load_spec
     from moeplat.train.run import run
 
     loaded = load_spec(spec_path(spec), sets)
     log(f"repro: training {name} seed {seed} ({loaded.spec.train.max_steps} steps)")
     result = run(loaded, runs_root=runs_root, tracking_uri=tracking_uri, progress=False, tags={KEY_TAG: key})
-    return _record(tracking_uri, result.run_id, name, seed)
+    return result.run_id
 
 
-def _record(tracking_uri: str, run_id: str, name: str, seed: int) -> Record:
+def _figures(tracking_uri: str, run_id: str) -> dict[str, float]:
     from moeplat.track.query import metric_history
 
     hist = metric_history(tracking_uri, run_id, ["val/loss", "val/bpb", *FIGURES])
@@ -124,4 +135,4 @@ def _record(tracking_uri: str, run_id: str, name: str, seed: int) -> Record:
         if values:
             tail = values[-max(1, round(len(values) * TAIL)) :]
             figures[k] = statistics.fmean(tail)
-    return Record(name, seed, run_id, figures)
+    return figures

@@ -248,6 +248,14 @@ def experiment_id(client, name: str) -> str:
         return exp.experiment_id
 
 
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """experiment_id on a fresh client: also migrates a new SQLite store's schema, which two
+    processes starting on it at once would both try (and one fail)."""
+    from mlflow import MlflowClient
+
+    return experiment_id(MlflowClient(tracking_uri), name)
+
+
 def create_run(client, record: dict) -> str:
     """The MLflow run of a run that started while the server was away; the one an earlier,
     interrupted replay created if there is one. Children created before it are attached to it."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from moeplat.cli.main import main
-from moeplat.repro.findings import FINDINGS, VARIANTS
-from moeplat.repro.report import mean_std, results_page, verdict
+from moeplat.repro.findings import FINDINGS, LR_GRID, VARIANTS, lr_variant
+from moeplat.repro.report import lr_sweep_table, mean_std, results_page, verdict
 from moeplat.repro.runner import Record, overrides, spec_path
 
 F = {f.key: f for f in FINDINGS}
@@ -81,6 +81,21 @@ def test_the_page_lists_every_run_id_and_verdict():
     assert "| fine-grained | 1.2100 ± 0.0141 |" in page
 
 
+def test_the_lr_sweep_marks_the_spec_files_rate_and_whether_it_is_the_best():
+    losses = {"dense": [1.40, 1.35, 1.30, 1.33], "moe": [1.31, 1.29, 1.32, 1.36]}
+    recs = {
+        (lr_variant(v, lr), 0): Record(lr_variant(v, lr), 0, f"{v}-{lr:g}", {"val/loss": loss})
+        for v, row in losses.items()
+        for lr, loss in zip(LR_GRID, row)
+    }
+    recs["dense", 0] = Record("dense", 0, "dense-0.003", {"val/loss": 1.30})  # the spec's rate: 3e-3
+    recs["moe", 0] = Record("moe", 0, "moe-0.003", {"val/loss": 1.32})  # 3e-3 too, not the best
+    table = "\n".join(lr_sweep_table(("dense", "moe"), recs, 0))
+    assert "| dense | 1.4000 | 1.3500 | **1.3000** | 1.3300 | yes |" in table
+    assert "| moe | 1.3100 | 1.2900 | **1.3200** | 1.3600 | no |" in table
+    assert "`moe-0.0015`" in table
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 @pytest.mark.parametrize("quick", [False, True])
 def test_every_variant_is_a_valid_spec(name, quick):
@@ -109,14 +124,17 @@ def test_bad_flags_are_usage_errors(capsys):
 
 @pytest.mark.slow
 def test_quick_repro_trains_writes_the_page_and_reuses_its_runs(tmp_path, capfd, monkeypatch):
-    """The whole --quick version (16 short runs, ~40 s on 2 cores): every finding measured. The
+    """The whole --quick version (22 short runs, ~1 min on 2 cores): every finding measured. The
     first pass trains 2 runs at a time in child processes; the second, in-process, reuses them all."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["repro", "--quick", "--tracking-uri", uri, "-o", "results.md"]
     assert main([*argv, "--jobs", "2"]) == 0
     first = capfd.readouterr()
-    assert first.err.count("repro: training") == 2 * len(VARIANTS)
+    # every variant on 2 seeds, and each learning-rate sweep's points but the spec file's own rate
+    variants = {v for f in FINDINGS for v in f.variants}
+    sweeps = sum(len(f.lr_sweep) for f in FINDINGS)
+    assert first.err.count("repro: training") == 2 * len(variants) + sweeps * (len(LR_GRID) - 1)
     page = (tmp_path / "results.md").read_text()
     for f in FINDINGS:
         assert f"| {f.key} |" in page and f.figure in page
