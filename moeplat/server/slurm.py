@@ -222,7 +222,7 @@ class Slurm:
             raise SlurmUnavailable(f"{', '.join(missing)} not found on PATH: {_INSTALL}")
         out = self._run("sinfo", "-h", "-o", "%P")
         if out.returncode != 0:
-            raise SlurmUnavailable(_unreachable(out.stderr or out.stdout))
+            raise SlurmUnavailable(_unreachable(out.stderr or out.stdout, self.env))
         partitions = [p.rstrip("*") for p in out.stdout.split()]
         if partition and partition not in partitions:
             raise SlurmUnavailable(
@@ -296,7 +296,11 @@ class Slurm:
     def cancel(self, job_id: str, signal: str | None = None) -> None:
         """scancel the job, or with `signal` only signal its steps (the run's processes)."""
         cmd = ["scancel", *([f"--signal={signal}"] if signal else []), job_id]
-        out = self._run(*cmd)
+        try:
+            out = self._run(*cmd)
+        except SlurmUnavailable as e:  # the caller tries again (cancel) or SLURM ends it (time limit)
+            log.warning("%s: %s", " ".join(cmd), e)
+            return
         if out.returncode != 0:
             log.warning("%s: %s", " ".join(cmd), out.stderr.strip()[:300])
 
@@ -304,12 +308,12 @@ class Slurm:
 _INSTALL = "install SLURM's client commands (Debian: apt-get install slurm-client) or add them to PATH"
 
 
-def _unreachable(stderr: str) -> str:
+def _unreachable(stderr: str, env: dict[str, str] | None) -> str:
     text = stderr.strip()[:500]
     if "munge" in text.lower():
         return (
             f"SLURM does not answer: {text} -- munge is not running or its key differs from the "
             "cluster's: start munged (systemctl start munge) and check /etc/munge/munge.key"
         )
-    conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+    conf = (env if env is not None else os.environ).get("SLURM_CONF", "/etc/slurm/slurm.conf")
     return f"SLURM does not answer: {text} -- is slurmctld up, and is {conf} this cluster's slurm.conf?"

@@ -102,7 +102,8 @@ class _Flight:
     scancelled: bool = False
     last_error: str | None = None  # the run's last `error:` line
     verdict: str | None = None  # the bridge's own reason to end the job (pending for ever)
-    pending_text: str = ""
+    pending_text: str = ""  # output the server did not take yet
+    partial: str = ""  # the output's last line, until it is whole
 
 
 @dataclass
@@ -200,6 +201,8 @@ class SlurmBridge(Worker):
             f = self.work_dir / "jobs" / f"{job_id}-{a}" / "slurm_job_id"
             if f.is_file():
                 earlier.append(f.read_text().strip())
+        if not earlier:
+            return []
         active = self.slurm.active(earlier) or {}
         for old in active:
             self._note(job_id, lease, f"SLURM job {old} of an earlier attempt was still in SLURM: cancelled")
@@ -255,9 +258,15 @@ class SlurmBridge(Worker):
     # --- following ----------------------------------------------------------------------------
 
     def _poll(self) -> None:
+        """One round over the jobs in flight. The server or SLURM being away for a while (a
+        restart, slurmctld busy) is waited out: the job goes on, the next round tries again."""
         if not self.flights:
             return
-        active = self.slurm.active([f.slurm_id for f in self.flights.values()])
+        try:
+            active = self.slurm.active([f.slurm_id for f in self.flights.values()])
+        except SlurmUnavailable as e:
+            log.warning("squeue: %s", e)
+            active = None
         for f in list(self.flights.values()):
             try:
                 self._follow(f, active)
@@ -265,6 +274,8 @@ class SlurmBridge(Worker):
                 log.warning("job %d is no longer ours (%s): scancel %s", f.job_id, e, f.slurm_id)
                 self.slurm.cancel(f.slurm_id)
                 self.flights.pop(f.job_id, None)
+            except (httpx.HTTPError, SlurmUnavailable) as e:
+                log.warning("job %d: %s; trying again", f.job_id, e)
 
     def _follow(self, f: _Flight, active: dict[str, SlurmJob] | None) -> None:
         self._forward(f)
@@ -325,8 +336,9 @@ class SlurmBridge(Worker):
             self.slurm.cancel(f.slurm_id)
             f.scancelled = True
 
-    def _forward(self, f: _Flight) -> None:
-        """New bytes of the job's output file to the job's log (whole UTF-8 characters only)."""
+    def _forward(self, f: _Flight, final: bool = False) -> None:
+        """New output of the job (its file) to the job's log, in whole lines of whole UTF-8
+        characters, so a `[moeplat: ...]` note never lands inside a line; at the end, the rest."""
         try:
             with open(f.log_path, "rb") as fh:
                 fh.seek(f.offset)
@@ -334,10 +346,14 @@ class SlurmBridge(Worker):
         except FileNotFoundError:  # not started yet
             data = b""
         f.offset += len(data)
-        text = f.pending_text + f.decoder.decode(data)
-        for line in text.splitlines():
+        f.partial += f.decoder.decode(data, final=final)
+        whole = final or len(f.partial) > LOG_CHUNK_CHARS  # (a line that long goes as it is)
+        cut = len(f.partial) if whole else f.partial.rfind("\n") + 1
+        lines, f.partial = f.partial[:cut], f.partial[cut:]
+        for line in lines.splitlines():
             if line.startswith("error:"):  # the CLI's error line, as the local worker keeps it
                 f.last_error = line.rstrip()[:2000]
+        text = f.pending_text + lines
         while text:
             chunk = text[:LOG_CHUNK_CHARS]
             try:
@@ -350,7 +366,7 @@ class SlurmBridge(Worker):
 
     def _end(self, f: _Flight, ended: SlurmJob | None) -> None:
         time.sleep(min(1.0, self.poll_s))  # the last lines may reach the file just after the end
-        self._forward(f)
+        self._forward(f, final=True)
         if ended is None:
             error = (
                 f"SLURM job {f.slurm_id} ended but SLURM no longer knows its state "
