@@ -89,7 +89,7 @@ def count_step_load(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
         for idx_BS in inputs:
-            for layer, out in model(idx_BS).moe.items():
+            for layer, out in model(idx_BS, stats=False).moe.items():  # routed_E only
                 counts[layer] = counts[layer] + out.routed_E if layer in counts else out.routed_E.clone()
     fixed = {}
     for layer, counts_E in sorted(counts.items()):

@@ -49,10 +49,12 @@ class Block(nn.Module):
         token_ids_BS: torch.Tensor | None = None,
         step_load: StepLoadArg = None,
         cache: LayerKV | None = None,
+        stats: bool = True,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         """token_ids_BS (optional) is passed on to an MoE FFN, whose router may route by token id;
-        step_load (optional) too, for its global-batch balancing loss (MoELayer.forward); `cache`
-        (decoding) to the attention, which then sees the cached tokens too."""
+        step_load (optional) too, for its global-batch balancing loss, and `stats` (whether it
+        computes its routing statistics; MoELayer.forward); `cache` (decoding) to the attention,
+        which then sees the cached tokens too."""
         a_BSD = self.attn_norm(x_BSD)
         with phase(ATTENTION):  # a named range for moeplat bench's per-phase breakdown
             a_BSD = self.attn(a_BSD) if cache is None else self.attn(a_BSD, cache=cache)
@@ -61,7 +63,7 @@ class Block(nn.Module):
         if isinstance(self.ffn, MoELayer) and cache is not None:  # decoding: no telemetry to keep
             out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, telemetry=False)
         elif isinstance(self.ffn, MoELayer) or getattr(self.ffn, "shards_moe_layer", False):
-            out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, step_load=step_load)
+            out = self.ffn(self.ffn_norm(h_BSD), token_ids=token_ids_BS, step_load=step_load, stats=stats)
         else:
             out = self.ffn(self.ffn_norm(h_BSD))
         moe = out if isinstance(out, MoEOutput) else None
@@ -162,9 +164,15 @@ class TransformerLM(nn.Module):
         step_load: StepLoad | None = None,
         *,
         cache: KVCache | None = None,
+        stats: bool = True,
     ) -> LMOutput:
         """`step_load`: the optimizer step's expert frequencies per MoE layer, for layers with
         balance_loss_scope "global_batch" (moeplat.nn.balance); None = this batch is the step.
+
+        `stats` False: the MoE layers skip their routing statistics (MoEOutput.stats None; the
+        losses, routed_E and load_E are there): training asks for them only on the steps that log
+        them (moeplat.train.system). A plain argument rather than module state, so a checkpointed
+        block recomputes with what its forward had, and a compiled model sees it as a guarded constant.
 
         `cache` (decoding, moeplat.nn.kv_cache): idx_BS are the tokens after the cache.length
         cached ones, at absolute positions cache.length ..; each attention appends theirs, and the
@@ -176,6 +184,7 @@ class TransformerLM(nn.Module):
         moe: dict[int, MoEOutput] = {}
         for i, block in enumerate(self.blocks):
             kw = {"token_ids_BS": idx_BS, "step_load": None if step_load is None else step_load.layer(i)}
+            kw["stats"] = stats
             if cache is not None:
                 kw["cache"] = cache[i]
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():

@@ -46,7 +46,8 @@ class MoEOutput:
     #   "sequence_balance", "variance"; "device_balance", "communication_balance" (num_devices
     #   set); "z_loss" (routers with logits); "load" (noisy_topk in training); "reinforce"
     #   (policy routers, once rewarded); "dynamic" (its coefficient set)
-    stats: RoutingStats | None  # detached routing statistics (moeplat.nn.stats); None: telemetry off
+    stats: RoutingStats | None  # detached routing statistics (moeplat.nn.stats); None: telemetry
+    #   off, or statistics not asked for (forward's stats=False: a training step that logs none)
     policy_logprob_T: torch.Tensor | None = None  # policy routers in training: awaits the reward
     # float32 [E] routed slots per expert before capacity drops, of the tokens the losses saw
     # (global-batch balancing sums them over micro-batches and ranks: moeplat.nn.balance)
@@ -54,7 +55,12 @@ class MoEOutput:
 
     @property
     def load_E(self) -> torch.Tensor:
-        return self.stats.load_E
+        """Fraction of routed slots per expert, before capacity drops: the statistics' load_E, or
+        the same value from routed_E when no statistics were computed (the aux-loss-free bias
+        update reads it every step, moeplat.train.system)."""
+        if self.stats is not None or self.routed_E is None:
+            return self.stats.load_E
+        return self.routed_E / self.routed_E.sum().clamp_min(1)  # = moeplat.nn.losses.expert_load
 
     @property
     def dropped_frac(self) -> torch.Tensor:
@@ -235,12 +241,15 @@ class MoELayer(nn.Module):
         token_ids: torch.Tensor | None = None,
         step_load: StepLoadArg = None,
         telemetry: bool = True,
+        stats: bool = True,
     ) -> MoEOutput:
         """x: [..., D]; token_ids: the token ids of x's positions, [...] (needed by hash routing);
         step_load: the optimizer step's expert frequencies for balance_loss_scope "global_batch"
         (f_E, or a function of this forward's routed counts [E], moeplat.nn.balance.StepLoad).
         telemetry False (inference, e.g. decoding): no auxiliary losses (aux_loss 0, losses {})
         and no routing statistics (stats None), which are most of a one-token step's work.
+        stats False: the losses and routed_E (what a loss or the bias update needs every step) but
+        no RoutingStats (stats None): training computes them only on the steps that log them.
 
         Outside autograd with no more slots than experts (a decoding step), the experts run slot by
         slot (dispatch_few) whatever the dispatcher: the same function, without
@@ -272,17 +281,17 @@ class MoELayer(nn.Module):
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
         with phase(AUX_LOSSES):
             aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load)
+        routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
         with phase(STATS):
-            stats, routed_E = self.statistics(route, keep_TK)
-        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T, routed_E)
+            routing = self.statistics(route, keep_TK) if stats else None
+        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, routing, route.logprob_T, routed_E)
 
-    def statistics(self, route: RouterOutput, keep_TK: torch.Tensor) -> tuple[RoutingStats, torch.Tensor]:
-        """(routing statistics, routed slots per expert [E]) of a routing decision."""
+    def statistics(self, route: RouterOutput, keep_TK: torch.Tensor) -> RoutingStats:
+        """The routing statistics of a routing decision (detached; moeplat.nn.stats)."""
         E = self.num_experts
-        stats = routing_stats(
+        return routing_stats(
             route.probs_TE, route.topk_idx_TK, keep_TK, E, route.valid_TK, route.bias_E, route.null_slots(E)
         )
-        return stats, routed_counts(route.topk_idx_TK, E, route.valid_TK)
 
     def _losses(
         self, route: RouterOutput, batch_seq: tuple[int, int], step_load: StepLoadArg = None

@@ -37,6 +37,7 @@ from torch import nn
 
 from moeplat.nn.dispatch import _accumulate_dtype, _segmented_mlp, dispatch_sorted
 from moeplat.nn.experts import MLPExperts
+from moeplat.nn.losses import routed_counts
 from moeplat.nn.moe import MoELayer, MoEOutput, StepLoadArg
 from moeplat.nn.routers import NullRoute, RouterOutput
 from moeplat.parallel.all_to_all import (
@@ -111,9 +112,13 @@ class ExpertParallelMoE(nn.Module):
         return self.balance_scope == "global"
 
     def forward(
-        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, step_load: StepLoadArg = None
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        step_load: StepLoadArg = None,
+        stats: bool = True,
     ) -> MoEOutput:
-        """x: [..., D], this rank's tokens; token_ids and step_load as MoELayer.forward."""
+        """x: [..., D], this rank's tokens; token_ids, step_load and stats as MoELayer.forward."""
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
         keep_TK = self._keep_mask(route)
@@ -134,8 +139,9 @@ class ExpertParallelMoE(nn.Module):
         if self.balance_scope == "global":
             route, keep_TK = _gather_route(route, keep_TK, self.groups.dp_group)
         aux_loss, losses = self._moe._losses(route, (route.probs_TE.shape[0] // S, S), step_load)
-        stats, routed_E = self._moe.statistics(route, keep_TK)
-        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, stats, route.logprob_T, routed_E)
+        routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
+        routing = self._moe.statistics(route, keep_TK) if stats else None  # no collective inside
+        return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, routing, route.logprob_T, routed_E)
 
     def _keep_mask(self, route: RouterOutput) -> torch.Tensor:
         """Rank scope: MoELayer's mask of the local tokens. Global: MoELayer's mask of the EP

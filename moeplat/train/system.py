@@ -77,7 +77,9 @@ class LMSystem(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x_BS, y_BS, *ahead = batch  # ahead: the step's inputs, at its first micro-batch (step_group)
         step_load = self._global_step_load(batch_idx, ahead)
-        out = self.model(x_BS, y_BS) if step_load is None else self.model(x_BS, y_BS, step_load=step_load)
+        logs_moe = self._logs_moe()  # routing statistics only where they are logged
+        kw = {"stats": logs_moe} if step_load is None else {"step_load": step_load, "stats": logs_moe}
+        out = self.model(x_BS, y_BS, **kw)
         loss = out.loss + out.aux_loss
         # sync_dist: under data parallelism the logged loss is the global batch's (mean of the ranks'
         # equal-sized shards), not rank 0's shard; a no-op on one device.
@@ -86,10 +88,18 @@ class LMSystem(L.LightningModule):
         for layer, o in out.moe.items():
             prev = self._step_load.get(layer)
             self._step_load[layer] = o.load_E if prev is None else prev + o.load_E
-        step = self.global_step
-        if step % self.moe_log_every == 0 and (self.moe_telemetry is None or self.moe_telemetry[0] != step):
-            self._log_moe(out.moe)  # first micro-batch of the step only
+        if logs_moe:
+            self._log_moe(out.moe)
         return loss
+
+    def _logs_moe(self) -> bool:
+        """Whether this training forward's MoE telemetry is logged: the first micro-batch of every
+        moe_log_every-th optimizer step (the same step on every rank, so world_stats' collective
+        and the statistics it reads are there on all of them or on none)."""
+        step = self.global_step
+        return step % self.moe_log_every == 0 and (
+            self.moe_telemetry is None or self.moe_telemetry[0] != step
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """After backward (all micro-batches), before gradient clipping and the step: the groups
@@ -174,14 +184,14 @@ class LMSystem(L.LightningModule):
         scored_BS = y_BS != -100
         n = int(scored_BS.sum())
         if n == 0:  # a batch of padding only: the forward still runs for collectives (EP)
-            self._routing.add(dataloader_idx, self.model(x_BS, None).moe, scored=False)
+            self._routing.add(dataloader_idx, self.model(x_BS, None, stats=False).moe, scored=False)
             return
         rows_B = scored_BS.any(dim=1)
         if self.expert_shards == 1 and not rows_B.all():
             # padding sequences score nothing, but routed they would count as the source's tokens
             # in the expert load per source; under EP every rank routes its whole batch (all-to-all)
             x_BS, y_BS, scored_BS = x_BS[rows_B], y_BS[rows_B], scored_BS[rows_B]
-        out = self.model(x_BS, y_BS)
+        out = self.model(x_BS, y_BS, stats=False)  # validation reads routed_E only (SourceRouting)
         self._routing.add(dataloader_idx, out.moe)
         sums = self._val_sums.setdefault(dataloader_idx, [0.0, 0.0, 0.0])
         sums[0] += float(out.loss) * n
