@@ -117,7 +117,8 @@ def cmd_slurm(args) -> int:
         per_node=per_node,
         runs_dir=args.runs_dir,
         cpus_per_task=args.cpus_per_task,
-        extra_sbatch=tuple(args.sbatch),
+        # the spec's parallel.slurm, else --partition/--account/--qos/--time; --sbatch lines last
+        extra_sbatch=(*loaded.spec.parallel.slurm.sbatch(_slurm_defaults(args)), *args.sbatch),
         gpus=loaded.spec.parallel.accelerator != "cpu",  # a CPU run asks SLURM for no GPUs
         run_dir=args.run_dir,
         run_args=tuple(run_args),
@@ -129,6 +130,10 @@ def cmd_slurm(args) -> int:
     else:
         print(script, end="")
     return 0
+
+
+def _slurm_defaults(args) -> dict[str, str | None]:
+    return {k: getattr(args, k) for k in ("partition", "account", "qos", "time")}
 
 
 def add_commands(sub, spec_args) -> None:
@@ -159,6 +164,8 @@ def add_commands(sub, spec_args) -> None:
         "--run-dir",
         help="the run directory (default RUNS_DIR/NAME/slurm-$SLURM_JOB_ID); resumed when present",
     )
+    for key in ("partition", "account", "qos", "time"):
+        p.add_argument(f"--{key}", help=f"SLURM {key} where the spec's parallel.slurm.{key} is not set")
     p.add_argument("--as-path", help="resolve the spec's relative paths as if it lived here")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for the run")
     p.add_argument("--output", "-o", help="write the script here (default: stdout)")

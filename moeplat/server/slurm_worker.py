@@ -75,8 +75,14 @@ class SlurmOptions:
     extra: tuple[str, ...] = ()  # more sbatch options, e.g. --mem=32G
 
     def sbatch(self) -> list[str]:
+        """Options for sbatch's command line (they win over the script's #SBATCH lines)."""
+        return list(self.extra)
+
+    def defaults(self) -> list[str]:
+        """`moeplat slurm` flags: the bridge's partition/account/qos/time where the spec's
+        parallel.slurm does not set them."""
         named = {"partition": self.partition, "account": self.account, "qos": self.qos, "time": self.time}
-        return [f"--{k}={v}" for k, v in named.items() if v] + list(self.extra)
+        return [f"--{k}={v}" for k, v in named.items() if v]
 
 
 @dataclass
@@ -223,7 +229,8 @@ class SlurmBridge(Worker):
         cmd = [self.python, "-m", "moeplat.cli.main", "slurm", str(spec_file)]
         cmd += ["--as-path", str(root / c["filename"]), "--tracking-uri", c["tracking_uri"]]
         cmd += ["--runs-dir", str(runs), "--run-dir", str(runs / "run"), "-o", str(out)]
-        cmd += ["--cpus-per-task", str(self.options.cpus_per_task), *(f"--set={o}" for o in c["overrides"])]
+        cmd += ["--cpus-per-task", str(self.options.cpus_per_task), *self.options.defaults()]
+        cmd += [f"--set={o}" for o in c["overrides"]]
         done = subprocess.run(
             cmd, cwd=self.work_dir, capture_output=True, text=True, errors="replace", timeout=300
         )
@@ -398,6 +405,7 @@ def _one_task_script(name: str, command: list[str], options: SlurmOptions, workd
             f"#SBATCH --job-name={name}",
             "#SBATCH --ntasks=1",
             f"#SBATCH --cpus-per-task={options.cpus_per_task}",
+            *(f"#SBATCH {o}" for o in options.defaults()),
             "set -euo pipefail",
             f"cd {shlex.quote(str(workdir))}",
             "exec " + " ".join(shlex.quote(c) for c in command),

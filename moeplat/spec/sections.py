@@ -11,6 +11,7 @@ from pydantic import Field, PositiveInt, PrivateAttr, ValidationInfo, model_vali
 
 from moeplat.spec.base import Seed, Strict, check
 from moeplat.spec.samples import SamplesSpec
+from moeplat.spec.slurm_section import SlurmSection
 
 # --- train -----------------------------------------------------------------------------------
 
@@ -387,6 +388,7 @@ class ParallelSpec(Strict):
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward instead of storing them."
     )
+    slurm: SlurmSection = SlurmSection()  # where a SLURM job of this spec runs (moeplat slurm)
 
     @property
     def world_size(self) -> int:

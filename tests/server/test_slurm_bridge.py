@@ -197,6 +197,17 @@ def test_a_partition_that_does_not_exist(tmp_path, spec_root, slurm_cluster, cap
     assert time.monotonic() - t0 < 60  # failed at submit, not left pending
 
 
+def test_the_specs_parallel_slurm_wins_over_the_bridges_defaults(tmp_path, spec_root, slurm_cluster):  # noqa: F811
+    """parallel.slurm.partition names a partition the cluster lacks; the bridge's own --partition
+    is a good one: the spec's is used (and refused by sbatch)."""
+    with live_server(settings_for(tmp_path)) as url:
+        sets = [*TWO_CPU, "parallel.slurm.partition=nowhere"]
+        job = httpx.post(f"{url}/api/jobs", json={"path": "tiny.yaml", "overrides": sets}).json()
+        assert _bridge(url, tmp_path).serve(once=True) == 1  # --partition debug
+        done = _job(url, job["id"])
+    assert done["state"] == "failed" and "invalid partition" in done["error"].lower(), done
+
+
 def test_a_job_slurm_would_keep_pending_for_ever_fails_with_the_reason(tmp_path, spec_root, slurm_cluster):  # noqa: F811
     """--time beyond the partition's MaxTime: sbatch takes it (EnforcePartLimits=NO, SLURM's
     default) and SLURM keeps it PENDING with reason PartitionTimeLimit for ever. The bridge writes

@@ -133,3 +133,21 @@ def test_the_bridge_refuses_to_start_without_slurm(monkeypatch, tmp_path, capsys
     assert main(["worker", "--executor", "slurm", "--server", "http://127.0.0.1:9", "--once"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: the SLURM bridge cannot start:") and "not found on PATH" in err
+
+
+def test_parallel_slurm_takes_names_and_times_only(capsys):
+    """Its values become #SBATCH lines of a bash script: a space or a newline is refused."""
+    from moeplat.spec import load_spec
+
+    tiny = "tests/fixtures/tiny.yaml"
+    ok = load_spec(tiny, ["parallel.slurm.partition=gpu-a100", "parallel.slurm.time=1-12:00:00"])
+    assert ok.spec.parallel.slurm.sbatch({"partition": "cpu", "qos": "low"}) == [
+        "--partition=gpu-a100",
+        "--qos=low",
+        "--time=1-12:00:00",
+    ]
+    bad = ["--set", "parallel.slurm.partition=gpu\n#SBATCH --x", "--set", "parallel.slurm.time=4h"]
+    assert main(["validate", tiny, *bad]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.slurm.partition" in err and "is not a SLURM name" in err
+    assert "parallel.slurm.time" in err and "HH:MM:SS" in err
