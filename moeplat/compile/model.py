@@ -141,9 +141,8 @@ def build_model(spec: Spec) -> TransformerLM:
 
 def compile_model(spec: Spec, model: nn.Module) -> nn.Module:
     """train.compile: torch.compile the model in place (nn.Module.compile keeps parameter names,
-    so checkpoints and upcycling are unchanged). The capacity dispatcher traces as one graph; the
-    sorted one breaks the graph at its data-dependent shapes (nonzero, per-expert segment sizes)
-    and runs those pieces eagerly."""
+    so checkpoints and upcycling are unchanged). The training forward traces to one graph with
+    either dispatcher (capacity; sorted with its static shapes, moeplat.nn.dispatch.dispatch_sorted)."""
     if spec.train.compile:
         model.compile()
     return model

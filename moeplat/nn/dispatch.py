@@ -57,20 +57,40 @@ def dispatch_sorted(
     topk_idx_TK: torch.Tensor,
     topk_weight_TK: torch.Tensor,
     keep_TK: torch.Tensor,
+    *,
+    static: bool | None = None,
 ) -> torch.Tensor:
     """Dropless-style fast path (MegaBlocks, Gale et al. 2022, sec. 5 without block sparsity).
 
     Kept slots are sorted by expert id (stable, so token order is kept within an expert), x is
     gathered once into contiguous per-expert segments, all experts run as one grouped GEMM (or a
     loop over segments where grouped GEMM is unavailable), and one index_add combines.
+
+    `static` (default: under torch.compile) keeps every shape a function of T*K alone, so the
+    compiler traces it without graph breaks or host syncs: all T*K slots are sorted, dropped ones
+    after the kept ones (a sentinel expert E); they ride at the end of the last expert's segment
+    and their output is zeroed, so segment offsets stay a device tensor (cumsum of counts). Kept
+    rows, their order and their segments are those of the compact path: the same numbers
+    (dropless, exactly). Each dropped or invalid slot is an extra row of the last GEMM: none
+    dropless, many with expert choice (T x E slots, most invalid: dispatch_capacity suits it).
+    Eager takes the compact path (nonzero: one host sync), which computes no row for them.
     """
-    K = topk_idx_TK.shape[1]
-    slot_N = keep_TK.reshape(-1).nonzero().squeeze(-1)  # flat index t*K + k of each kept slot
-    expert_N = topk_idx_TK.reshape(-1)[slot_N]
-    expert_N, order_N = torch.sort(expert_N, stable=True)
-    slot_N = slot_N[order_N]
+    K, E = topk_idx_TK.shape[1], experts.num_experts
+    kept_N1 = None
+    if static is None:
+        static = torch.compiler.is_compiling()
+    if static:
+        expert_N = torch.where(keep_TK.reshape(-1), topk_idx_TK.reshape(-1), E)  # N = T*K
+        expert_N, slot_N = torch.sort(expert_N, stable=True)
+        kept_N1 = (expert_N < E).unsqueeze(-1)
+        counts_E = _segment_counts(expert_N.clamp_max(E - 1), E)  # dropped rows: the last segment
+    else:
+        slot_N = keep_TK.reshape(-1).nonzero().squeeze(-1)  # flat index t*K + k of each kept slot
+        expert_N = topk_idx_TK.reshape(-1)[slot_N]
+        expert_N, order_N = torch.sort(expert_N, stable=True)
+        slot_N = slot_N[order_N]
+        counts_E = torch.bincount(expert_N, minlength=E)
     token_N = slot_N // K
-    counts_E = torch.bincount(expert_N, minlength=experts.num_experts)
 
     # index_select rather than x_TD[token_N]: same rows, but its backward is one index_add where
     # advanced indexing's is an accumulating index_put (measured ~15% slower on CPU, issue 9).
@@ -86,6 +106,8 @@ def dispatch_sorted(
         else:
             out_ND = _segmented_mlp(experts, x_ND, counts_E).to(acc)
     with phase(COMBINE):
+        if kept_N1 is not None:  # a where, not a product: a dropped row adds an exact 0, grads too
+            out_ND = torch.where(kept_N1, out_ND, 0.0)
         if experts.d_ff > experts.d_model:
             out_ND = out_ND * weight_N1.to(acc)
         y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
@@ -139,6 +161,13 @@ def dispatch_capacity(
     return y_TKD.sum(dim=1).to(x_TD.dtype)
 
 
+def _segment_counts(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E] rows per expert id, a static shape (bincount's output size depends on the data,
+    which breaks a compiled graph)."""
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=expert_N.device)
+    return counts_E.index_add(0, expert_N, torch.ones_like(expert_N))
+
+
 def _buffered_mlp(experts: MLPExperts, x_ECD: torch.Tensor) -> torch.Tensor:
     """All experts on their [C, D] buffers at once: one bmm per matrix ([E, C, D] @ [E, D, F])."""
     gate_ECF = torch.bmm(x_ECD, experts.w_gate) if experts.w_gate is not None else None
@@ -167,16 +196,18 @@ def _segmented_mlp(
     """
     dtype = _matmul_dtype(x_ND)
     gated = experts.w_gate is not None
-    if _grouped_mm_works(experts, x_ND.device, dtype):
+    mm = _grouped_mm_op(experts, x_ND.device, dtype)
+    if mm is not None:
         # Cast by hand what autocast would cast for a matmul; it may not know the private op.
         x, w_up, w_down = (t.to(dtype) for t in (x_ND, experts.w_up, experts.w_down))
-        offs_E = counts_E.cumsum(0).to(torch.int32)  # end offset of each expert's segment
-        g_NF = torch._grouped_mm(x, experts.w_gate.to(dtype), offs=offs_E) if gated else None
-        u_NF = torch._grouped_mm(x, w_up, offs=offs_E)
+        # end offset of each expert's segment: a device tensor, no host sync
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        g_NF = mm(x, experts.w_gate.to(dtype), offs_E) if gated else None
+        u_NF = mm(x, w_up, offs_E)
         h_NF = experts.hidden(g_NF, u_NF)
         if weight_N1 is not None:
             h_NF = h_NF * weight_N1.to(dtype)
-        return torch._grouped_mm(h_NF, w_down, offs=offs_E)
+        return mm(h_NF, w_down, offs_E)
     out_ND = torch.cat([experts(chunk, e) for e, chunk in enumerate(x_ND.split(counts_E.tolist()))])
     return out_ND if weight_N1 is None else out_ND * weight_N1.to(out_ND.dtype)
 
@@ -192,6 +223,24 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
 _GROUPED_MM_OK: dict[tuple, bool] = {}
 
 
+def _grouped_mm_op(experts: MLPExperts, device: torch.device, dtype: torch.dtype) -> GroupedMM | None:
+    """The grouped GEMM _segmented_mlp runs, (x [N, K], w [E, K, F], offs [E]) -> [N, F]; None:
+    the per-segment loop (eager only).
+
+    Compiled, there is always one, so no segment size reaches the host: torch 2.13's fake (meta)
+    kernel of torch._grouped_mm accepts bfloat16 only (its eager CPU kernel takes float32 too), so
+    other dtypes go through moeplat::grouped_mm, a custom op opaque to the compiler that runs the
+    eager kernel, or its own segment loop where that does not work (see grouped_mm).
+    """
+    if torch.compiler.is_compiling():
+        return _native_grouped_mm if dtype == torch.bfloat16 else grouped_mm
+    return _native_grouped_mm if _grouped_mm_works(experts, device, dtype) else None
+
+
+def _native_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offs)
+
+
 def _grouped_mm_works(experts: MLPExperts, device: torch.device, dtype: torch.dtype) -> bool:
     """Probe torch._grouped_mm once per configuration, forward and backward, on tiny inputs.
 
@@ -199,15 +248,15 @@ def _grouped_mm_works(experts: MLPExperts, device: torch.device, dtype: torch.dt
     bfloat16 on CUDA), alignment (strides must be multiples of 16 bytes) and torch version, so we
     try it rather than predict it. Weights of a dtype other than the compute dtype are cast first.
     """
+    return _grouped_mm_ok(device, dtype, experts.d_model, experts.d_ff)
+
+
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, D: int, Fh: int) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if torch.compiler.is_compiling():
-        # torch 2.13's fake (meta) kernel of _grouped_mm accepts bfloat16 only, although the eager
-        # CPU kernel takes float32 too: compiled float32 graphs take the per-segment loop.
-        return dtype == torch.bfloat16
-    key = (str(device), dtype, experts.d_model, experts.d_ff)
+    key = (str(device), dtype, D, Fh)
     if key not in _GROUPED_MM_OK:
-        _GROUPED_MM_OK[key] = _probe_grouped_mm(experts.d_model, experts.d_ff, device, dtype)
+        _GROUPED_MM_OK[key] = _probe_grouped_mm(D, Fh, device, dtype)
     return _GROUPED_MM_OK[key]
 
 
@@ -235,6 +284,60 @@ def _probe_grouped_mm(D: int, Fh: int, device: torch.device, dtype: torch.dtype)
         return False
 
 
+@torch.library.custom_op("moeplat::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x, w, offs=offs) for 2-d x [N, K] whose rows are E segments ending at
+    offs [E] (int32), w [E, K, F] -> [N, F], in any dtype and traceable (the compiler sees only
+    its output shape, register_fake below). It runs the eager kernel where the probe says it
+    works, else a loop over the segments (which reads offs on the host: a sync on an accelerator,
+    inside the op, not a graph break). Rows after offs[-1] are zero (dispatch_sorted leaves none)."""
+    if _grouped_mm_ok(x.device, x.dtype, x.shape[1], w.shape[2]):
+        return torch._grouped_mm(x, w, offs=offs).contiguous()
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    for e, (start, end) in enumerate(_segments(offs)):
+        out[start:end] = x[start:end] @ w[e]
+    return out
+
+
+@grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moeplat::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The gradient of grouped_mm's w: x_e^T dy_e per segment e, [E, K, F] (zeros for an empty one)."""
+    if _grouped_mm_ok(x.device, x.dtype, x.shape[1], dy.shape[1]):
+        return torch._grouped_mm(x.t(), dy, offs=offs).contiguous()
+    return torch.stack([x[start:end].t() @ dy[start:end] for start, end in _segments(offs)])
+
+
+@grouped_mm_weight_grad.register_fake
+def _(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+
+
+def _segments(offs: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offs.tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _grouped_mm_backward(ctx, grad_NF: torch.Tensor):
+    """As torch._grouped_mm's own backward: dx = dy w^T per segment, dw = x^T dy per segment."""
+    x, w, offs = ctx.saved_tensors
+    dx = grouped_mm(grad_NF, w.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    dw = grouped_mm_weight_grad(x, grad_NF, offs) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Dispatcher = Callable[[MLPExperts, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -23,8 +23,13 @@ def routed_counts(
     """Routed token-slots per expert (all T*K, or those marked in `valid_TK`), float32 [E], before
     any capacity drop. Not differentiable. Counts, not fractions: counts of several micro-batches
     or ranks add up (global-batch balancing, moeplat.nn.balance)."""
-    idx_N = topk_idx_TK.reshape(-1) if valid_TK is None else topk_idx_TK[valid_TK]
-    return torch.bincount(idx_N, minlength=num_experts).float()
+    # index_add of 1s (0s for invalid slots) rather than bincount of the valid ids: the same exact
+    # integer counts (below 2^24 per expert) in a static shape, which torch.compile traces
+    idx_N = topk_idx_TK.reshape(-1)
+    ones_N = torch.ones(idx_N.shape, dtype=torch.float32, device=idx_N.device)
+    if valid_TK is not None:
+        ones_N = valid_TK.reshape(-1).to(torch.float32)
+    return torch.zeros(num_experts, dtype=torch.float32, device=idx_N.device).index_add(0, idx_N, ones_N)
 
 
 def load_balancing_loss(

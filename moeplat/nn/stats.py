@@ -64,7 +64,7 @@ def routing_stats(
         n_routed = valid_TK.sum().clamp_min(1)
         return RoutingStats(
             load_E=load_E,
-            tokens_per_expert_E=torch.bincount(topk_idx_TK[keep_TK], minlength=num_experts),
+            tokens_per_expert_E=_kept_counts(topk_idx_TK, keep_TK, num_experts),
             dropped_frac=(valid_TK & ~keep_TK).sum() / n_routed,
             unrouted_frac=(~keep_TK.any(dim=1)).float().mean(),
             load_cv=load_E.std(correction=0) / mean,
@@ -76,6 +76,12 @@ def routing_stats(
             null_frac=None if null_TK is None else null_TK.float().mean(),
             routed_per_token=valid_TK.sum() / valid_TK.shape[0],
         )
+
+
+def _kept_counts(topk_idx_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E] kept slots per expert: bincount of the kept ids, in a static shape (torch.compile)."""
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=topk_idx_TK.device)
+    return counts_E.index_add(0, topk_idx_TK.reshape(-1), keep_TK.reshape(-1).long())
 
 
 class _HasStats(Protocol):
