@@ -42,8 +42,10 @@ def _model(checkpointing: bool) -> TransformerLM:
     return TransformerLM(64, D, 2, 1, 16, ffns, activation_checkpointing=checkpointing)
 
 
-def _train(accumulate: int, checkpointing: bool) -> tuple[dict, dict, TransformerLM]:
+def _train(accumulate: int, checkpointing: bool, compiled: bool = False) -> tuple[dict, dict, TransformerLM]:
     model = _model(checkpointing)
+    if compiled:
+        model.compile(backend="eager")
     g = torch.Generator().manual_seed(1)
     data = [tuple(torch.randint(0, 64, (2, 2, 16), generator=g)) for _ in range(STEPS * accumulate)]
     system = LMSystem(model, _adamw, log_every=LOG_EVERY)
@@ -126,3 +128,17 @@ def test_a_forward_without_statistics_keeps_losses_routed_counts_and_load():
     assert torch.equal(lean.aux_loss, full.aux_loss) and lean.losses.keys() == full.losses.keys()
     assert torch.equal(lean.routed_E, full.routed_E)
     assert torch.equal(lean.load_E, full.load_E)  # the bias update's input, without the statistics
+
+
+def test_compiled_training_loop_breaks_no_graph():
+    """train.compile under Lightning, accumulating: logging and other steps are one graph each (the
+    stats flag is a guarded constant), no graph break. Dynamo's eager backend: the trace, not inductor."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    logged, _, model = _train(2, False, compiled=True)
+    assert model._compiled_call_impl is not None
+    assert sorted(logged) == list(range(0, STEPS, LOG_EVERY))
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 2
