@@ -281,7 +281,8 @@ class MoELayer(nn.Module):
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
         with phase(AUX_LOSSES):
             aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load)
-        routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
+            # every step: the bias update (load_E) and global-batch balancing read it
+            routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
         with phase(STATS):
             routing = self.statistics(route, keep_TK) if stats else None
         return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, routing, route.logprob_T, routed_E)
