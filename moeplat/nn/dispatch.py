@@ -290,7 +290,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     offs [E] (int32), w [E, K, F] -> [N, F], in any dtype and traceable (the compiler sees only
     its output shape, register_fake below). It runs the eager kernel where the probe says it
     works, else a loop over the segments (which reads offs on the host: a sync on an accelerator,
-    inside the op, not a graph break). Rows after offs[-1] are zero (dispatch_sorted leaves none)."""
+    inside the op, not a graph break). offs[-1] must be N (dispatch_sorted's always is): what the
+    kernel writes to rows after it is not defined."""
     if _grouped_mm_ok(x.device, x.dtype, x.shape[1], w.shape[2]):
         return torch._grouped_mm(x, w, offs=offs).contiguous()
     out = x.new_zeros(x.shape[0], w.shape[2])
