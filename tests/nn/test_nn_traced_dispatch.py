@@ -157,3 +157,36 @@ def test_compiled_quickstart_step_equals_eager(overrides):
     assert grads.keys() == grads_ref.keys() and grads_ref
     for name, g_ref in grads_ref.items():
         torch.testing.assert_close(grads[name], g_ref, **tol, msg=name)
+
+
+def _aten_ops(graphs) -> set[str]:
+    return {
+        node.target.name().split("::")[-1].split(".")[0]
+        for gm in graphs
+        for node in gm.graph.nodes
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+    }
+
+
+@pytest.mark.slow
+def test_compiled_training_step_reads_nothing_on_the_host():
+    """The aten graphs AOT autograd hands the compiler, forward and backward (what runs): no op
+    whose result the host reads (a sync on an accelerator) or whose output size is the data's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    model = _quickstart(FACTOR)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    out = compiled(*_batch())
+    (out.loss + out.aux_loss).backward()
+    assert len(graphs) == 2  # one forward, one backward
+    ops = _aten_ops(graphs)
+    assert {"grouped_mm", "grouped_mm_weight_grad", "sort", "index_add"} <= ops  # the experts' GEMMs
+    assert not ops & {"_local_scalar_dense", "nonzero", "bincount", "item", "masked_select"}, ops
