@@ -183,8 +183,8 @@ class TransformerLM(nn.Module):
         x_BSD = self.emb_drop(self.tok_emb(idx_BS))
         moe: dict[int, MoEOutput] = {}
         for i, block in enumerate(self.blocks):
-            kw = {"token_ids_BS": idx_BS, "step_load": None if step_load is None else step_load.layer(i)}
-            kw["stats"] = stats
+            layer_load = None if step_load is None else step_load.layer(i)
+            kw = {"token_ids_BS": idx_BS, "step_load": layer_load, "stats": stats}
             if cache is not None:
                 kw["cache"] = cache[i]
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
