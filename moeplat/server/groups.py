@@ -6,6 +6,13 @@ N `sweep-worker` jobs in one group; each joins the study and runs trials until i
 finished ones (moeplat.sweep.study.surplus keeps the count exact when workers race for the last
 trial; a trial whose worker died stops beating and is retried by another). The group records N,
 so an executor that runs batches (SLURM) can start the same N workers as one job array.
+
+Job arrays (`claim_rest`): a worker that claims with `array_executor` (the SLURM bridge) and gets
+a job of a group gets, with it, every job of that group still queued, claimed in the same way
+(one conditional UPDATE each), and the group records the executor. Nothing is reserved and no
+claim waits: local workers keep claiming one job at a time, and in a mixed team a local worker
+that got there first runs its jobs while the bridge runs the rest as a smaller array (the array's
+task ids are the jobs' group indices, so `--array=1,3` when jobs 0 and 2 went elsewhere).
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, Field
+from sqlalchemy import select, update
 
 from moeplat.server import results
-from moeplat.server.jobs import JobStore
+from moeplat.server.jobs import Job, JobGroup, JobStore, now
 from moeplat.server.settings import ServerSettings
 from moeplat.spec.sweep import LoadedSweep
 
@@ -66,6 +74,33 @@ def submit_sweep(
     create_for_workers(loaded, settings.sweep_storage)
     group = store.submit_group("sweep", n, loaded.sweep.trials.n_trials, **{**fields, "kind": "sweep-worker"})
     return group["jobs"][0]
+
+
+def claim_rest(store: JobStore, worker: str, job: dict, executor: str) -> list[dict]:
+    """The other queued jobs of `job`'s group, now running for `worker` (who claimed `job` as a
+    job array's executor); the group records `executor`. [] for a job of no group."""
+    if job["group"] is None:
+        return []
+    won = []
+    with store.session.begin() as s:
+        s.execute(update(JobGroup).where(JobGroup.id == job["group"]).values(executor=executor))
+        q = select(Job.id).where(Job.group_id == job["group"], Job.state == "queued").order_by(Job.id)
+        if store.postgres:
+            q = q.with_for_update(skip_locked=True)
+        t = now()
+        for job_id in s.scalars(q).all():
+            claimed = update(Job).where(Job.id == job_id, Job.state == "queued")
+            values = dict(state="running", worker=worker, started_at=t, heartbeat_at=t)
+            if s.execute(claimed.values(**values, attempts=Job.attempts + 1)).rowcount == 1:
+                won.append(job_id)
+    return [j for i in won if (j := store.get(i)) is not None]
+
+
+def group_cancelled(store: JobStore, job_id: int) -> bool:
+    """Whether the job's whole group was cancelled (not only this job)."""
+    with store.session() as s:
+        q = select(JobGroup.cancel_requested).join(Job, Job.group_id == JobGroup.id).where(Job.id == job_id)
+        return bool(s.scalar(q))
 
 
 def with_progress(settings: ServerSettings, group: dict) -> dict:

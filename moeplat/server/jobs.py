@@ -84,7 +84,8 @@ class Job(Base):
 class JobGroup(Base):
     """Jobs that are one piece of work: a sweep spread over `size` sweep-worker jobs that join one
     Optuna study. A local executor queues `size` jobs; a batch executor (SLURM) may run the same
-    workers as one job array of `size` tasks (`executor` says which ran it)."""
+    workers as one job array of `size` tasks (`executor` says which ran it: "slurm" once a bridge
+    claimed jobs of it as an array; moeplat.server.groups.claim_rest)."""
 
     __tablename__ = "moeplat_job_groups"
 
@@ -97,6 +98,8 @@ class JobGroup(Base):
     n_trials: Mapped[int | None] = mapped_column(Integer)
     executor: Mapped[str] = mapped_column(String(32), default="local", server_default="local")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    # the whole group was cancelled (not one job): a job array is then scancelled as one
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
 
 class WorkerSeen(Base):
@@ -288,8 +291,10 @@ class JobStore:
         return [g for i in ids if (g := self.group(i)) is not None]
 
     def cancel_group(self, group_id: int) -> dict | None:
-        """Cancel every job of the group (queued ones at once, running ones by request)."""
-        with self.session() as s:
+        """Cancel every job of the group (queued ones at once, running ones by request); the group
+        remembers it, so an executor running it as one job array cancels the array as one."""
+        with self.session.begin() as s:
+            s.execute(update(JobGroup).where(JobGroup.id == group_id).values(cancel_requested=True))
             ids = s.scalars(select(Job.id).where(Job.group_id == group_id)).all()
         for job_id in ids:
             self.cancel(job_id)

@@ -74,6 +74,12 @@ def parse_devices(text: str, gpu_count: Callable[[], int]) -> list[str] | None:
     return ids
 
 
+def sweep_worker_index(job: dict, attempt: int, group_size: int | None) -> int:
+    """A sweep-worker job's --worker-index (its sampler's seed): its index in its group, moved on
+    by the group's size per retry."""
+    return job["group_index"] + (group_size or 1) * (attempt - 1)
+
+
 class Lost(Exception):
     """The server answered 409: the job is no longer this worker's."""
 
@@ -220,13 +226,16 @@ class Worker:
         share a directory, so a trial retried here after a worker died resumes from its checkpoint
         when that worker ran on this machine. A retried job's worker index moves on by the group's
         size: its sampler does not replay the seed its first attempt used."""
+        index = sweep_worker_index(c["job"], c["attempt"], c.get("group_size"))
+        return [*self.sweep_worker_base(c, spec_file, root), "--worker-index", str(index)]
+
+    def sweep_worker_base(self, c: dict, spec_file: Path, root: Path) -> list[str]:
+        """A group's sweep-worker command but its --worker-index (the same for every job of it)."""
         job = c["job"]
         runs = self.work_dir / "runs" / f"group-{job['group']}"
-        index = job["group_index"] + (c.get("group_size") or 1) * (c["attempt"] - 1)
         cmd = [self.python, "-m", "moeplat.cli.main", "sweep-worker", str(spec_file)]
         cmd += ["--as-path", str(root / c["filename"]), "--tracking-uri", c["tracking_uri"]]
-        cmd += ["--storage", job["storage"] or c["sweep_storage"], "--runs-dir", str(runs)]
-        return [*cmd, "--worker-index", str(index)]
+        return [*cmd, "--storage", job["storage"] or c["sweep_storage"], "--runs-dir", str(runs)]
 
     def run(self, c: dict, devices: list[str] | None = None) -> int | None:
         """Run one claimed job to its end (on `devices`: its CUDA_VISIBLE_DEVICES); its exit

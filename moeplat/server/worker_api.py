@@ -8,11 +8,12 @@ job was reaped or finished) answers 409 and the worker stops its run.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path
 from pydantic import BaseModel, Field
 
+from moeplat.server.groups import claim_rest, group_cancelled
 from moeplat.server.jobs import JobStore, Lease, LeaseLost
 from moeplat.server.security import RequestModel
 from moeplat.server.settings import ServerSettings
@@ -32,6 +33,11 @@ class ClaimRequest(Model):
     )
     devices: Annotated[int, Field(ge=0, le=4096)] | None = Field(
         None, description="the worker's devices in all (null: a CPU worker, one job of any width)"
+    )
+    array_executor: Literal["slurm"] | None = Field(
+        None,
+        description="the worker runs a group's jobs as one job array: a job of a group comes with "
+        "the group's other queued jobs (group_claimed), and the group records this executor",
     )
 
 
@@ -63,10 +69,16 @@ class Claimed(BaseModel):
     sweep_storage: str | None = None
     heartbeat_s: float | None = None
     group_size: int | None = None
+    group_claimed: list[dict] = Field(
+        default_factory=list,
+        description="with array_executor: every job of the group claimed now, this one first, "
+        "each {job, attempt}",
+    )
 
 
 class HeartbeatOut(BaseModel):
     cancel: bool
+    group_cancel: bool = Field(False, description="the cancel is of the job's whole group")
 
 
 class LogOut(BaseModel):
@@ -92,6 +104,10 @@ def router(settings: ServerSettings, store: JobStore) -> APIRouter:
         job = store.claim(body.worker, body.free_devices, body.devices)
         if job is None:
             return {"job": None}
+        together = []
+        if body.array_executor and job["group"] is not None:
+            rest = claim_rest(store, body.worker, job, body.array_executor)
+            together = [{"job": j, "attempt": j["attempts"]} for j in [job, *rest]]
         spec = store.spec_of(job["id"])
         assert spec is not None
         return {
@@ -105,12 +121,14 @@ def router(settings: ServerSettings, store: JobStore) -> APIRouter:
             "sweep_storage": settings.sweep_storage,
             "heartbeat_s": max(0.5, min(5.0, settings.heartbeat_timeout_s / 4)),
             "group_size": (store.group(job["group"]) or {}).get("size") if job["group"] else None,
+            "group_claimed": together,
         }
 
     @r.post("/jobs/{job_id}/heartbeat", response_model=HeartbeatOut, responses=LOST)
     def heartbeat(job_id: JobId, body: LeaseBody) -> dict:
-        """Alive; `cancel` true when the job should be interrupted."""
-        return {"cancel": leased(job_id, body, store.heartbeat)}
+        """Alive; `cancel` true when the job should be interrupted (`group_cancel`: with its group)."""
+        cancel = leased(job_id, body, store.heartbeat)
+        return {"cancel": cancel, "group_cancel": cancel and group_cancelled(store, job_id)}
 
     @r.post("/jobs/{job_id}/log", response_model=LogOut, responses=LOST)
     def append_log(job_id: JobId, body: LogBody) -> dict:

@@ -147,7 +147,7 @@ def test_log_polling_stream_and_finish(client, spec_root):  # noqa: F811
     assert first == {"text": "step 1\nstep", "offset": 11, "done": False}
     client.post(f"{url}/log", json={**lease, "text": " 2\r\ndone\n"})
     assert client.get(f"/api/jobs/{job['id']}/log", params={"offset": 11}).json()["text"] == " 2\r\ndone\n"
-    assert client.post(f"{url}/heartbeat", json=lease).json() == {"cancel": False}
+    assert client.post(f"{url}/heartbeat", json=lease).json() == {"cancel": False, "group_cancel": False}
     finished = client.post(f"{url}/finish", json={**lease, "exit_code": 0}).json()
     assert finished["state"] == "succeeded" and finished["exit_code"] == 0
     assert client.get(f"/api/jobs/{job['id']}/log", params={"offset": 20}).json()["done"] is True
@@ -164,7 +164,7 @@ def test_cancel_running_job_reaches_worker(client, spec_root):  # noqa: F811
     running = client.post(f"/api/jobs/{job['id']}/cancel").json()
     assert running["state"] == "running" and running["cancel_requested"] is True
     url = f"/api/worker/jobs/{job['id']}"
-    assert client.post(f"{url}/heartbeat", json=lease).json() == {"cancel": True}
+    assert client.post(f"{url}/heartbeat", json=lease).json() == {"cancel": True, "group_cancel": False}
     done = client.post(f"{url}/finish", json={**lease, "exit_code": 130, "error": "interrupted"}).json()
     assert done["state"] == "cancelled"
     assert "[moeplat: cancel requested]" in client.get(f"/api/jobs/{job['id']}/log").json()["text"]
@@ -180,7 +180,10 @@ def test_restart_keeps_jobs(tmp_path, spec_root):  # noqa: F811
         again = c.get(f"/api/jobs/{job['id']}").json()
         assert again["state"] == "running" and again["worker"] == "w1"
         assert c.get(f"/api/jobs/{job['id']}/log").json()["text"] == "before restart\n"
-        assert c.post(f"/api/worker/jobs/{job['id']}/heartbeat", json=lease).json() == {"cancel": False}
+        assert c.post(f"/api/worker/jobs/{job['id']}/heartbeat", json=lease).json() == {
+            "cancel": False,
+            "group_cancel": False,
+        }
 
 
 def test_web_root_without_a_build_says_how(client, tmp_path, spec_root):  # noqa: F811

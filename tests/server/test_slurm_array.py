@@ -1,0 +1,122 @@
+"""A sweep group as one SLURM job array, without SLURM: the --array value, task ids, the array's
+batch script (run by bash for a task id, as SLURM would), and the server's side: a claim with
+`array_executor` takes the group's queued jobs together, a local worker's claim still takes one,
+and a group's cancel is told apart from one job's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from server_helpers import live_server, settings_for, spec_root  # noqa: F401
+
+from moeplat.server.slurm_array import Task, array_script, array_spec, log_path, split_task_id, task_id
+
+
+@pytest.mark.parametrize(
+    ("indices", "want"),
+    [
+        ([0], "0"),
+        ([0, 1], "0-1"),
+        ([3, 0, 1, 2], "0-3"),
+        ([1, 3], "1,3"),
+        ([0, 1, 2, 5, 7, 8], "0-2,5,7-8"),
+        ([2, 2, 3], "2-3"),
+    ],
+)
+def test_array_spec_compresses_runs_of_task_ids(indices, want):
+    assert array_spec(indices) == want
+
+
+def test_task_ids_map_to_jobs_and_back(tmp_path):
+    assert task_id("123", 4) == "123_4"
+    assert split_task_id("123_4") == ("123", 4)
+    assert split_task_id("123") == ("123", None)
+    assert log_path(tmp_path, "123", 1) == tmp_path / "slurm-123_1.log"  # what %A_%a expands to
+
+
+def _script(tmp: Path, tasks: list[Task]) -> Path:
+    # the command prints what a task would run: its job id and the arguments it got
+    command = ["sh", "-c", 'echo "job=$MOEPLAT_JOB_ID $*"', "sweep-worker", "--as-path", "a b.yaml"]
+    text = array_script("moeplat-g7", command, tasks, ["--cpus-per-task=1", "--partition=debug"], tmp)
+    path = tmp / "array.sbatch"
+    path.write_text(text)
+    return path
+
+
+def _task(script: Path, task: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_ARRAY_TASK_ID", "MOEPLAT_JOB_ID")}
+    if task is not None:
+        env["SLURM_ARRAY_TASK_ID"] = task
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_the_array_script_runs_each_tasks_job_with_its_worker_index(tmp_path):
+    # jobs 11 and 13 of a group of 3 (job 12 went to a local worker); job 13 is a retry: index 2 + 3
+    tasks = [Task(0, 11, 1, 0), Task(2, 13, 2, 5)]
+    script = _script(tmp_path, tasks)
+    text = script.read_text()
+    assert "#SBATCH --array=0,2" in text and "#SBATCH --job-name=moeplat-g7" in text
+    assert "#SBATCH --partition=debug" in text and "#SBATCH --cpus-per-task=1" in text
+    first, retried = _task(script, "0"), _task(script, "2")
+    assert first.returncode == 0 and first.stdout.strip() == "job=11 --as-path a b.yaml --worker-index 0"
+    assert retried.stdout.strip() == "job=13 --as-path a b.yaml --worker-index 5"
+    for stray in ("1", None):  # a task id that is no job of the group runs nothing
+        out = _task(script, stray)
+        assert out.returncode == 2 and "is no job of this sweep group" in out.stderr and not out.stdout
+
+
+def _sweep(root: Path, name: str) -> str:
+    body = {
+        "name": name,
+        "extends": "tiny.yaml",
+        "search": {"model.moe.top_k": {"kind": "int", "low": 1, "high": 2}},
+        "trials": {"n_trials": 4},
+    }
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    return f"{name}.yaml"
+
+
+def _claim(url: str, worker: str, **kw) -> dict:
+    r = httpx.post(f"{url}/api/worker/claim", json={"worker": worker, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_bridge_claims_the_groups_queued_jobs_together_and_a_local_worker_one(tmp_path, spec_root):  # noqa: F811
+    with live_server(settings_for(tmp_path)) as url:
+        sweep = {"kind": "sweep", "path": _sweep(spec_root, "arr"), "parallel": 3}
+        group = httpx.post(f"{url}/api/jobs", json=sweep).json()["group"]
+        run = httpx.post(f"{url}/api/jobs", json={"path": "tiny.yaml"}).json()
+
+        local = _claim(url, "local")  # a local worker got there first: one job, as before
+        assert local["job"]["group_index"] == 0 and local["group_claimed"] == []
+        bridge = _claim(url, "bridge", array_executor="slurm")  # the rest of the group, together
+        assert [j["job"]["group_index"] for j in bridge["group_claimed"]] == [1, 2]
+        assert [j["attempt"] for j in bridge["group_claimed"]] == [1, 1]
+        assert bridge["job"]["id"] == bridge["group_claimed"][0]["job"]["id"]
+        g = httpx.get(f"{url}/api/groups/{group}").json()
+        assert g["executor"] == "slurm" and [j["worker"] for j in g["jobs"]] == ["local", "bridge", "bridge"]
+        assert all(j["state"] == "running" for j in g["jobs"])
+        alone = _claim(url, "bridge", array_executor="slurm")  # a job of no group: one, no array
+        assert alone["job"]["id"] == run["id"] and alone["group_claimed"] == []
+        assert _claim(url, "bridge", array_executor="slurm")["job"] is None
+
+        bad = httpx.post(f"{url}/api/worker/claim", json={"worker": "w", "array_executor": "pbs"})
+        assert bad.status_code == 422 and "Traceback" not in bad.text
+
+        def beat(job: dict) -> dict:
+            body = {"worker": job["job"]["worker"], "attempt": job["attempt"]}
+            return httpx.post(f"{url}/api/worker/jobs/{job['job']['id']}/heartbeat", json=body).json()
+
+        first, second = bridge["group_claimed"]
+        assert beat(first) == {"cancel": False, "group_cancel": False}
+        httpx.post(f"{url}/api/jobs/{first['job']['id']}/cancel")  # one job: its task only
+        assert beat(first) == {"cancel": True, "group_cancel": False}
+        assert beat(second) == {"cancel": False, "group_cancel": False}
+        httpx.post(f"{url}/api/groups/{group}/cancel")  # the group: the whole array
+        assert beat(second) == {"cancel": True, "group_cancel": True}
