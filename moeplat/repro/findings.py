@@ -76,6 +76,13 @@ VARIANTS = {
             QUICKSTART,
             ("model.moe.router={kind: sigmoid_bias, gamma: 0.001}", NO_LOSSES),
         ),
+        # the quick-start is 16 experts of width 128, top-4; these halve and double the granularity
+        # at the same active width 512
+        Variant(
+            "coarse",
+            QUICKSTART,
+            ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.experts.d_ff=256"),
+        ),
         Variant(
             "fine-grained",
             QUICKSTART,
@@ -155,7 +162,8 @@ FINDINGS = (
     ),
     Finding(
         "top-p",
-        "Top-p routing uses fewer experts per token on average than top-2 at comparable val loss.",
+        "Top-p routing uses fewer experts per token on average than top-k routing (the quick-start's "
+        "top-4) at comparable val loss.",
         "Huang et al. 2024, Harder Tasks Need More Experts",
         ("moe", "top-p"),
         "moe/all/experts_per_token",
@@ -163,7 +171,15 @@ FINDINGS = (
     ),
     Finding(
         "granularity",
-        "More, smaller experts at equal active parameters lower the loss.",
+        "More, smaller experts at equal active parameters lower the loss: 16 of width 128 (top-4) "
+        "against 8 of width 256 (top-2).",
+        "DeepSeekMoE (Dai et al. 2024); Krajewski et al. 2024",
+        ("coarse", "moe"),
+        "val/loss",
+    ),
+    Finding(
+        "granularity-finer",
+        "The same one step further: 32 experts of width 64 (top-8) against the quick-start's 16.",
         "DeepSeekMoE (Dai et al. 2024); Krajewski et al. 2024",
         ("moe", "fine-grained"),
         "val/loss",

@@ -35,9 +35,9 @@ def test_validate_ok(capsys):
 
 
 def test_validate_applies_overrides(capsys):
-    assert main(["validate", str(QUICKSTART), "--set", "model.moe.top_k=9"]) == 2
+    assert main(["validate", str(QUICKSTART), "--set", "model.moe.top_k=17"]) == 2
     err = capsys.readouterr().err
-    assert "--set model.moe.top_k=9: model.moe.top_k: top_k (9) must be <= num_experts (8)" in err
+    assert "--set model.moe.top_k=17: model.moe.top_k: top_k (17) must be <= num_experts (16)" in err
 
 
 @pytest.mark.parametrize("spec_file", BROKEN, ids=lambda p: p.name)
@@ -111,8 +111,8 @@ def test_show_with_a_bad_override_prints_nothing_on_stdout(capsys):
 def test_plan_text(capsys):
     assert main(["plan", str(QUICKSTART)]) == 0
     out = capsys.readouterr().out
-    assert "total params    3.38M (3,380,352)" in out
-    assert "active params   1.02M per token" in out
+    assert "total params    3.38M (3,384,448)" in out
+    assert "active params   1.03M per token" in out
 
 
 def test_plan_json(capsys):

@@ -121,7 +121,7 @@ VARIANTS = {
     ),
     # Huang et al. 2024 top-p: 1..top_k experts per token; plan's counts are the maximum.
     "top-p": ("specs/quickstart-top-p.yaml", ["model.moe.router.p=0.3"]),
-    # MoE++ null experts: the router scores 8 + 4 experts; null slots compute nothing.
+    # MoE++ null experts: the router scores 16 + 8 experts; null slots compute nothing.
     "null-experts": ("specs/quickstart-null-experts.yaml", []),
 }
 
@@ -188,28 +188,28 @@ def test_forward_flops_equal_flop_counter(name):
 
 
 def test_expected_counts_of_dynamic_routers():
-    """Expected active params at uniform router probabilities: top-p with p = 0.3 of 8 experts
-    takes ceil(2.4) = 3 of its top_k 4; 4 null experts beside 8 leave top_k * 8 / 12 real experts."""
-    expert = 3 * 128 * 256  # swiglu: 3 matrices of d_model x d_ff
+    """Expected active params at uniform router probabilities: top-p with p = 0.3 of 16 experts
+    takes ceil(4.8) = 5 of its top_k 8; 8 null experts beside 16 leave top_k * 16 / 24 real experts."""
+    expert = 3 * 128 * 128  # swiglu: 3 matrices of d_model x d_ff
     top_p = plan(_load("top-p"))
-    assert top_p.active_params - top_p.expected_active_params == 4 * (4 - 3) * expert  # 4 MoE layers
-    assert top_p.flops_per_token_fwd - top_p.expected_flops_per_token_fwd == 2 * 4 * expert
-    assert "ceil(p * E) = 3 of top_k 4" in top_p.expected_assumption
+    assert top_p.active_params - top_p.expected_active_params == 4 * (8 - 5) * expert  # 4 MoE layers
+    assert top_p.flops_per_token_fwd - top_p.expected_flops_per_token_fwd == 2 * 4 * 3 * expert
+    assert "ceil(p * E) = 5 of top_k 8" in top_p.expected_assumption
     nulls = plan(_load("null-experts"))
-    assert nulls.active_params - nulls.expected_active_params == round(4 * (2 - 2 * 8 / 12) * expert)
-    assert nulls.total_params - plan(_load("quickstart")).total_params == 4 * 4 * 128  # router rows
+    assert nulls.active_params - nulls.expected_active_params == round(4 * (4 - 4 * 16 / 24) * expert)
+    assert nulls.total_params - plan(_load("quickstart")).total_params == 4 * 8 * 128  # router rows
     fixed = plan(_load("quickstart"))
     assert (fixed.expected_active_params, fixed.expected_assumption) == (fixed.active_params, "")
     from moeplat.spec.plan_text import format_plan
 
     text = format_plan(_load("null-experts"), nulls)
-    assert "router=topk + 4 null experts" in text and "expected" in text
+    assert "router=topk + 8 null experts" in text and "expected" in text
     assert "expected" not in format_plan(_load("quickstart"), fixed)
 
 
 def test_router_params_per_kind():
     base, noisy, hashed = (plan(_load(name)) for name in ("quickstart", "noisy-topk", "hash"))
-    routers = 4 * 8 * 128  # n_layers * num_experts * d_model
+    routers = 4 * 16 * 128  # n_layers * num_experts * d_model
     assert noisy.total_params - base.total_params == routers
     assert noisy.active_params - base.active_params == routers
     assert base.total_params - hashed.total_params == routers
@@ -217,7 +217,7 @@ def test_router_params_per_kind():
 
 def test_dense_counterpart_matches_active_ffn_params():
     moe, dense = plan(_load("quickstart")), plan(_load("dense"))
-    routers = 4 * 8 * 128  # n_layers * num_experts * d_model
+    routers = 4 * 16 * 128  # n_layers * num_experts * d_model
     assert moe.active_params - routers == dense.active_params
     assert moe.total_params > 3 * dense.total_params
 
@@ -226,7 +226,7 @@ def test_plain_mlp_experts_have_two_thirds_of_the_glu_weights():
     glu = plan(_load("quickstart", "model.moe.experts={kind: geglu, d_ff: 96}"))
     plain = plan(_load("quickstart", "model.moe.experts={kind: relu, d_ff: 96}"))
     assert plain.expert_params * 3 == glu.expert_params * 2
-    assert plain.expert_params == 4 * 8 * 2 * 128 * 96  # n_layers * E * 2 matrices * D * F
+    assert plain.expert_params == 4 * 16 * 2 * 128 * 96  # n_layers * E * 2 matrices * D * F
 
 
 def test_shared_gate_adds_d_model_params_and_flops_per_moe_layer():
@@ -245,7 +245,7 @@ def test_fine_grained_segmentation_keeps_total_and_active_params(router):
     opts = [f"model.moe.router={{kind: {router}}}"] + (["model.moe.losses={}"] if router == "random" else [])
     coarse = plan(_load("quickstart", *opts))
     fine = plan(_load("quickstart", *opts, "model.moe.granularity=4"))
-    router_growth = 0 if router == "random" else 4 * (8 * 4 - 8) * 128  # n_layers * (E*m - E) * d_model
+    router_growth = 0 if router == "random" else 4 * (16 * 4 - 16) * 128  # n_layers * (E*m - E) * d_model
     assert fine.expert_params == coarse.expert_params
     assert fine.total_params - coarse.total_params == router_growth
     assert fine.active_params - coarse.active_params == router_growth

@@ -230,7 +230,7 @@ def test_upcycle_from_spec(tmp_path):
 
 def test_the_quickstart_spec_pair_fits_together(tmp_path, monkeypatch):
     """specs/quickstart-upcycled.yaml takes the newest run under runs/quickstart-dense: a dense
-    quickstart checkpoint fits it (slices of width 256 of the d_ff-512 FFN), and it validates
+    quickstart checkpoint fits it (slices of width 128 of the d_ff-512 FFN), and it validates
     without one (the file is read when the run starts)."""
     specs = Path(__file__).resolve().parents[2] / "specs"
     upcycled = load_spec(specs / "quickstart-upcycled.yaml").spec
@@ -245,5 +245,5 @@ def test_the_quickstart_spec_pair_fits_together(tmp_path, monkeypatch):
     moe = build_model(upcycled)
     assert upcycle_from_spec(upcycled, moe)
     ex, ffn = moe.blocks[2].ffn.experts, dense.blocks[2].ffn
-    assert (ex.num_experts, ex.d_ff) == (8, 256)
-    assert torch.equal(ex.w_up[5], ffn.w_up.weight[256:].t())  # expert 5 holds slice 1
+    assert (ex.num_experts, ex.d_ff) == (16, 128)
+    assert torch.equal(ex.w_up[5], ffn.w_up.weight[128:256].t())  # expert 5 holds slice 5 mod 4 = 1

@@ -66,7 +66,7 @@ def test_a_figure_some_run_did_not_log_is_not_measured():
 
 
 def test_the_page_lists_every_run_id_and_verdict():
-    f = F["granularity"]
+    f = F["granularity-finer"]
     recs = _records(
         {
             "moe": [{"val/loss": 1.3}, {"val/loss": 1.32}],
@@ -75,7 +75,7 @@ def test_the_page_lists_every_run_id_and_verdict():
     )
     page = results_page([f], recs, [0, 1], "# header")
     assert page.startswith("# header")
-    assert "| granularity | reproduces on every seed (2/2) |" in page
+    assert "| granularity-finer | reproduces on every seed (2/2) |" in page
     for run_id in ("run-moe-0", "run-moe-1", "run-fine-grained-0", "run-fine-grained-1"):
         assert f"`{run_id}`" in page
     assert "| fine-grained | 1.2100 ± 0.0141 |" in page

@@ -26,7 +26,7 @@ extends: ../base.yaml
 name: mid
 model:
   moe:
-    experts: {d_ff: 128}
+    experts: {d_ff: 96}
     layers: {kind: first_dense, k: 1}
   dense_ffn: {kind: swiglu, d_ff: 256}
 train:
@@ -57,8 +57,8 @@ def test_three_file_chain_merges_deep_keys(chain):
     assert loaded.spec.name == "child"
     assert moe.losses.z_loss.coef == 0.0  # child
     assert moe.losses.load_balancing.coef == 0.01  # base, a sibling of the key the child set
-    assert (moe.experts.kind, moe.experts.d_ff) == ("swiglu", 128)  # kind from base, d_ff from mid
-    assert moe.num_experts == 8 and moe.top_k == 2  # base
+    assert (moe.experts.kind, moe.experts.d_ff) == ("swiglu", 96)  # kind from base, d_ff from mid
+    assert moe.num_experts == 16 and moe.top_k == 4  # base
     assert loaded.spec.model.moe_layers == [1, 2, 3]  # mid's first_dense
     assert "extends" not in loaded.resolved
 

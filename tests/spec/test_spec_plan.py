@@ -16,12 +16,12 @@ QUICKSTART = SPECS / "quickstart.yaml"
 DENSE = SPECS / "quickstart-dense.yaml"
 
 # quickstart.yaml: vocab 256, d_model 128, 4 layers, 4 heads (head dim 32), 2 kv heads, tied embeddings,
-# every layer MoE: 8 SwiGLU experts of d_ff 256, top_k 2, no shared experts; seq_len 128, batch 16.
-V, D, L, H, KV, HD, E, K, F, S, B = 256, 128, 4, 4, 2, 32, 8, 2, 256, 128, 16
+# every layer MoE: 16 SwiGLU experts of d_ff 128, top_k 4, no shared experts; seq_len 128, batch 16.
+V, D, L, H, KV, HD, E, K, F, S, B = 256, 128, 4, 4, 2, 32, 16, 4, 128, 128, 16
 
 ATTN = 2 * D * H * HD + 2 * D * KV * HD  # Wq, Wo: d x h*hd;  Wk, Wv: d x kv*hd;  no biases  = 49,152
-EXPERT = 3 * D * F  # SwiGLU: gate, up (d x f) and down (f x d)  = 98,304
-ROUTER = D * E  # one logit per expert  = 1,024
+EXPERT = 3 * D * F  # SwiGLU: gate, up (d x f) and down (f x d)  = 49,152
+ROUTER = D * E  # one logit per expert  = 2,048
 NORMS = 2 * D  # RMSNorm weights before attention and before the FFN  = 256
 OTHER = V * D + D  # tied embedding/head + final norm  = 32,896
 
@@ -38,8 +38,8 @@ def _plan(spec_file: Path = QUICKSTART, *overrides: str):
 
 
 def test_the_hand_derivation_itself():
-    assert (ATTN, EXPERT, ROUTER, OTHER) == (49_152, 98_304, 1_024, 32_896)
-    assert (TOTAL, ACTIVE) == (3_380_352, 1_021_056)
+    assert (ATTN, EXPERT, ROUTER, OTHER) == (49_152, 49_152, 2_048, 32_896)
+    assert (TOTAL, ACTIVE) == (3_384_448, 1_025_152)
 
 
 def test_quickstart_counts():
@@ -73,7 +73,7 @@ def test_dense_counterpart_has_the_same_active_ffn_within_the_router():
         assert m.active_params - d.active_params == ROUTER
         assert m.flops_per_token - d.flops_per_token == 2 * ROUTER
     assert moe.active_params - dense.active_params == L * ROUTER
-    assert (moe.active_params - dense.active_params) / moe.active_params < 0.005
+    assert (moe.active_params - dense.active_params) / moe.active_params < 0.01
 
 
 def test_mixed_layers_are_the_mean_of_all_moe_and_all_dense():
@@ -93,10 +93,10 @@ def test_mixed_layers_are_the_mean_of_all_moe_and_all_dense():
 @pytest.mark.parametrize(
     ("override", "d_total", "d_active"),
     [
-        ("model.moe.top_k=1", 0, -L * EXPERT),
-        ("model.moe.num_experts=16", L * 8 * (EXPERT + D), L * 8 * D),  # 8 more experts and router rows
+        ("model.moe.top_k=1", 0, -L * (K - 1) * EXPERT),
+        ("model.moe.num_experts=32", L * 16 * (EXPERT + D), L * 16 * D),  # 16 more experts and router rows
         ("model.moe.shared_experts={count: 1}", L * EXPERT, L * EXPERT),
-        ("model.moe.shared_experts={count: 2, d_ff: 64}", L * 3 * D * 128, L * 3 * D * 128),
+        ("model.moe.shared_experts={count: 2, d_ff: 32}", L * 3 * D * 64, L * 3 * D * 64),
         ("model.tie_embeddings=false", V * D, V * D),
         ("model.n_kv_heads=4", L * 2 * D * 2 * HD, L * 2 * D * 2 * HD),  # 2 more kv heads in Wk, Wv
     ],
@@ -110,8 +110,8 @@ def test_format_plan_mentions_total_and_active_params():
     loaded = load_spec(QUICKSTART)
     text = format_plan(loaded.spec, plan(loaded.spec))
     assert f"total params    3.38M ({TOTAL:,})" in text
-    assert "active params   1.02M per token (30.2% of total)" in text
-    assert "8 x swiglu(d_ff=256), top_k=2" in text
+    assert "active params   1.03M per token (30.3% of total)" in text
+    assert "16 x swiglu(d_ff=128), top_k=4" in text
     assert "MoE: [0, 1, 2, 3]" in text
 
 
