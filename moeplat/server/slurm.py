@@ -262,7 +262,8 @@ class Slurm:
         squeue failed (then nothing can be concluded from a job's absence)."""
         if not job_ids:
             return {}
-        out = self._run("squeue", "-h", "-j", ",".join(job_ids), "-o", SQUEUE_FORMAT)
+        # -r: a job array's tasks one per line, pending ones too (else "123_[0-1]" in one line)
+        out = self._run("squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", SQUEUE_FORMAT)
         if out.returncode != 0:
             if "Invalid job id" in out.stderr:  # every one of them has left slurmctld's memory
                 return {}
@@ -293,9 +294,12 @@ class Slurm:
         out = self._run("scontrol", "show", "job", "-o", job_id)
         return parse_scontrol(out.stdout) if out.returncode == 0 else None
 
-    def cancel(self, job_id: str, signal: str | None = None) -> None:
-        """scancel the job, or with `signal` only signal its steps (the run's processes)."""
-        cmd = ["scancel", *([f"--signal={signal}"] if signal else []), job_id]
+    def cancel(self, job_id: str, signal: str | None = None, full: bool = False) -> None:
+        """scancel the job (JOBID, an array task JOBID_I, or a whole array JOBID), or with `signal`
+        only signal its steps (the run's processes); `full`: the batch script's processes too
+        (a script without srun steps, which execs its command)."""
+        sig = [f"--signal={signal}", *(["--full"] if full else [])] if signal else []
+        cmd = ["scancel", *sig, job_id]
         try:
             out = self._run(*cmd)
         except SlurmUnavailable as e:  # the caller tries again (cancel) or SLURM ends it (time limit)

@@ -18,6 +18,13 @@ and the bridge's --partition / --account / --qos / --time. The run directory is 
 job (WORK_DIR/runs/job-<id>/run), so a requeued SLURM job -- and a later attempt of the moeplat job
 after a bridge died -- resumes it from its last checkpoint into the same MLflow run.
 
+A sweep group (`--parallel N`) is one job array: the bridge claims with `array_executor: slurm`,
+gets the group's queued jobs together (moeplat.server.groups.claim_rest) and submits them with one
+`sbatch --array` (moeplat.server.slurm_array). Each job is then a flight of its own on task
+`JOBID_I` (I: its group index): own log file (`slurm-%A_%a.log`), state, heartbeat and end, and a
+cancel of one job scancels its task. A cancel of the whole group (the heartbeat's `group_cancel`)
+is one `scancel JOBID` for the array. The array counts once against `max_jobs`.
+
 Following a job: `squeue` while SLURM lists it; then its final state from `sacct`, or, on clusters
 without an accounting database, `scontrol show job` (moeplat.server.slurm). New bytes of the log
 file go to the job's log; state changes (pending and why, running, requeued) are written into the
@@ -57,7 +64,8 @@ from moeplat.server.slurm import (
     SubmitError,
     job_state,
 )
-from moeplat.server.worker import LOG_CHUNK_CHARS, Lost, Worker, WorkerError
+from moeplat.server.slurm_array import OUTPUT, Task, array_script, array_spec, log_path, task_id
+from moeplat.server.worker import LOG_CHUNK_CHARS, Lost, Worker, WorkerError, sweep_worker_index
 
 log = logging.getLogger("moeplat.worker")
 
@@ -110,6 +118,13 @@ class _Flight:
     verdict: str | None = None  # the bridge's own reason to end the job (pending for ever)
     pending_text: str = ""  # output the server did not take yet
     partial: str = ""  # the output's last line, until it is whole
+    array: str | None = None  # the job array's id when this is one of its tasks (slurm_id JOBID_I)
+    full_signal: bool = False  # a script without srun steps: a signal must reach its batch step
+
+    @property
+    def submission(self) -> str:
+        """What was sbatch-ed: the array (one submission for its tasks) or the job."""
+        return self.array or self.slurm_id
 
 
 @dataclass
@@ -140,26 +155,31 @@ class SlurmBridge(Worker):
         try:
             while not stop.is_set():
                 empty = False
-                while len(self.flights) < self.max_jobs and not stop.is_set():
+                while self._submissions() < self.max_jobs and not stop.is_set():
                     claimed = self._claim_job()
                     if claimed is None:
                         empty = True
                         break
                     self._submit(claimed)
-                    done += 1
+                    done += len(claimed.get("group_claimed") or [claimed])  # moeplat jobs
                 if once and empty and not self.flights:
                     break
                 self._poll()
                 stop.wait(self.poll_s)
         finally:
-            for f in list(self.flights.values()):
-                log.warning("bridge stopping: cancelling SLURM job %s (job %d)", f.slurm_id, f.job_id)
-                self.slurm.cancel(f.slurm_id)
+            for slurm_id in dict.fromkeys(f.submission for f in self.flights.values()):
+                log.warning("bridge stopping: cancelling SLURM job %s", slurm_id)
+                self.slurm.cancel(slurm_id)
         return done
+
+    def _submissions(self) -> int:
+        """SLURM jobs in flight: a job array counts once, whatever its tasks."""
+        return len({f.submission for f in self.flights.values()})
 
     def _claim_job(self) -> dict | None:
         try:
-            claimed = self.client.post("/api/worker/claim", {"worker": self.name})
+            # a job of a sweep group comes with the group's other queued jobs: one job array
+            claimed = self.client.post("/api/worker/claim", {"worker": self.name, "array_executor": "slurm"})
         except httpx.HTTPStatusError as e:
             code = e.response.status_code
             if code in (401, 403, 404, 405):  # a wrong token, or not a moeplat server
@@ -174,6 +194,9 @@ class SlurmBridge(Worker):
     # --- submitting ---------------------------------------------------------------------------
 
     def _submit(self, c: dict) -> None:
+        if c.get("group_claimed"):
+            self._submit_array(c)
+            return
         job_id, attempt = c["job"]["id"], c["attempt"]
         lease = {"worker": self.name, "attempt": attempt}
         job_dir = self.work_dir / "jobs" / f"{job_id}-{attempt}"
@@ -195,13 +218,83 @@ class SlurmBridge(Worker):
         (job_dir / "slurm_job_id").write_text(slurm_id)
         self._note(job_id, lease, f"submitted to SLURM as job {slurm_id}; its output: {log_path}")
         self.flights[job_id] = _Flight(
-            job_id, lease, slurm_id, log_path, float(c["heartbeat_s"]), time.monotonic()
+            job_id,
+            lease,
+            slurm_id,
+            log_path,
+            float(c["heartbeat_s"]),
+            time.monotonic(),
+            full_signal=c["job"]["kind"] != "run",
         )
+
+    def _submit_array(self, c: dict) -> None:
+        """The group's jobs claimed together, as one `sbatch --array` (moeplat.server.slurm_array):
+        task I is the job of group index I, followed, heartbeated and finished as that job."""
+        claimed, group = c["group_claimed"], c["job"]["group"]
+        leases = {j["job"]["id"]: {"worker": self.name, "attempt": j["attempt"]} for j in claimed}
+        tasks = [
+            Task(
+                j["job"]["group_index"],
+                j["job"]["id"],
+                j["attempt"],
+                sweep_worker_index(j["job"], j["attempt"], c["group_size"]),
+            )
+            for j in claimed
+        ]
+        first = tasks[0]
+        array_dir = self.work_dir / "jobs" / f"group-{group}-{first.job_id}-{first.attempt}"
+        array_dir.mkdir(parents=True, exist_ok=True)
+        spec_file = array_dir / Path(c["filename"]).name
+        spec_file.write_text(c["text"], encoding="utf-8")
+        spec = array_spec([t.index for t in tasks])
+        log.info("sweep group %d: jobs %s -> sbatch --array=%s", group, [t.job_id for t in tasks], spec)
+        try:
+            base = self.sweep_worker_base(c, spec_file, Path(self.spec_root or c["spec_root"]))
+            sbatch_lines = [f"--cpus-per-task={self.options.cpus_per_task}", *self.options.defaults()]
+            script = array_script(f"moeplat-g{group}", base, tasks, sbatch_lines, self.work_dir)
+            (array_dir / "array.sbatch").write_text(script)
+            earlier = [
+                o for t in tasks for o in self._earlier_attempts(t.job_id, t.attempt, leases[t.job_id])
+            ]
+            options = [f"--array={spec}", f"--output={array_dir / OUTPUT}", "--open-mode=append"]
+            options += [
+                *self.options.sbatch(),
+                *([f"--dependency=afterany:{':'.join(earlier)}"] if earlier else []),
+            ]
+            array_id = self.slurm.submit(script, options, self._env(None), str(self.work_dir))
+        except (SubmitError, SlurmUnavailable) as e:
+            for t in tasks:
+                self._fail_now(t.job_id, leases[t.job_id], str(e))
+            return
+        for t in tasks:
+            slurm_id, out = task_id(array_id, t.index), log_path(array_dir, array_id, t.index)
+            job_dir = self.work_dir / "jobs" / f"{t.job_id}-{t.attempt}"
+            job_dir.mkdir(parents=True, exist_ok=True)
+            (job_dir / "slurm_job_id").write_text(slurm_id)
+            what = (
+                f"array task {slurm_id} of job array {array_id} (sbatch --array={spec}, sweep group {group})"
+            )
+            self._note(t.job_id, leases[t.job_id], f"submitted to SLURM as {what}; its output: {out}")
+            self.flights[t.job_id] = _Flight(
+                t.job_id,
+                leases[t.job_id],
+                slurm_id,
+                out,
+                float(c["heartbeat_s"]),
+                time.monotonic(),
+                array=array_id,
+                full_signal=True,
+            )
 
     def _after_earlier_attempts(self, job_id: int, attempt: int, lease: dict) -> list[str]:
         """A job claimed again after its bridge died (same work directory): an earlier attempt's
         SLURM job may still be in SLURM, writing the same run directory. It is cancelled, and the
         new one waits for it to be gone (--dependency=afterany) before it resumes the run."""
+        active = self._earlier_attempts(job_id, attempt, lease)
+        return [f"--dependency=afterany:{':'.join(active)}"] if active else []
+
+    def _earlier_attempts(self, job_id: int, attempt: int, lease: dict) -> list[str]:
+        """The SLURM jobs (or array tasks) of the job's earlier attempts still in SLURM, cancelled."""
         earlier = []
         for a in range(1, attempt):
             f = self.work_dir / "jobs" / f"{job_id}-{a}" / "slurm_job_id"
@@ -213,7 +306,7 @@ class SlurmBridge(Worker):
         for old in active:
             self._note(job_id, lease, f"SLURM job {old} of an earlier attempt was still in SLURM: cancelled")
             self.slurm.cancel(old)
-        return [f"--dependency=afterany:{':'.join(active)}"] if active else []
+        return list(active)
 
     def _script(self, c: dict, spec_file: Path, job_dir: Path) -> str:
         """The batch script: `moeplat slurm`'s for a run, one task running the job's command for a
@@ -239,13 +332,19 @@ class SlurmBridge(Worker):
             raise SubmitError(f"`moeplat slurm` could not render the job's batch script: {text[-3000:]}")
         return out.read_text()
 
-    def _env(self, job_id: int) -> dict[str, str]:
+    def _env(self, job_id: int | None) -> dict[str, str]:
         """The job's environment (sbatch exports it): the bridge's, without the SLURM variables of
-        a job the bridge itself may run in, and with the moeplat job id (an MLflow tag)."""
+        a job the bridge itself may run in, and with the moeplat job id (an MLflow tag; a job
+        array's script sets each task's)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
         if "SLURM_CONF" in os.environ:
             env["SLURM_CONF"] = os.environ["SLURM_CONF"]
-        return {**env, "MOEPLAT_JOB_ID": str(job_id), "PYTHONUNBUFFERED": "1"}
+        env.pop("MOEPLAT_JOB_ID", None)
+        return {
+            **env,
+            **({"MOEPLAT_JOB_ID": str(job_id)} if job_id is not None else {}),
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def _fail_now(self, job_id: int, lease: dict, error: str) -> None:
         log.warning("job %d: %s", job_id, error)
@@ -330,15 +429,26 @@ class SlurmBridge(Worker):
 
     def _heartbeat(self, f: _Flight) -> None:
         if time.monotonic() >= f.next_beat:
-            cancel = self.client.post(f"/api/worker/jobs/{f.job_id}/heartbeat", f.lease)["cancel"]
+            beat = self.client.post(f"/api/worker/jobs/{f.job_id}/heartbeat", f.lease)
             f.next_beat = time.monotonic() + f.heartbeat_s
-            if cancel and f.cancel_at is None:
-                f.cancel_at = time.monotonic()
-                if job_state(f.state, listed=True) == "running":  # the run closes its MLflow run
-                    self.slurm.cancel(f.slurm_id, signal="INT")
+            if beat["cancel"] and f.cancel_at is None:
+                # a cancelled sweep group is one `scancel JOBID` of its array; one job of it, its task
+                whole = f.array is not None and beat.get("group_cancel", False)
+                targets = [g for g in self.flights.values() if g.array == f.array] if whole else [f]
+                slurm_id = f.array if whole else f.slurm_id
+                assert slurm_id is not None
+                running = any(job_state(g.state, listed=True) == "running" for g in targets)
+                for g in targets:
+                    g.cancel_at, g.scancelled = time.monotonic(), not running
+                if whole:
+                    for g in targets:
+                        self._note(
+                            g.job_id, g.lease, f"sweep group cancelled: scancel {slurm_id} (the whole array)"
+                        )
+                if running:  # the run (a sweep worker: its trial) closes its MLflow run
+                    self.slurm.cancel(slurm_id, signal="INT", full=f.full_signal)
                 else:
-                    self.slurm.cancel(f.slurm_id)
-                    f.scancelled = True
+                    self.slurm.cancel(slurm_id)
         if f.cancel_at is not None and not f.scancelled and time.monotonic() - f.cancel_at > self.grace_s:
             self.slurm.cancel(f.slurm_id)
             f.scancelled = True

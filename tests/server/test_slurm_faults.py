@@ -36,7 +36,7 @@ class ScriptedSlurm(Slurm):
     def ended(self, job_id):
         return self.end
 
-    def cancel(self, job_id, signal=None):
+    def cancel(self, job_id, signal=None, full=False):
         self.cancelled.append((job_id, signal))
 
 
