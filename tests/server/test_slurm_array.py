@@ -14,7 +14,9 @@ import pytest
 import yaml
 from server_helpers import live_server, settings_for, spec_root  # noqa: F401
 
+from moeplat.server.slurm import Slurm, SlurmJob
 from moeplat.server.slurm_array import Task, array_script, array_spec, log_path, split_task_id, task_id
+from moeplat.server.slurm_worker import SlurmBridge
 
 
 @pytest.mark.parametrize(
@@ -120,3 +122,56 @@ def test_a_bridge_claims_the_groups_queued_jobs_together_and_a_local_worker_one(
         assert beat(second) == {"cancel": False, "group_cancel": False}
         httpx.post(f"{url}/api/groups/{group}/cancel")  # the group: the whole array
         assert beat(second) == {"cancel": True, "group_cancel": True}
+
+
+class ArraySlurm(Slurm):
+    """sbatch takes the array as job 77; squeue lists task 77_1 running and 77_2 pending once,
+    then neither; their ends are `ends` (what scontrol would say)."""
+
+    def __init__(self, ends: dict[str, SlurmJob]):
+        super().__init__()
+        self.ends, self.rounds, self.submits = ends, 1, []
+
+    def submit(self, script, options, env, cwd):
+        self.submits.append((script, options, env))
+        return "77"
+
+    def active(self, job_ids):
+        if self.rounds == 0:
+            return {}
+        self.rounds -= 1
+        return {"77_1": SlurmJob("77_1", "RUNNING"), "77_2": SlurmJob("77_2", "PENDING", "Resources")}
+
+    def ended(self, job_id):
+        return self.ends.get(job_id)
+
+
+def test_the_bridge_runs_the_rest_of_a_group_as_one_array_and_each_job_ends_with_its_task(
+    tmp_path,
+    spec_root,  # noqa: F811
+):
+    ends = {"77_1": SlurmJob("77_1", "COMPLETED", exit_code=0), "77_2": SlurmJob("77_2", "FAILED", "", 1, 0)}
+    slurm = ArraySlurm(ends)
+    with live_server(settings_for(tmp_path)) as url:
+        sweep = {"kind": "sweep", "path": _sweep(spec_root, "mixed"), "parallel": 3}
+        group = httpx.post(f"{url}/api/jobs", json=sweep).json()["group"]
+        local = _claim(url, "local")["job"]  # a local worker took job 0 (and runs it)
+        bridge = SlurmBridge(url, name="b", work_dir=tmp_path / "b", poll_s=0.05, slurm=slurm)
+        assert bridge.serve(once=True) == 2  # two moeplat jobs, one sbatch
+        g = httpx.get(f"{url}/api/groups/{group}").json()
+        logs = {
+            j["group_index"]: httpx.get(f"{url}/api/jobs/{j['id']}/log").json()["text"] for j in g["jobs"]
+        }
+    ((script, options, env),) = slurm.submits
+    assert "--array=1-2" in options and "MOEPLAT_JOB_ID" not in env  # each task sets its own
+    ids = {j["group_index"]: j["id"] for j in g["jobs"]}
+    assert f"  1) export MOEPLAT_JOB_ID={ids[1]}; WORKER_INDEX=1 ;;" in script.splitlines()
+    assert f"  2) export MOEPLAT_JOB_ID={ids[2]}; WORKER_INDEX=2 ;;" in script.splitlines()
+    assert "  0)" not in script  # job 0 is the local worker's
+    assert [j["state"] for j in g["jobs"]] == ["running", "succeeded", "failed"], logs
+    assert g["jobs"][0]["id"] == local["id"] and g["jobs"][0]["worker"] == "local"
+    assert "as array task 77_1 of job array 77 (sbatch --array=1-2" in logs[1]
+    assert "SLURM job 77_1 RUNNING" in logs[1] and "SLURM job 77_1 COMPLETED" in logs[1]
+    assert "SLURM job 77_2 PENDING (reason: Resources)" in logs[2] and "SLURM job 77_2 FAILED" in logs[2]
+    assert g["jobs"][2]["error"].startswith("SLURM FAILED"), g["jobs"][2]
+    assert (tmp_path / "b" / "jobs" / f"{ids[2]}-1" / "slurm_job_id").read_text() == "77_2"
