@@ -228,6 +228,8 @@ def cmd_jobs(args) -> int:
                 print(f"{gid:>5}  {g['state']:<10} {'sweep':<5} {name:<28} {created:<20} {_group_line(g)}")
             continue
         where = j["worker"] or (f"({j['reason']})" if j.get("reason") else "")
+        if j.get("detail"):  # what the executor says (the SLURM bridge: state, reason, node)
+            where += f" ({j['detail']})"
         print(f"{j['id']:>5}  {j['state']:<10} {j['kind']:<5} {j['name'][:28]:<28} {created:<20} {where}")
     return 0
 
@@ -240,7 +242,9 @@ def _groups(args) -> dict[int, dict]:
 
 
 def _group_line(g: dict) -> str:
-    jobs = " ".join(f"#{j['id']}:{j['state']}" for j in g["jobs"])
+    jobs = " ".join(
+        f"#{j['id']}:{j['state']}" + (f" ({j['detail']})" if j.get("detail") else "") for j in g["jobs"]
+    )
     if reasons := {j["reason"] for j in g["jobs"] if j.get("reason")}:
         jobs += f" ({'; '.join(sorted(reasons))})"
     p = g.get("progress")

@@ -112,6 +112,11 @@ class Job(BaseModel):
     reason: str | None = Field(
         description="why a queued job is not running yet, when a worker cannot take it"
     )
+    detail: str | None = Field(
+        None,
+        description="what the executor says of a running job, from its last heartbeat (the SLURM "
+        "bridge: 'SLURM PENDING (Resources)', 'SLURM RUNNING on node1'); null for a local worker",
+    )
     group: int | None = Field(description="the job group (a sweep spread over workers) it belongs to")
     group_index: int | None
 

@@ -90,7 +90,7 @@ def claim_rest(store: JobStore, worker: str, job: dict, executor: str) -> list[d
         t = now()
         for job_id in s.scalars(q).all():
             claimed = update(Job).where(Job.id == job_id, Job.state == "queued")
-            values = dict(state="running", worker=worker, started_at=t, heartbeat_at=t)
+            values = dict(state="running", worker=worker, started_at=t, heartbeat_at=t, detail=None)
             if s.execute(claimed.values(**values, attempts=Job.attempts + 1)).rowcount == 1:
                 won.append(job_id)
     return [j for i in won if (j := store.get(i)) is not None]

@@ -12,7 +12,8 @@ Devices: a job needs `devices` (its spec's parallel.devices, stored at submit). 
 devices claims with its free count and gets the oldest queued job that fits; one without (a CPU
 worker: one job at a time, any width) claims with none. Claims and heartbeats record each worker
 and its device count (moeplat_workers), so a queued job that no live worker can run shows why
-(`reason`). New columns reach an existing database through `_upgrade` (ALTER TABLE ADD COLUMN).
+(`reason`). A running job's heartbeats carry what its executor says of it (`detail`: the SLURM
+bridge's "SLURM PENDING (Resources)"). New columns reach an existing database through `_upgrade` (ALTER TABLE ADD COLUMN).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class Job(Base):
     devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # parallel.devices
     group_id: Mapped[int | None] = mapped_column(Integer, index=True)  # JobGroup.id
     group_index: Mapped[int | None] = mapped_column(Integer)  # 0..size-1 within its group
+    # what the executor says of a running job, sent with each heartbeat (the SLURM bridge: "SLURM
+    # PENDING (Resources)"); a local worker sends none. Shown only while the job runs.
+    detail: Mapped[str | None] = mapped_column(String(500))
 
 
 class JobGroup(Base):
@@ -149,6 +153,7 @@ def job_dict(job: Job, reason: str | None = None) -> dict:
         "storage": job.storage,
         "devices": job.devices,
         "reason": reason,
+        "detail": job.detail if job.state == "running" else None,
         "group": job.group_id,
         "group_index": job.group_index,
     }
@@ -378,6 +383,7 @@ class JobStore:
                         started_at=t,
                         heartbeat_at=t,
                         attempts=Job.attempts + 1,
+                        detail=None,
                     )
                 ).rowcount
             if won == 1:
@@ -397,11 +403,12 @@ class JobStore:
             raise LeaseLost(f"job {lease.job_id} is not running for {lease.worker} (attempt {lease.attempt})")
         return job
 
-    def heartbeat(self, lease: Lease) -> bool:
-        """Record that the worker is alive; True when a cancel was asked for."""
+    def heartbeat(self, lease: Lease, detail: str | None = None) -> bool:
+        """Record that the worker is alive, and what its executor says of the job (`detail`; None
+        clears it); True when a cancel was asked for."""
         with self.session.begin() as s:
             job = self._owned(s, lease)
-            job.heartbeat_at = now()
+            job.heartbeat_at, job.detail = now(), detail
             cancel = bool(job.cancel_requested)
         self._seen(lease.worker)
         return cancel

@@ -87,6 +87,7 @@ class SlurmJob:
     exit_code: int | None = None
     signal: int | None = None
     restarts: int | None = None
+    nodes: str = ""  # squeue's node list of a running job ("node1", "node[1-2]")
 
     @property
     def moeplat_state(self) -> str:
@@ -131,17 +132,39 @@ def parse_sbatch(stdout: str) -> str:
     return job_id
 
 
-SQUEUE_FORMAT = "%i|%T|%r"
+SQUEUE_FORMAT = "%i|%T|%r|%N"
 
 
 def parse_squeue(text: str) -> dict[str, SlurmJob]:
-    """`squeue -h -o '%i|%T|%r'` lines: job id, state, reason."""
+    """`squeue -h -o '%i|%T|%r|%N'` lines: job id, state, reason, node list (empty while pending)."""
     jobs = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 2 and parts[0]:
-            jobs[parts[0]] = SlurmJob(parts[0], base_state(parts[1]), parts[2] if len(parts) > 2 else "")
+            reason = parts[2] if len(parts) > 2 else ""
+            nodes = parts[3].strip() if len(parts) > 3 else ""
+            jobs[parts[0]] = SlurmJob(parts[0], base_state(parts[1]), reason, nodes=nodes)
     return jobs
+
+
+def said(reason: str) -> bool:
+    """Whether SLURM gave a reason ("None" and "(null)" are none)."""
+    return reason.strip() not in ("", "None", "(null)")
+
+
+def detail(job: SlurmJob, requeued: str | None = None) -> str:
+    """One line for the moeplat job's `detail` (its heartbeat): SLURM's state and why, or where it
+    runs. `requeued`: the job was requeued after it ran ("" or the state that did it, PREEMPTED)."""
+    state = base_state(job.state)
+    if job_state(state, listed=True) == "running" and job.nodes:
+        where = "nodes" if any(c in job.nodes for c in ",[") else "node"
+        return f"SLURM {state} on {where} {job.nodes}"[:500]
+    why = f" ({job.reason})" if said(job.reason) else ""
+    if requeued is not None:
+        by = f" ({requeued})" if requeued else ""
+        now = f", {state.lower()}{why}" if state != requeued or why else ""  # not "(PREEMPTED), preempted"
+        return f"SLURM requeued{by}{now}"[:500]
+    return f"SLURM {state}{why}"[:500]
 
 
 SACCT_FIELDS = "JobID,State,ExitCode,Reason"

@@ -28,9 +28,11 @@ is one `scancel JOBID` for the array. The array counts once against `max_jobs`.
 Following a job: `squeue` while SLURM lists it; then its final state from `sacct`, or, on clusters
 without an accounting database, `scontrol show job` (moeplat.server.slurm). New bytes of the log
 file go to the job's log; state changes (pending and why, running, requeued) are written into the
-log as `[moeplat: ...]` lines, which the CLI (`moeplat submit --follow`) and the web UI show. While
-SLURM keeps the job pending or requeues it, the moeplat job stays running (leased to the bridge):
-the protocol has no "queued again" report, and the lease must stay ours to resume it. A cancel
+log as `[moeplat: ...]` lines, and each heartbeat carries the current one as the job's `detail`
+("SLURM PENDING (Resources)", "SLURM RUNNING on node n1", "SLURM requeued (PREEMPTED), pending
+(BeginTime)"; moeplat.server.slurm.detail), which `moeplat jobs` and the web UI show. While SLURM
+keeps the job pending or requeues it, the moeplat job stays running (leased to the bridge): the
+protocol has no "queued again" report, and the lease must stay ours to resume it. A cancel
 seen on a heartbeat becomes `scancel` (a pending job) or `scancel --signal=INT` to the run's tasks
 (it closes its MLflow run), then a plain `scancel` after `grace_s`. The end is reported with the
 SLURM state and reason as the error, e.g. "SLURM TIMEOUT: the job reached its time limit ...".
@@ -62,6 +64,7 @@ from moeplat.server.slurm import (
     SlurmJob,
     SlurmUnavailable,
     SubmitError,
+    detail,
     job_state,
 )
 from moeplat.server.slurm_array import OUTPUT, Task, array_script, array_spec, log_path, task_id
@@ -120,6 +123,8 @@ class _Flight:
     partial: str = ""  # the output's last line, until it is whole
     array: str | None = None  # the job array's id when this is one of its tasks (slurm_id JOBID_I)
     full_signal: bool = False  # a script without srun steps: a signal must reach its batch step
+    detail: str = ""  # SLURM's state and reason, or its node, as the heartbeat reports it
+    requeued: str | None = None  # after a requeue, until it runs again: "" or the state that did it
 
     @property
     def submission(self) -> str:
@@ -225,6 +230,7 @@ class SlurmBridge(Worker):
             float(c["heartbeat_s"]),
             time.monotonic(),
             full_signal=c["job"]["kind"] != "run",
+            detail=f"SLURM job {slurm_id} submitted",
         )
 
     def _submit_array(self, c: dict) -> None:
@@ -284,6 +290,7 @@ class SlurmBridge(Worker):
                 time.monotonic(),
                 array=array_id,
                 full_signal=True,
+                detail=f"SLURM array task {slurm_id} submitted",
             )
 
     def _after_earlier_attempts(self, job_id: int, attempt: int, lease: dict) -> list[str]:
@@ -414,11 +421,17 @@ class SlurmBridge(Worker):
                 )
                 f.started, f.since = False, "the requeue"
                 f.submitted_at = time.monotonic()
+                # what requeued it, when SLURM's state says (PREEMPTED); not the plain waiting states
+                f.requeued = now.state if now.state not in QUEUED else ""
             elif state == "queued":
                 self._note(
                     f.job_id, f.lease, f"SLURM job {f.slurm_id} {now.state} (reason: {now.reason or 'none'})"
                 )
             f.state, f.reason = now.state, now.reason
+        if state == "running":
+            f.requeued = None
+        if (text := detail(now, f.requeued)) != f.detail:
+            f.detail, f.next_beat = text, 0.0  # the server hears of it at once
         if state == "queued" and now.reason in NEVER_STARTS and not f.scancelled:
             self.slurm.cancel(f.slurm_id)
             f.scancelled = True
@@ -429,7 +442,10 @@ class SlurmBridge(Worker):
 
     def _heartbeat(self, f: _Flight) -> None:
         if time.monotonic() >= f.next_beat:
-            beat = self.client.post(f"/api/worker/jobs/{f.job_id}/heartbeat", f.lease)
+            # with SLURM's state and reason: the job's `detail`, shown by `moeplat jobs` and the web UI
+            beat = self.client.post(
+                f"/api/worker/jobs/{f.job_id}/heartbeat", {**f.lease, "detail": f.detail or None}
+            )
             f.next_beat = time.monotonic() + f.heartbeat_s
             if beat["cancel"] and f.cancel_at is None:
                 # a cancelled sweep group is one `scancel JOBID` of its array; one job of it, its task

@@ -46,6 +46,14 @@ class LeaseBody(Model):
     attempt: Annotated[int, Field(ge=1, le=2**31)]
 
 
+class HeartbeatBody(LeaseBody):
+    detail: Annotated[str, Field(max_length=500)] | None = Field(
+        None,
+        description="what the executor says of the job now (SLURM: its state and reason, its node); "
+        "null clears it",
+    )
+
+
 class LogBody(LeaseBody):
     text: Annotated[str, Field(max_length=1 << 19)]
 
@@ -125,9 +133,10 @@ def router(settings: ServerSettings, store: JobStore) -> APIRouter:
         }
 
     @r.post("/jobs/{job_id}/heartbeat", response_model=HeartbeatOut, responses=LOST)
-    def heartbeat(job_id: JobId, body: LeaseBody) -> dict:
-        """Alive; `cancel` true when the job should be interrupted (`group_cancel`: with its group)."""
-        cancel = leased(job_id, body, store.heartbeat)
+    def heartbeat(job_id: JobId, body: HeartbeatBody) -> dict:
+        """Alive (and the executor's `detail`, stored on the job); `cancel` true when the job
+        should be interrupted (`group_cancel`: with its group)."""
+        cancel = leased(job_id, body, lambda lease: store.heartbeat(lease, body.detail))
         return {"cancel": cancel, "group_cancel": cancel and group_cancelled(store, job_id)}
 
     @r.post("/jobs/{job_id}/log", response_model=LogOut, responses=LOST)

@@ -1,5 +1,7 @@
 """Workers that own devices (made-up ids on a CPU machine): jobs side by side on disjoint subsets,
-claims that fit the free devices, and a reason for a job no live worker can run.
+claims that fit the free devices, and a reason for a job no live worker can run; the detail an
+executor reports with a running job's heartbeat (the SLURM bridge's state and reason) in the job
+JSON and `moeplat jobs`.
 
 The job's "python" is a shell script that records what it saw (CUDA_VISIBLE_DEVICES, which jobs had
 ended when it started) and waits for a release file, so the test decides when jobs end.
@@ -17,7 +19,7 @@ import pytest
 from postgres import postgres_url  # noqa: F401  (session fixture: a real PostgreSQL)
 from server_helpers import live_server, settings_for, spec_root, wait_for  # noqa: F401
 
-from moeplat.server.jobs import WAITING, JobStore
+from moeplat.server.jobs import WAITING, JobStore, Lease
 from moeplat.server.worker import Worker, parse_devices
 
 DDP = ["parallel.strategy.kind=ddp"]
@@ -112,6 +114,42 @@ def test_a_job_no_live_worker_can_run(tmp_path, spec_root):  # noqa: F811
         assert "largest live worker has 2" in out
 
 
+def _beat(url: str, job_id: int, **body) -> httpx.Response:
+    return httpx.post(
+        f"{url}/api/worker/jobs/{job_id}/heartbeat", json={"worker": "bridge", "attempt": 1, **body}
+    )
+
+
+def _jobs_cli(url: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "moeplat.cli.main", "jobs", "--server", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_a_running_jobs_detail_in_the_job_json_and_moeplat_jobs(tmp_path, spec_root):  # noqa: F811
+    with live_server(settings_for(tmp_path)) as url:
+        job = _submit(url, 1)
+        assert job["detail"] is None
+        claimed = httpx.post(f"{url}/api/worker/claim", json={"worker": "bridge"}).json()
+        assert claimed["job"]["id"] == job["id"]
+        assert _beat(url, job["id"], detail="SLURM PENDING (Resources)").json()["cancel"] is False
+        assert _job(url, job["id"])["detail"] == "SLURM PENDING (Resources)"
+        line = next(ln for ln in _jobs_cli(url).splitlines() if ln.split()[:1] == [str(job["id"])])
+        assert "running" in line and line.endswith("bridge (SLURM PENDING (Resources))"), line
+        # bad input is refused, naming the field; the stored detail stays
+        too_long = _beat(url, job["id"], detail="x" * 501)
+        assert too_long.status_code == 422 and "detail" in too_long.text
+        assert _beat(url, job["id"], detail=7).status_code == 422
+        assert _job(url, job["id"])["detail"] == "SLURM PENDING (Resources)"
+        # a heartbeat without one (a local worker's) clears it
+        assert _beat(url, job["id"]).status_code == 200
+        assert _job(url, job["id"])["detail"] is None
+        assert "(SLURM" not in _jobs_cli(url)
+
+
 def test_a_cpu_worker_takes_a_job_of_any_width(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     wide = store.submit(kind="run", name="w", text="", filename="a.yaml", overrides=[], devices=8)["id"]
@@ -161,7 +199,10 @@ def test_an_old_jobs_database_gets_the_new_columns(dialect, tmp_path, request):
         _old_database(url, "SERIAL PRIMARY KEY", "TIMESTAMP WITH TIME ZONE")
     store = JobStore(url)
     assert store.get(1)["devices"] == 1 and store.get(1)["group"] is None
+    assert store.get(1)["detail"] is None
     assert store.claim("w", free=1, devices=1)["name"] == "old"
+    store.heartbeat(Lease(1, "w", 1), "SLURM PENDING (Resources)")  # the new detail column
+    assert store.get(1)["detail"] == "SLURM PENDING (Resources)"
     store.close()
 
 

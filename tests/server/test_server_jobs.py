@@ -151,3 +151,32 @@ def test_heartbeat_timestamps_are_utc(tmp_path):
     started = datetime.fromisoformat(job["started_at"])
     assert started.utcoffset() == timedelta(0)
     assert abs(started.timestamp() - before) < 5
+
+
+def test_a_heartbeats_detail_is_stored_cleared_and_shown_only_while_running(tmp_path):
+    """What an executor says of a running job (the SLURM bridge: its state and reason) comes with
+    each heartbeat; a heartbeat without it (a local worker) clears it; a new claim starts without."""
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", heartbeat_timeout_s=10, max_attempts=2)
+    (job_id,) = _submit(store, 1)
+    assert store.get(job_id)["detail"] is None
+    store.claim("bridge")
+    lease = Lease(job_id, "bridge", 1)
+    store.heartbeat(lease, "SLURM PENDING (Resources)")
+    assert store.get(job_id)["detail"] == "SLURM PENDING (Resources)"
+    assert store.list()[0]["detail"] == "SLURM PENDING (Resources)"
+    store.heartbeat(lease, "SLURM RUNNING on node n1")
+    assert store.get(job_id)["detail"] == "SLURM RUNNING on node n1"
+    store.append_log(lease, "a line\n")  # also a heartbeat, but says nothing of the executor
+    assert store.get(job_id)["detail"] == "SLURM RUNNING on node n1"
+    store.heartbeat(lease)
+    assert store.get(job_id)["detail"] is None
+    store.heartbeat(lease, "SLURM PENDING (Priority)")
+    _age_heartbeat(store, job_id, 11)
+    assert store.reap() == [job_id]  # requeued: the old detail is not shown for a queued job
+    assert store.get(job_id)["detail"] is None
+    store.claim("local")
+    assert store.get(job_id)["detail"] is None  # the new attempt starts without the old detail
+    lease2 = Lease(job_id, "local", 2)
+    store.heartbeat(lease2, "SLURM RUNNING on node n2")
+    store.finish(lease2, 0)
+    assert store.get(job_id)["detail"] is None  # a finished job shows how it ended, not the last beat

@@ -1,7 +1,9 @@
 """The SLURM bridge's reaction to SLURM misbehaving, with a scripted stand-in for SLURM's
 commands (the real cluster is in test_slurm_bridge.py): squeue failing for a while is waited out
 with the job still leased; squeue losing track of a job whose end nobody knows fails it with that
-said; the job's output file reaches the job log, UTF-8 split across reads included."""
+said; the job's output file reaches the job log, UTF-8 split across reads included; each
+heartbeat carries SLURM's current state and reason (the job's `detail`): pending, running,
+requeued."""
 
 from __future__ import annotations
 
@@ -107,3 +109,41 @@ def test_the_sbatch_options_of_a_run(tmp_path, spec_root):  # noqa: F811
     for want in ("--partition=gpu", "--account=proj", "--qos=high", "--time=04:00:00"):
         assert f"#SBATCH {want}" in lines
     assert (tmp_path / "b" / "jobs" / "1-1" / "slurm_job_id").read_text() == "77"
+
+
+def test_the_heartbeat_says_what_slurm_does_with_the_job(tmp_path, spec_root):  # noqa: F811
+    """Pending (and why), running (and where), preempted and requeued, pending again until its
+    BeginTime, running again: the job's `detail` on the server follows each round; squeue failing
+    for a round leaves it as it was."""
+    rounds = [
+        {"77": SlurmJob("77", "PENDING", "Priority")},
+        {"77": SlurmJob("77", "PENDING", "Resources")},
+        {"77": SlurmJob("77", "RUNNING", "None", nodes="node1")},
+        None,  # squeue failed: nothing known, the detail stays
+        {"77": SlurmJob("77", "PREEMPTED", "None")},
+        {"77": SlurmJob("77", "PENDING", "BeginTime")},
+        {"77": SlurmJob("77", "RUNNING", "None", nodes="node[1-2]")},
+    ]
+    slurm = ScriptedSlurm(rounds, SlurmJob("77", "COMPLETED", "None", 0, 0))
+    seen, active = [], slurm.active
+
+    def active_and_detail(job_ids):  # what the server holds after the bridge's previous round
+        seen.append(httpx.get(f"{url}/api/jobs/1").json()["detail"])
+        return active(job_ids)
+
+    slurm.active = active_and_detail
+    with live_server(settings_for(tmp_path)) as url:
+        httpx.post(f"{url}/api/jobs", json={"path": "tiny.yaml", "overrides": CPU})
+        _serve(url, tmp_path, slurm)
+        done = httpx.get(f"{url}/api/jobs/1").json()
+    assert seen == [
+        None,  # submitted; no heartbeat yet
+        "SLURM PENDING (Priority)",
+        "SLURM PENDING (Resources)",
+        "SLURM RUNNING on node node1",
+        "SLURM RUNNING on node node1",
+        "SLURM requeued (PREEMPTED)",
+        "SLURM requeued (PREEMPTED), pending (BeginTime)",
+        "SLURM RUNNING on nodes node[1-2]",  # the round that finds it gone
+    ]
+    assert done["state"] == "succeeded" and done["detail"] is None

@@ -69,10 +69,10 @@ def test_parse_sbatch():
 
 
 def test_parse_squeue():
-    text = "12|PENDING|Priority\n13|RUNNING|None\n14|PENDING|PartitionTimeLimit\n\n"
+    text = "12|PENDING|Priority|\n13|RUNNING|None|node1\n14|PENDING|PartitionTimeLimit\n\n"
     jobs = parse_squeue(text)
     assert jobs["12"] == SlurmJob("12", "PENDING", "Priority")
-    assert jobs["13"].moeplat_state == "running"
+    assert jobs["13"].moeplat_state == "running" and jobs["13"].nodes == "node1"
     assert jobs["14"].reason == "PartitionTimeLimit"
 
 

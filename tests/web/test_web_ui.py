@@ -362,8 +362,44 @@ def test_a_sweep_spread_over_workers_shows_as_one_with_its_progress(stack, brows
     page.close()
 
 
+def _a_slurm_jobs_detail(page, url: str, token: str) -> None:
+    def call(path: str, body: dict) -> dict:
+        req = urllib.request.Request(
+            f"{url}{path}",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    job = call("/api/jobs", {"path": "quickstart.yaml", "overrides": ["parallel.accelerator=cpu"]})
+    assert call("/api/worker/claim", {"worker": "slurm-bridge"})["job"]["id"] == job["id"]
+    lease = {"worker": "slurm-bridge", "attempt": 1}
+    call(f"/api/worker/jobs/{job['id']}/heartbeat", {**lease, "detail": "SLURM PENDING (Resources)"})
+    page.goto(f"{url}/#/jobs")
+    cell = f"#jobs tr[data-job='{job['id']}'] td[data-detail]"
+    page.wait_for_selector(cell, timeout=15_000)
+    assert page.get_attribute(cell, "data-detail") == "SLURM PENDING (Resources)"
+    assert page.inner_text(cell) == "slurm-bridge (SLURM PENDING (Resources))"
+    assert page.get_attribute(f"#jobs tr[data-job='{job['id']}'] .badge", "data-state") == "running"
+    call(f"/api/worker/jobs/{job['id']}/heartbeat", {**lease, "detail": "SLURM RUNNING on node node1"})
+    page.wait_for_function(  # the list polls: the new detail replaces the old
+        "(sel) => document.querySelector(sel)?.dataset.detail === 'SLURM RUNNING on node node1'",
+        arg=cell,
+        timeout=15_000,
+        polling=500,
+    )
+    page.goto(f"{url}/#/jobs/{job['id']}")
+    page.wait_for_selector("#job-detail", timeout=15_000)
+    assert page.inner_text("#job-detail") == "SLURM RUNNING on node node1"
+
+
 def test_token_field_when_the_server_needs_one(browser, tmp_path):
-    """With a token configured the UI asks for it, keeps it in localStorage and sends it."""
+    """With a token configured the UI asks for it, keeps it in localStorage and sends it. Then, on
+    this server without workers, a job held by a stand-in SLURM bridge (claimed and heartbeated
+    through the worker API) shows what SLURM does with it, as the heartbeat says: in the job list
+    (updated live) and on the job's page."""
     if not (DIST / "index.html").is_file():
         pytest.skip("web/dist is not built: run `make web` (needs npm)")
     root = tmp_path / "specs"
@@ -403,6 +439,7 @@ def test_token_field_when_the_server_needs_one(browser, tmp_path):
         page.wait_for_selector("#problems .problem.ok", timeout=15_000)
         assert page.evaluate("localStorage.getItem('moeplat.token')") == "s3cret-token"
         assert page.locator("#auth").is_hidden()
+        _a_slurm_jobs_detail(page, url, "s3cret-token")
         context.close()
     finally:
         _stop(server)

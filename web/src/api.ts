@@ -28,6 +28,8 @@ export interface Job {
   storage: string | null;
   devices: number;
   reason: string | null;
+  /** what the executor says of a running job (the SLURM bridge: "SLURM PENDING (Resources)") */
+  detail: string | null;
   group: number | null;
   group_index: number | null;
 }

@@ -31,7 +31,12 @@ function jobRow(job: Job): HTMLElement {
     h("td", {}, stateBadge(job)),
     h("td", {}, time(job.created_at)),
     h("td", {}, duration(job.started_at, job.finished_at)),
-    h("td", { class: "muted", "data-reason": job.reason ?? null }, job.worker ?? (job.reason ? `(${job.reason})` : "")),
+    h(
+      "td",
+      { class: "muted", "data-reason": job.reason ?? null, "data-detail": job.detail ?? null },
+      job.worker ?? (job.reason ? `(${job.reason})` : ""),
+      job.detail ? ` (${job.detail})` : "",
+    ),
     h("td", {}, job.state === "succeeded" ? h("a", { href: `#/compare?job=${job.id}` }, "compare") : ""),
   );
 }
@@ -55,7 +60,11 @@ function groupRow(g: Group): HTMLElement {
       { class: "muted" },
       progressText(g),
       " · ",
-      ...g.jobs.flatMap((j, i) => [i ? " " : "", h("a", { href: `#/jobs/${j.id}` }, `#${j.id}`)]),
+      ...g.jobs.flatMap((j, i) => [
+        i ? " " : "",
+        h("a", { href: `#/jobs/${j.id}` }, `#${j.id}`),
+        j.detail ? h("span", { "data-detail": j.detail }, ` (${j.detail})`) : "",
+      ]),
     ),
     h("td", {}, g.state === "succeeded" ? h("a", { href: `#/compare?study=${encodeURIComponent(g.study ?? "")}` }, "compare") : ""),
   );
@@ -224,6 +233,7 @@ export function jobPage(root: HTMLElement, id: number): () => void {
         job.error ? h("tr", {}, h("th", {}, "error"), h("td", { class: "error" }, job.error)) : null,
         job.study ? h("tr", {}, h("th", {}, "study"), h("td", {}, job.study)) : null,
         job.reason ? h("tr", {}, h("th", {}, "waiting"), h("td", { id: "job-reason" }, job.reason)) : null,
+        job.detail ? h("tr", {}, h("th", {}, "executor"), h("td", { id: "job-detail" }, job.detail)) : null,
       ),
     );
   }
