@@ -7,6 +7,11 @@ index I, SLURM names it `JOBID_I`, its output goes to `slurm-%A_%a.log`, and it 
 worker index (its group index, moved on by the group's size per retry). The script maps the task
 id to both with a `case`, so one script serves every task and a task id that is no job of the
 group stops with an error instead of running a stray worker.
+
+A sweep's jobs (one task each, or the tasks of its array) ask SLURM for what its trials need, read
+from the sweep's base spec (`sweep_sbatch`): the GPUs of parallel.devices as `moeplat slurm` asks
+for a run's (`--gpus-per-node=N`; none for parallel.accelerator: cpu) and its parallel.slurm
+(partition, account, QOS, time; else the bridge's), as a run job of the same spec gets them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+from moeplat.server.slurm import SubmitError
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,26 @@ def log_path(directory: Path, array_id: str, index: int) -> Path:
 
 
 OUTPUT = "slurm-%A_%a.log"
+
+
+def sweep_sbatch(
+    spec_file: Path, as_path: Path, cpus_per_task: int, defaults: dict[str, str | None]
+) -> list[str]:
+    """#SBATCH options of one sweep worker (a task runs one trial at a time): the base spec's
+    devices on one node -- a trial on N GPUs is N processes the worker starts on its own machine
+    (moeplat.sweep.trial_process) -- `--cpus-per-task`, and the base spec's parallel.slurm, else
+    `defaults` (the bridge's --partition/--account/--qos/--time). SubmitError when the sweep does
+    not load (the job fails with its problems, as a run's `moeplat slurm` failing does)."""
+    from moeplat.errors import SpecError
+    from moeplat.spec.sweep import load_sweep
+
+    try:
+        parallel = load_sweep(spec_file, as_path=as_path).base.spec.parallel
+    except (SpecError, OSError) as e:
+        raise SubmitError(f"the sweep's batch script cannot be rendered: {e}") from None
+    # as `moeplat slurm` asks for a run's GPUs (moeplat.parallel.launch.sbatch_script)
+    gpus = [f"--gpus-per-node={parallel.devices}"] if parallel.accelerator != "cpu" else []
+    return [*gpus, f"--cpus-per-task={cpus_per_task}", *parallel.slurm.sbatch(defaults)]
 
 
 def array_script(

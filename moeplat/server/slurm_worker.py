@@ -20,7 +20,8 @@ after a bridge died -- resumes it from its last checkpoint into the same MLflow 
 
 A sweep group (`--parallel N`) is one job array: the bridge claims with `array_executor: slurm`,
 gets the group's queued jobs together (moeplat.server.groups.claim_rest) and submits them with one
-`sbatch --array` (moeplat.server.slurm_array). Each job is then a flight of its own on task
+`sbatch --array` (moeplat.server.slurm_array; a sweep's script, one task or an array, asks for the
+GPUs and parallel.slurm of its base spec). Each job is then a flight of its own on task
 `JOBID_I` (I: its group index): own log file (`slurm-%A_%a.log`), state, heartbeat and end, and a
 cancel of one job scancels its task. A cancel of the whole group (the heartbeat's `group_cancel`)
 is one `scancel JOBID` for the array. The array counts once against `max_jobs`.
@@ -67,7 +68,15 @@ from moeplat.server.slurm import (
     detail,
     job_state,
 )
-from moeplat.server.slurm_array import OUTPUT, Task, array_script, array_spec, log_path, task_id
+from moeplat.server.slurm_array import (
+    OUTPUT,
+    Task,
+    array_script,
+    array_spec,
+    log_path,
+    sweep_sbatch,
+    task_id,
+)
 from moeplat.server.worker import LOG_CHUNK_CHARS, Lost, Worker, WorkerError, sweep_worker_index
 
 log = logging.getLogger("moeplat.worker")
@@ -89,11 +98,14 @@ class SlurmOptions:
         """Options for sbatch's command line (they win over the script's #SBATCH lines)."""
         return list(self.extra)
 
+    def named(self) -> dict[str, str | None]:
+        """The bridge's partition/account/qos/time (None: not given)."""
+        return {"partition": self.partition, "account": self.account, "qos": self.qos, "time": self.time}
+
     def defaults(self) -> list[str]:
         """`moeplat slurm` flags: the bridge's partition/account/qos/time where the spec's
         parallel.slurm does not set them."""
-        named = {"partition": self.partition, "account": self.account, "qos": self.qos, "time": self.time}
-        return [f"--{k}={v}" for k, v in named.items() if v]
+        return [f"--{k}={v}" for k, v in self.named().items() if v]
 
 
 @dataclass
@@ -255,8 +267,9 @@ class SlurmBridge(Worker):
         spec = array_spec([t.index for t in tasks])
         log.info("sweep group %d: jobs %s -> sbatch --array=%s", group, [t.job_id for t in tasks], spec)
         try:
-            base = self.sweep_worker_base(c, spec_file, Path(self.spec_root or c["spec_root"]))
-            sbatch_lines = [f"--cpus-per-task={self.options.cpus_per_task}", *self.options.defaults()]
+            root = Path(self.spec_root or c["spec_root"])
+            base = self.sweep_worker_base(c, spec_file, root)
+            sbatch_lines = self._sweep_sbatch(c, spec_file, root)
             script = array_script(f"moeplat-g{group}", base, tasks, sbatch_lines, self.work_dir)
             (array_dir / "array.sbatch").write_text(script)
             earlier = [
@@ -317,13 +330,16 @@ class SlurmBridge(Worker):
 
     def _script(self, c: dict, spec_file: Path, job_dir: Path) -> str:
         """The batch script: `moeplat slurm`'s for a run, one task running the job's command for a
-        sweep or a routing report. SubmitError with the spec's problems when it cannot render."""
+        sweep (with its base spec's devices and parallel.slurm) or a routing report. SubmitError
+        with the spec's problems when it cannot render."""
         job = c["job"]
-        if job["kind"] != "run":
-            return _one_task_script(
-                f"moeplat-{job['id']}", self.command(c, spec_file), self.options, self.work_dir
-            )
         root = Path(self.spec_root or c["spec_root"])
+        if job["kind"] != "run":
+            if job["kind"] in ("sweep", "sweep-worker"):  # the devices and parallel.slurm its trials need
+                lines = self._sweep_sbatch(c, spec_file, root)
+            else:  # a routing report reads a finished run
+                lines = [f"--cpus-per-task={self.options.cpus_per_task}", *self.options.defaults()]
+            return _one_task_script(f"moeplat-{job['id']}", self.command(c, spec_file), lines, self.work_dir)
         runs = self.work_dir / "runs" / f"job-{job['id']}"
         out = job_dir / "job.sbatch"
         cmd = [self.python, "-m", "moeplat.cli.main", "slurm", str(spec_file)]
@@ -338,6 +354,10 @@ class SlurmBridge(Worker):
             text = (done.stderr or done.stdout).strip()
             raise SubmitError(f"`moeplat slurm` could not render the job's batch script: {text[-3000:]}")
         return out.read_text()
+
+    def _sweep_sbatch(self, c: dict, spec_file: Path, root: Path) -> list[str]:
+        """A sweep worker's #SBATCH options, from its base spec (moeplat.server.slurm_array)."""
+        return sweep_sbatch(spec_file, root / c["filename"], self.options.cpus_per_task, self.options.named())
 
     def _env(self, job_id: int | None) -> dict[str, str]:
         """The job's environment (sbatch exports it): the bridge's, without the SLURM variables of
@@ -521,7 +541,7 @@ class SlurmBridge(Worker):
         self._finish(f.job_id, {**f.lease, "exit_code": code, "error": error[:5000] if error else None})
 
 
-def _one_task_script(name: str, command: list[str], options: SlurmOptions, workdir: Path) -> str:
+def _one_task_script(name: str, command: list[str], sbatch_lines: list[str], workdir: Path) -> str:
     import shlex
 
     return "\n".join(
@@ -530,8 +550,7 @@ def _one_task_script(name: str, command: list[str], options: SlurmOptions, workd
             "# Written by the moeplat SLURM bridge: one task running the job's command",
             f"#SBATCH --job-name={name}",
             "#SBATCH --ntasks=1",
-            f"#SBATCH --cpus-per-task={options.cpus_per_task}",
-            *(f"#SBATCH {o}" for o in options.defaults()),
+            *(f"#SBATCH {o}" for o in sbatch_lines),
             "set -euo pipefail",
             f"cd {shlex.quote(str(workdir))}",
             "exec " + " ".join(shlex.quote(c) for c in command),

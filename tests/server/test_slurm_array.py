@@ -1,7 +1,8 @@
 """A sweep group as one SLURM job array, without SLURM: the --array value, task ids, the array's
 batch script (run by bash for a task id, as SLURM would), and the server's side: a claim with
 `array_executor` takes the group's queued jobs together, a local worker's claim still takes one,
-and a group's cancel is told apart from one job's."""
+and a group's cancel is told apart from one job's; a sweep's batch script (one task, or an array)
+asks for the devices and the parallel.slurm of its base spec."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from server_helpers import live_server, settings_for, spec_root  # noqa: F401
 
 from moeplat.server.slurm import Slurm, SlurmJob
 from moeplat.server.slurm_array import Task, array_script, array_spec, log_path, split_task_id, task_id
-from moeplat.server.slurm_worker import SlurmBridge
+from moeplat.server.slurm_worker import SlurmBridge, SlurmOptions
 
 
 @pytest.mark.parametrize(
@@ -72,10 +73,11 @@ def test_the_array_script_runs_each_tasks_job_with_its_worker_index(tmp_path):
         assert out.returncode == 2 and "is no job of this sweep group" in out.stderr and not out.stdout
 
 
-def _sweep(root: Path, name: str) -> str:
+def _sweep(root: Path, name: str, overrides: dict | None = None) -> str:
     body = {
         "name": name,
         "extends": "tiny.yaml",
+        **({"overrides": overrides} if overrides else {}),
         "search": {"model.moe.top_k": {"kind": "int", "low": 1, "high": 2}},
         "trials": {"n_trials": 4},
     }
@@ -175,3 +177,95 @@ def test_the_bridge_runs_the_rest_of_a_group_as_one_array_and_each_job_ends_with
     assert "SLURM job 77_2 PENDING (reason: Resources)" in logs[2] and "SLURM job 77_2 FAILED" in logs[2]
     assert g["jobs"][2]["error"].startswith("SLURM FAILED"), g["jobs"][2]
     assert (tmp_path / "b" / "jobs" / f"{ids[2]}-1" / "slurm_job_id").read_text() == "77_2"
+
+
+GPUS = {
+    "parallel.devices": 2,
+    "parallel.strategy.kind": "ddp",
+    "parallel.slurm.partition": "gpu",
+    "parallel.slurm.time": "02:00:00",
+}
+
+
+def _sbatch_lines(script: str) -> list[str]:
+    return [ln.removeprefix("#SBATCH ") for ln in script.splitlines() if ln.startswith("#SBATCH ")]
+
+
+@pytest.mark.parametrize("parallel", [None, 2])  # one `moeplat sweep` job; a group as one array
+@pytest.mark.parametrize(
+    ("overrides", "want"),
+    [
+        # the base spec's GPUs as `moeplat slurm` asks for a run's, its parallel.slurm over the
+        # bridge's --partition/--time, the bridge's --account where the spec names none
+        (
+            GPUS,
+            [
+                "--gpus-per-node=2",
+                "--cpus-per-task=3",
+                "--partition=gpu",
+                "--account=proj",
+                "--time=02:00:00",
+            ],
+        ),
+        # parallel.accelerator auto (the default) on one device: one GPU
+        (
+            None,
+            [
+                "--gpus-per-node=1",
+                "--cpus-per-task=3",
+                "--partition=debug",
+                "--account=proj",
+                "--time=01:00:00",
+            ],
+        ),
+        # a CPU sweep asks for no GPUs, only its CPUs
+        (
+            {"parallel.accelerator": "cpu"},
+            ["--cpus-per-task=3", "--partition=debug", "--account=proj", "--time=01:00:00"],
+        ),
+    ],
+)
+def test_a_sweeps_batch_script_asks_for_its_base_specs_devices_and_slurm_section(
+    tmp_path,
+    spec_root,  # noqa: F811
+    parallel,
+    overrides,
+    want,
+):
+    slurm = ArraySlurm({f"77_{i}": SlurmJob(f"77_{i}", "COMPLETED", exit_code=0) for i in range(2)})
+    slurm.rounds = 0  # nothing runs: the scripts are what is checked
+    slurm.ended = lambda job_id: SlurmJob(job_id, "COMPLETED", exit_code=0)
+    options = SlurmOptions(partition="debug", account="proj", time="01:00:00", cpus_per_task=3)
+    with live_server(settings_for(tmp_path)) as url:
+        body = {"kind": "sweep", "path": _sweep(spec_root, "dev", overrides), "parallel": parallel}
+        r = httpx.post(f"{url}/api/jobs", json=body)
+        assert r.status_code == 201, r.text
+        bridge = SlurmBridge(
+            url, name="b", work_dir=tmp_path / "b", poll_s=0.05, options=options, slurm=slurm
+        )
+        assert bridge.serve(once=True) == (parallel or 1)
+        jobs = httpx.get(f"{url}/api/jobs").json()["jobs"]
+    ((script, sbatch_options, _),) = slurm.submits
+    lines = _sbatch_lines(script)
+    assert ("--array=0-1" in lines) == (parallel is not None)
+    assert [ln for ln in lines if not ln.startswith(("--job-name=", "--array=", "--ntasks="))] == want
+    assert "--ntasks=1" in lines
+    assert not any(o.startswith("--gpus") for o in sbatch_options)  # the script's lines, not sbatch's
+    assert all(j["state"] == "succeeded" for j in jobs), jobs
+
+
+def test_a_sweep_whose_base_spec_does_not_load_fails_saying_why(tmp_path, spec_root):  # noqa: F811
+    """The base spec changed on the bridge's disk after the submit (the bridge reads it as the
+    server did, at the spec root): the job fails with the spec's problem, sbatch is not called."""
+    slurm = ArraySlurm({})
+    with live_server(settings_for(tmp_path)) as url:
+        body = {"kind": "sweep", "path": _sweep(spec_root, "gone"), "parallel": 2}
+        group = httpx.post(f"{url}/api/jobs", json=body).json()["group"]
+        (spec_root / "tiny.yaml").write_text("name: tiny\nmodel: {d_modell: 3}\n")
+        bridge = SlurmBridge(url, name="b", work_dir=tmp_path / "b", poll_s=0.05, slurm=slurm)
+        bridge.serve(once=True)
+        g = httpx.get(f"{url}/api/groups/{group}").json()
+    assert slurm.submits == []
+    for j in g["jobs"]:
+        assert j["state"] == "failed" and "the sweep's batch script cannot be rendered" in j["error"], j
+        assert "Traceback" not in j["error"]

@@ -61,7 +61,8 @@ def _sweep(
     body = {
         "name": name,
         "extends": "tiny.yaml",
-        "overrides": overrides or QUICK,
+        # the test cluster has no GPUs: a sweep of an `auto` spec would ask SLURM for one
+        "overrides": {"parallel.accelerator": "cpu", **(overrides or QUICK)},
         "search": {"model.moe.top_k": {"kind": "int", "low": 1, "high": 3}},
         "sampler": {"kind": "random"},
         "pruner": {"kind": "median", "n_startup_trials": 1000},
