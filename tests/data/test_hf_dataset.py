@@ -220,6 +220,7 @@ def test_the_example_spec_trains_on_jsonl_made_as_the_docs_say(tmp_path):
         "model.n_heads=2",
         "model.n_kv_heads=1",
         "model.moe.num_experts=2",
+        "model.moe.top_k=1",
         "model.moe.experts.d_ff=32",
         "model.max_seq_len=32",
         "train.batch_size=4",
