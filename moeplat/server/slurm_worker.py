@@ -214,12 +214,7 @@ class SlurmBridge(Worker):
         if c.get("group_claimed"):
             self._submit_array(c)
             return
-        job_id, attempt = c["job"]["id"], c["attempt"]
-        lease = {"worker": self.name, "attempt": attempt}
-        job_dir = self.work_dir / "jobs" / f"{job_id}-{attempt}"
-        job_dir.mkdir(parents=True, exist_ok=True)
-        spec_file = job_dir / Path(c["filename"]).name
-        spec_file.write_text(c["text"], encoding="utf-8")
+        job_id, attempt, lease, job_dir, spec_file = self.job_files(c)
         log_path = job_dir / "slurm.log"
         log.info("job %d (attempt %d): %s -> sbatch", job_id, attempt, c["job"]["name"])
         try:

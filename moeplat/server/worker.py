@@ -237,15 +237,19 @@ class Worker:
         cmd += ["--as-path", str(root / c["filename"]), "--tracking-uri", c["tracking_uri"]]
         return [*cmd, "--storage", job["storage"] or c["sweep_storage"], "--runs-dir", str(runs)]
 
-    def run(self, c: dict, devices: list[str] | None = None) -> int | None:
-        """Run one claimed job to its end (on `devices`: its CUDA_VISIBLE_DEVICES); its exit
-        code, or None when the job was lost."""
+    def job_files(self, c: dict) -> tuple[int, int, dict, Path, Path]:
+        """A claimed job's id, attempt, lease, its directory here and its spec written into it."""
         job_id, attempt = c["job"]["id"], c["attempt"]
-        lease = {"worker": self.name, "attempt": attempt}
         job_dir = self.work_dir / "jobs" / f"{job_id}-{attempt}"
         job_dir.mkdir(parents=True, exist_ok=True)
         spec_file = job_dir / Path(c["filename"]).name
         spec_file.write_text(c["text"], encoding="utf-8")
+        return job_id, attempt, {"worker": self.name, "attempt": attempt}, job_dir, spec_file
+
+    def run(self, c: dict, devices: list[str] | None = None) -> int | None:
+        """Run one claimed job to its end (on `devices`: its CUDA_VISIBLE_DEVICES); its exit
+        code, or None when the job was lost."""
+        job_id, attempt, lease, _, spec_file = self.job_files(c)
         env = {**os.environ, "MOEPLAT_JOB_ID": str(job_id), "PYTHONUNBUFFERED": "1"}
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
