@@ -79,6 +79,17 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def worker_kwargs(args) -> dict:
+    """The `moeplat worker` flags a local worker and a SLURM bridge share."""
+    return {
+        "work_dir": Path(args.work_dir),
+        "spec_root": Path(args.spec_root) if args.spec_root else None,
+        "poll_s": args.poll,
+        "grace_s": args.grace,
+        **({"name": args.name} if args.name else {}),
+    }
+
+
 def cmd_worker(args) -> int:
     import logging
 
@@ -89,22 +100,12 @@ def cmd_worker(args) -> int:
     from moeplat.server.worker import Worker, WorkerError, parse_devices
 
     logging.getLogger("moeplat.worker").setLevel(logging.INFO)
-    kw = {"name": args.name} if args.name else {}
     try:
         devices = parse_devices(args.devices, _gpu_count)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    worker = Worker(
-        args.server,
-        args.token,
-        work_dir=Path(args.work_dir),
-        spec_root=Path(args.spec_root) if args.spec_root else None,
-        poll_s=args.poll,
-        grace_s=args.grace,
-        devices=devices,
-        **kw,
-    )
+    worker = Worker(args.server, args.token, devices=devices, **worker_kwargs(args))
     owns = f"devices {','.join(devices)}" if devices is not None else "CPU, one job at a time"
     print(f"moeplat worker {worker.name} on {args.server} ({owns})", flush=True)
     try:

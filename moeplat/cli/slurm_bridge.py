@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 SLURM_FLAGS = ("partition", "account", "qos", "time")
 
@@ -70,16 +69,10 @@ def cmd_bridge(args) -> int:
         signal_s=args.signal_seconds,
         extra=tuple(args.sbatch),
     )
+    from moeplat.cli.server import worker_kwargs
+
     bridge = SlurmBridge(
-        args.server,
-        args.token,
-        work_dir=Path(args.work_dir),
-        spec_root=Path(args.spec_root) if args.spec_root else None,
-        poll_s=args.poll,
-        grace_s=args.grace,
-        options=options,
-        max_jobs=args.max_jobs,
-        **({"name": args.name} if args.name else {}),
+        args.server, args.token, options=options, max_jobs=args.max_jobs, **worker_kwargs(args)
     )
     try:
         partitions = bridge.check()
