@@ -5,7 +5,11 @@ Candidates, all float32 on the CPU (or the current device), one batch of random 
 spec's train.batch_size x data.seq_len, each step = forward, (loss + aux loss).backward(), AdamW
 step and zero_grad (no gradient clipping, no schedule, no data loading):
 
-- `moeplat:moe`: the spec's model (moeplat.compile.build_model), AdamW of moeplat.compile.optim;
+- `moeplat:moe`: the spec's model (moeplat.compile.build_model), AdamW of moeplat.compile.optim,
+  without routing statistics, as most training steps run (LMSystem computes them only on the steps
+  that log them: 1 in train.moe_log_every, default log_every);
+- `moeplat:moe, logging step`: the same step with the routing statistics (RoutingStats of every
+  MoE layer); its excess over moeplat:moe divided by moe_log_every is what telemetry costs a run;
 - `moeplat:moe, no ranges`: the same model and optimizer with moeplat.nn.profiling's ranges off,
   which prices the profiler ranges the phase breakdown reads;
 - `moeplat:dense`: the dense counterpart: for the quick-start specs/quickstart-dense.yaml; for
@@ -22,7 +26,8 @@ step and zero_grad (no gradient clipping, no schedule, no data loading):
 
 Rounds are interleaved (each round runs every candidate for `steps` steps, so a noisy neighbour
 slows them alike); after `warmup` steps each, a candidate's figure is the median over rounds of
-its ms per step. The phase breakdown (moeplat.bench.e2e_phases) profiles the moeplat:moe step.
+its ms per step. The phase breakdown (moeplat.bench.e2e_phases) profiles the logging step, so that
+the statistics show as a phase.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from moeplat.spec import load_spec
 REFERENCE_SPEC = "specs/quickstart.yaml"
 REFERENCE_DENSE = "specs/quickstart-dense.yaml"
 BASELINE = "moeplat:moe"
+LOGGING = f"{BASELINE}, logging step"  # with the routing statistics
 BATCHED_MM_MAX_BYTES = 2**30  # transformers' batched_mm above this is skipped (see _batched_mm_bytes)
 
 
@@ -74,9 +80,14 @@ def _optimizer_step(opt: torch.optim.Optimizer) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def moeplat_step(model: nn.Module, opt, x_BS: torch.Tensor, y_BS: torch.Tensor) -> Callable[[], None]:
+def moeplat_step(
+    model: nn.Module, opt, x_BS: torch.Tensor, y_BS: torch.Tensor, stats: bool = False
+) -> Callable[[], None]:
+    """One training step; `stats`: with the routing statistics, which training computes only on
+    the steps that log them (LMSystem: 1 step in train.moe_log_every, default log_every)."""
+
     def step() -> None:
-        out = model(x_BS, y_BS)
+        out = model(x_BS, y_BS, stats=stats)
         (out.loss + out.aux_loss).backward()
         _optimizer_step(opt)
 
@@ -190,18 +201,23 @@ def build_candidates(
     x_BS, y_BS = _batch(spec, device)
     torch.manual_seed(spec.train.seed)
     model = build_model(spec).to(device).train()
-    step = moeplat_step(model, build_optimizer(spec.train, model), x_BS, y_BS)
+    opt = build_optimizer(spec.train, model)
+    step = moeplat_step(model, opt, x_BS, y_BS)
 
     def no_ranges() -> None:
         with ranges_off():
             step()
 
-    n_moe = model.num_params()
-    cands = [Candidate(BASELINE, step, "", n_moe), Candidate(f"{BASELINE}, no ranges", no_ranges, "", n_moe)]
+    n_moe, every = model.num_params(), spec.train.moe_log_every or spec.train.log_every
+    cands = [
+        Candidate(BASELINE, step, "", n_moe),
+        Candidate(LOGGING, moeplat_step(model, opt, x_BS, y_BS, stats=True), f"1 step in {every}", n_moe),
+        Candidate(f"{BASELINE}, no ranges", no_ranges, "", n_moe),
+    ]
     dense, dspec, how = _dense_model(spec_file, dense_spec, model, device)
     dense_step = moeplat_step(dense, build_optimizer(dspec.train, dense), x_BS, y_BS)
     cands.append(Candidate("moeplat:dense", dense_step, how, dense.num_params()))
-    info = {"batch": list(x_BS.shape), "logits_max_abs_diff": {}}
+    info = {"batch": list(x_BS.shape), "logits_max_abs_diff": {}, "stats_every": every}
     if hf:
         hf_cands, info["logits_max_abs_diff"] = hf_candidates(model, spec, x_BS, y_BS, device)
         cands += hf_cands
@@ -282,7 +298,10 @@ def e2e_bench(
                 "note": c.note,
             }
         )
-    phases = profile_phases(cands[0].step, profile_steps)
+    phases = profile_phases(cands[1].step, profile_steps)  # the logging step: statistics included
+    logging = next(r["vs_moe"] for r in rows if r["candidate"] == LOGGING)
+    # what the statistics add to a run's mean step: the logging step's excess, 1 step in stats_every
+    info["telemetry_share"] = (logging - 1) / info["stats_every"]
     return {
         "spec": spec_file,
         "dense_spec": dense_spec,
@@ -316,8 +335,10 @@ def format_e2e(r: dict) -> str:
         )
     p = r["profile"]
     lines += [
+        f"routing statistics: the logging step {r['telemetry_share'] * r['stats_every']:+.1%} over "
+        f"{BASELINE}; computed on 1 step in {r['stats_every']}, {r['telemetry_share']:+.2%} of a run's step time",
         "",
-        f"== where the {BASELINE} step goes: torch.profiler (CPU), {p['profiled_steps']} steps, "
+        f"== where the {LOGGING} goes: torch.profiler (CPU), {p['profiled_steps']} steps, "
         f"{p['step_ms']:.1f} ms/step profiled",
         f"{'phase':<42} {'ms/step':>8} {'share':>7}",
     ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeplat.bench.e2e import BASELINE, build_candidates, dense_counterpart, e2e_bench, format_e2e
+from moeplat.bench.e2e import BASELINE, LOGGING, build_candidates, dense_counterpart, e2e_bench, format_e2e
 from moeplat.bench.e2e_phases import OTHER, PHASES, attribute
 from moeplat.cli.main import main
 from moeplat.compile.model import build_model
@@ -31,7 +31,12 @@ def test_every_row_has_a_time_and_its_ratio(tiny_result):
     rows = {r["candidate"]: r for r in tiny_result["rows"]}
     timed = {name for name, r in rows.items() if r["median_ms"] is not None}
     hf_timed = {name.split(":")[2] for name in timed if name.startswith("hf:mixtral:")}
-    assert {BASELINE, f"{BASELINE}, no ranges", "moeplat:dense"} <= timed and hf_timed >= HF_RUNS_ON_CPU
+    assert {
+        BASELINE,
+        LOGGING,
+        f"{BASELINE}, no ranges",
+        "moeplat:dense",
+    } <= timed and hf_timed >= HF_RUNS_ON_CPU
     base = rows[BASELINE]["median_ms"]
     for name in timed:
         r = rows[name]
@@ -119,3 +124,24 @@ def test_bench_e2e_rounds_and_steps_must_be_positive(capsys):
     assert "--e2e-rounds must be >= 1, got 0" in capsys.readouterr().err
     assert main(["bench", "--no-layers", "--e2e-steps", "-1"]) == 2
     assert "--e2e-steps must be >= 1, got -1" in capsys.readouterr().err
+
+
+def test_routing_statistics_only_in_the_logging_step(tiny_result, monkeypatch):
+    """moeplat:moe is the step training runs 9 times in 10 (no statistics); the logging step
+    computes them in every MoE layer, and the telemetry share is its excess over stats_every."""
+    import moeplat.nn.moe as moe_module
+
+    calls = []
+    real = moe_module.routing_stats
+    monkeypatch.setattr(moe_module, "routing_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cands, info = build_candidates(str(TINY), None, "cpu", hf=False)
+    steps = {c.name: c.step for c in cands}
+    steps[BASELINE]()
+    assert calls == []
+    steps[LOGGING]()
+    assert len(calls) == 2  # tiny: 2 MoE layers
+    assert info["stats_every"] == load_spec(TINY).spec.train.log_every
+    rows = {r["candidate"]: r for r in tiny_result["rows"]}
+    share = (rows[LOGGING]["vs_moe"] - 1) / tiny_result["stats_every"]
+    assert tiny_result["telemetry_share"] == pytest.approx(share)
+    assert "routing statistics: the logging step" in format_e2e(tiny_result)
