@@ -47,8 +47,8 @@ class Finding:
     variants: tuple[str, ...]  # the first is the baseline the others are compared with
     figure: str  # "val/loss" or a telemetry key the claim is about
     lower_is_better: bool = True  # the direction the claim predicts for the second variant
-    # the claim's condition on val loss too: "equal or better" (not worse than the seeds' spread)
-    # or "comparable" (within the spread either way); None when the figure is val/loss itself
+    # the claim's condition on val loss too: "equal or better" (not worse than the baseline's seed
+    # spread) or "comparable" (within it either way); None when the figure is val/loss itself
     guard: str | None = None
     # variants whose learning rate was chosen by one sweep over LR_GRID on the first seed; the
     # page shows each sweep, so a reader can check that every side had the same tuning effort

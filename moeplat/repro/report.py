@@ -43,13 +43,20 @@ def _guard(f: Finding, records: dict, seeds: list[int]) -> tuple[bool, str]:
     if f.guard is None:
         return True, ""
     base, other = f.variants
-    (ma, sa), (mb, sb) = (mean_std(_values(records, v, seeds, "val/loss")) for v in (base, other))
-    spread = max(sa, sb, 1e-4)
+    (ma, sa), (mb, _) = (mean_std(_values(records, v, seeds, "val/loss")) for v in (base, other))
+    # the tolerance is the baseline's seed spread: a variant whose own seeds scatter (one diverging)
+    # must not widen what counts as comparable to it
+    spread = max(sa, 1e-4)
     ok = mb <= ma + spread if f.guard == "equal or better" else abs(mb - ma) <= spread
     return ok, (
-        f"; val/loss {mb:.4f} vs {ma:.4f} ({f.guard} required, within the spread {spread:.4f}: "
-        f"{'yes' if ok else 'no'})"
+        f"; val/loss {mb:.4f} vs {ma:.4f} ({f.guard} required, within {base}'s seed spread "
+        f"{spread:.4f}: {'yes' if ok else 'no'})"
     )
+
+
+def _val_loss(record: Record) -> str:
+    value = record.figures.get("val/loss")
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def finding_section(f: Finding, records: dict, seeds: list[int]) -> str:
@@ -60,7 +67,7 @@ def finding_section(f: Finding, records: dict, seeds: list[int]) -> str:
         "",
         f"Source: {f.source}. Verdict: **{short}**: {text}.",
         "",
-        "| variant | " + " | ".join(cols) + " | runs (seed: run id) |",
+        "| variant | " + " | ".join(cols) + " | runs (seed: val/loss, run id) |",
         "|---|" + "---|" * len(cols) + "---|",
     ]
     for v in f.variants:
@@ -68,7 +75,7 @@ def finding_section(f: Finding, records: dict, seeds: list[int]) -> str:
         for key in cols:
             vals = _values(records, v, seeds, key)
             cells.append(f"{mean_std(vals)[0]:.4f} ± {mean_std(vals)[1]:.4f}" if vals else "n/a")
-        runs = ", ".join(f"{s}: `{records[v, s].run_id}`" for s in seeds)
+        runs = ", ".join(f"{s}: {_val_loss(records[v, s])} `{records[v, s].run_id}`" for s in seeds)
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {runs} |")
     if f.lr_sweep:
         lines += ["", *lr_sweep_table(f.lr_sweep, records, seeds[0])]

@@ -54,6 +54,13 @@ def test_a_higher_figure_when_the_claim_says_higher_and_the_val_loss_guard():
     assert (
         short == "does not reproduce at this scale" and "equal or better required" in text and ": no)" in text
     )
+    # "comparable" is judged against the baseline's seed spread: a variant with one diverging seed
+    # (here a spread of 0.11) is not comparable to a baseline 0.1 better with a spread of 0.004
+    t = F["top-p"]
+    unstable = {"moe": [{"val/loss": 1.287, "moe/all/experts_per_token": 4.0}, {"val/loss": 1.282, "moe/all/experts_per_token": 4.0}],
+                "top-p": [{"val/loss": 1.32, "moe/all/experts_per_token": 3.1}, {"val/loss": 1.47, "moe/all/experts_per_token": 3.2}]}  # fmt: skip
+    short, text = verdict(t, _records(unstable), [0, 1])
+    assert short == "does not reproduce at this scale" and "within moe's seed spread 0.0035: no)" in text
     c = F["collapse"]  # MaxVio rises without balancing
     recs = _records({"moe": [{"moe/all/maxvio": 0.4}] * 2, "no-balancing": [{"moe/all/maxvio": 2.0}] * 2})
     assert verdict(c, recs, [0, 1])[0].startswith("reproduces on every seed")
@@ -78,6 +85,7 @@ def test_the_page_lists_every_run_id_and_verdict():
     assert "| granularity-finer | reproduces on every seed (2/2) |" in page
     for run_id in ("run-moe-0", "run-moe-1", "run-fine-grained-0", "run-fine-grained-1"):
         assert f"`{run_id}`" in page
+    assert "0: 1.2000 `run-fine-grained-0`, 1: 1.2200 `run-fine-grained-1`" in page  # each seed's val loss
     assert "| fine-grained | 1.2100 ± 0.0141 |" in page
 
 
