@@ -103,10 +103,14 @@ def _output(out) -> torch.Tensor:
 
 
 def _step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    # a MoE layer computes its losses, as every training step does, but not the routing
+    # statistics, which training computes only on the steps that log them (LMSystem)
+    kw = {"stats": False} if isinstance(module, MoELayer) else {}
+
     def step() -> None:
         module.zero_grad(set_to_none=True)
         xi = x.detach().requires_grad_(True)
-        _output(module(xi)).backward(grad)
+        _output(module(xi, **kw)).backward(grad)
 
     return step
 

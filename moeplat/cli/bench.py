@@ -124,6 +124,12 @@ def cmd_bench(args) -> int:
         if value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    from moeplat.train.host_memory import keep_heap_memory
+
+    heap_kept = keep_heap_memory()  # as a training process runs (moeplat.train.run)
+    if not args.json:
+        how = "kept in the heap (mallopt)" if heap_kept else "the C library's defaults"
+        print(f"host allocator: {how}, as in training; MOEPLAT_MALLOPT=0 turns it off", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     if args.no_layers:
@@ -143,6 +149,7 @@ def cmd_bench(args) -> int:
                     flush=True,
                 )
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result["heap_kept"] = heap_kept
     result["layers"] = [r.to_dict() for r in rows]
     if not args.no_e2e:
         result["e2e"] = _e2e(args, device)
