@@ -7,10 +7,11 @@ import json
 import logging
 import os
 import sys
-import warnings
 
 from moeplat.errors import SpecError
 from moeplat.track.telemetry import no_telemetry
+from moeplat.train.quiet import quiet_libraries
+from moeplat.train.quiet import quiet_lightning as quiet_lightning_logs
 
 # before any command can import mlflow, and inherited by every process a command starts
 no_telemetry()
@@ -247,39 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
 TRAINING_COMMANDS = {"sweep-worker", "bench", "eval", "repro"}
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    """Our progress bar and summary are the console output; library INFO chatter only with -v."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if verbose:
-        return
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    warnings.filterwarnings("ignore", message=r".*treespec.*")  # lightning 2.6 on torch 2.13, harmless
-    # Lightning's hint on any machine with SLURM's commands (a login node) when a run is not under
-    # srun: `moeplat slurm` and the SLURM bridge write the srun line themselves
-    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
-
-
-def _quiet_lightning() -> None:
-    """Lightning sets its loggers to INFO when imported, so this runs after the import."""
-    import lightning  # noqa: F401
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def quiet_lightning(args) -> None:
     if not args.verbose:
-        _quiet_lightning()
+        quiet_lightning_logs()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries(args.verbose)
+    quiet_libraries(args.verbose)
     if args.command in TRAINING_COMMANDS and not args.verbose:
-        _quiet_lightning()
+        quiet_lightning_logs()
     try:
         return args.fn(args)
     except SpecError as e:

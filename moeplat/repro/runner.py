@@ -95,17 +95,22 @@ def _train_parallel(
         ensure_experiment(tracking_uri, experiment)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")  # no forked torch / MLflow state in the children
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_threads, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_child, initargs=(threads,)) as pool:
         futures = {
             key: pool.submit(_train, *job, tracking_uri, runs_root, log) for key, job in missing.items()
         }
         return {key: future.result() for key, future in futures.items()}
 
 
-def _threads(n: int) -> None:
+def _child(threads: int) -> None:
+    """A spawned training process: its share of the threads, and the CLI's quiet libraries."""
     import torch
 
-    torch.set_num_threads(n)
+    from moeplat.train.quiet import quiet_libraries, quiet_lightning
+
+    torch.set_num_threads(threads)
+    quiet_libraries()
+    quiet_lightning()
 
 
 def _finished(tracking_uri: str, key: str) -> str | None:

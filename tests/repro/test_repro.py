@@ -143,6 +143,8 @@ def test_quick_repro_trains_writes_the_page_and_reuses_its_runs(tmp_path, capfd,
     variants = {v for f in FINDINGS for v in f.variants}
     sweeps = sum(len(f.lr_sweep) for f in FINDINGS)
     assert first.err.count("repro: training") == 2 * len(variants) + sweeps * (len(LR_GRID) - 1)
+    # the spawned training processes are as quiet as the CLI: no Lightning INFO, no srun hint
+    assert "GPU available" not in first.out + first.err and "srun" not in first.err
     page = (tmp_path / "results.md").read_text()
     for f in FINDINGS:
         assert f"| {f.key} |" in page and f.figure in page
