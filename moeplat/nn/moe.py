@@ -45,7 +45,8 @@ class MoEOutput:
     losses: dict[str, torch.Tensor]  # unweighted, detached: "load_balancing", "importance",
     #   "sequence_balance", "variance"; "device_balance", "communication_balance" (num_devices
     #   set); "z_loss" (routers with logits); "load" (noisy_topk in training); "reinforce"
-    #   (policy routers, once rewarded); "dynamic" (its coefficient set)
+    #   (policy routers, once rewarded); "dynamic" (its coefficient set). A forward with
+    #   stats=False holds only the switched-on ones (the others are telemetry, not computed)
     stats: RoutingStats | None  # detached routing statistics (moeplat.nn.stats); None: telemetry
     #   off, or statistics not asked for (forward's stats=False: a training step that logs none)
     policy_logprob_T: torch.Tensor | None = None  # policy routers in training: awaits the reward
@@ -280,7 +281,7 @@ class MoELayer(nn.Module):
             return MoEOutput(y_TD.reshape(x.shape), aux_loss, {}, None, route.logprob_T)
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]  # a [T, D] input is one sequence
         with phase(AUX_LOSSES):
-            aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load)
+            aux_loss, losses = self._losses(route, (x_TD.shape[0] // S, S), step_load, logged=stats)
             # every step: the bias update (load_E) and global-batch balancing read it
             routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
         with phase(STATS):
@@ -295,39 +296,54 @@ class MoELayer(nn.Module):
         )
 
     def _losses(
-        self, route: RouterOutput, batch_seq: tuple[int, int], step_load: StepLoadArg = None
+        self,
+        route: RouterOutput,
+        batch_seq: tuple[int, int],
+        step_load: StepLoadArg = None,
+        logged: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(aux loss = sum of coef * loss over the switched-on losses, unweighted detached losses)."""
+        """(aux loss = sum of coef * loss over the switched-on losses, unweighted detached losses).
+
+        `logged` False (a training step that logs no statistics): only the switched-on losses,
+        which the aux loss needs, are computed and returned; the others are telemetry only."""
         E, (B, S) = self.num_experts, batch_seq
         idx_TK, valid_TK = route.topk_idx_TK, route.valid_TK
-        sequence_balance = sequence_balance_loss(
-            route.probs_TE.reshape(B, S, E),
-            idx_TK.reshape(B, S, -1),
-            E,
-            None if valid_TK is None else valid_TK.reshape(B, S, -1),
-        )
-        values = {
-            "load_balancing": self._balance_loss(route, sequence_balance, step_load),
-            "importance": importance_loss(route.topk_weight_TK, idx_TK, E, valid_TK),
-            "sequence_balance": sequence_balance,
+        coefs = self.loss_coefs
+
+        def wanted(name: str) -> bool:
+            return logged or bool(coefs[name])
+
+        sequence_balance = None
+        if wanted("sequence_balance") or (wanted("load_balancing") and self.balance_loss_scope == "sequence"):
+            sequence_balance = sequence_balance_loss(
+                route.probs_TE.reshape(B, S, E),
+                idx_TK.reshape(B, S, -1),
+                E,
+                None if valid_TK is None else valid_TK.reshape(B, S, -1),
+            )
+        losses = {
+            "load_balancing": lambda: self._balance_loss(route, sequence_balance, step_load),
+            "importance": lambda: importance_loss(route.topk_weight_TK, idx_TK, E, valid_TK),
+            "sequence_balance": lambda: sequence_balance,
+            "variance": lambda: probability_variance_loss(route.probs_TE),
         }
-        values["variance"] = probability_variance_loss(route.probs_TE)
-        if self.loss_coefs["dynamic"]:
-            values["dynamic"] = dynamic_loss(route.probs_TE)
+        if coefs["dynamic"]:
+            losses["dynamic"] = lambda: dynamic_loss(route.probs_TE)
         if self.num_devices:
             D, M = self.num_devices, self.max_devices
-            values["device_balance"] = device_balance_loss(route.probs_TE, idx_TK, D, valid_TK)
-            values["communication_balance"] = communication_balance_loss(
+            losses["device_balance"] = lambda: device_balance_loss(route.probs_TE, idx_TK, D, valid_TK)
+            losses["communication_balance"] = lambda: communication_balance_loss(
                 route.probs_TE, idx_TK, D, M, valid_TK
             )
         if route.logits_TE is not None:
-            values["z_loss"] = router_z_loss(route.logits_TE)
+            losses["z_loss"] = lambda: router_z_loss(route.logits_TE)
         if route.load_prob_TE is not None:
-            values["load"] = load_loss(route.load_prob_TE)
+            losses["load"] = lambda: load_loss(route.load_prob_TE)
+        values = {name: loss() for name, loss in losses.items() if wanted(name)}
         aux_loss = torch.zeros((), dtype=torch.float32, device=route.probs_TE.device)
         for name, value in values.items():
-            if self.loss_coefs[name]:
-                aux_loss = aux_loss + self.loss_coefs[name] * value
+            if coefs[name]:
+                aux_loss = aux_loss + coefs[name] * value
         return aux_loss, {name: value.detach() for name, value in values.items()}
 
     def _balance_loss(

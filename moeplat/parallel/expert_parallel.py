@@ -138,7 +138,7 @@ class ExpertParallelMoE(nn.Module):
         S = x.shape[-2] if x.dim() > 2 else x.shape[0]
         if self.balance_scope == "global":
             route, keep_TK = _gather_route(route, keep_TK, self.groups.dp_group)
-        aux_loss, losses = self._moe._losses(route, (route.probs_TE.shape[0] // S, S), step_load)
+        aux_loss, losses = self._moe._losses(route, (route.probs_TE.shape[0] // S, S), step_load, stats)
         routed_E = routed_counts(route.topk_idx_TK, self.num_experts, route.valid_TK)
         routing = self._moe.statistics(route, keep_TK) if stats else None  # no collective inside
         return MoEOutput(y_TD.reshape(x.shape), aux_loss, losses, routing, route.logprob_T, routed_E)

@@ -95,6 +95,28 @@ def test_zero_coefficients_give_zero_aux_but_still_report_losses():
     torch.testing.assert_close(out.losses["z_loss"], router_z_loss(route.logits_TE).detach())
 
 
+def test_a_step_without_statistics_computes_only_the_switched_on_losses():
+    """stats=False (a training step that logs nothing): the aux loss and its gradient are the
+    logging step's, and the zero-coefficient losses, telemetry only, are not computed."""
+    torch.manual_seed(4)
+    layer = MoELayer(16, 4, 2, 16, balance_coef=0.01, z_loss_coef=0.001, sequence_balance_coef=0.1)
+    x = torch.randn(2, 5, 16)
+    logged, quiet = layer(x), layer(x, stats=False)
+    assert set(logged.losses) == {"load_balancing", "importance", "sequence_balance", "variance", "z_loss"}
+    assert set(quiet.losses) == {"load_balancing", "sequence_balance", "z_loss"}
+    torch.testing.assert_close(quiet.aux_loss, logged.aux_loss)
+    grads = []
+    for out in (logged, quiet):
+        layer.zero_grad()
+        out.aux_loss.backward()
+        grads.append(layer.router.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    seq = MoELayer(16, 4, 2, 16, balance_coef=0.01, balance_loss_scope="sequence")
+    quiet_seq = seq(x, stats=False)  # the per-sequence balance loss needs the sequence term
+    assert set(quiet_seq.losses) == {"load_balancing"}
+    torch.testing.assert_close(quiet_seq.aux_loss, seq(x).aux_loss)
+
+
 def test_parameter_counts():
     D, E, F = 16, 4, 24
     layer = MoELayer(D, E, 2, F)
