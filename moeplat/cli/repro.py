@@ -77,7 +77,9 @@ def _header(args, seeds: list[int], uri: str) -> str:
             "finding is about changed; nothing is tuned per finding. Mean ± sample standard deviation "
             f"over seeds {', '.join(map(str, seeds))}; MaxVio, experts per token and specialisation are means "
             "over the last 20% of logged steps. A verdict compares the means and says on how many seeds the "
-            "difference has the claimed sign; where a finding does not reproduce, the numbers stand.",
+            "difference has the claimed sign; where a finding does not reproduce, the numbers stand. "
+            "On a CPU the figures depend a little on how many threads a run used (the order of its "
+            "floating-point sums): `--jobs N` trains each run on the CPUs / N threads.",
             "",
             f"Scale: {scale}. Generated {date.today().isoformat()} at commit {commit or 'unknown'} with torch "
             f"{torch.__version__} on {platform.machine()} with {os.cpu_count()} CPUs; runs in {uri}.",
