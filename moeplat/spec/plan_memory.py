@@ -18,7 +18,10 @@ What is kept, per block (pre-norm, moeplat.nn.model.Block):
 - MoE FFN (sorted or loop dispatch): the gathered token copies (K x D), the experts' hidden
   activations (GLU: gate, up, act(gate), product = 4 x K x F; gelu: 2; relu: 1), the combine
   (expert output and weighted output, 2 x K x D; sorted with F <= D weights the hidden instead:
-  K x F + K x D); with a capacity factor below 1, only that share of the K slots,
+  K x F + K x D); with a capacity factor below 1, only that share of the K slots. Routers that
+  leave slots unused (top-p, MoE++ null experts) count all K: how many a token takes depends on
+  the router's state (near 6 of top-p's 8 at initialisation, about 3 once trained, issue 17), so
+  the plan is their upper bound, the memory a step can come to;
   int64 indices, the router's scores and probabilities (2 x E, float32); capacity dispatch: the
   [E, C, D] buffer, hidden activations over E x C rows and the gathered outputs; shared experts as a
   dense MLP of their width;
